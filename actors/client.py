@@ -1,0 +1,139 @@
+"""ClientActor: a Ray actor with a resident model that trains whichever clients it is handed.
+
+One actor serves many virtual clients in turn (pfl-research style): the model, the dataset
+view and scratch models stay resident, a client's own state comes from the state store, and
+only tensors that must travel (the update, an upload) leave the actor.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.state_store import ClientStateStore
+from algorithms.base import Algorithm, ClientContext, ClientData, RunContext, load_weights
+from sim.training import evaluate
+
+SPLITS = ("train", "val", "test")
+
+
+class ClientWorker:
+    """The actor's logic, usable without Ray (tests, the plain single-process reference)."""
+
+    def __init__(self, dataset: Any, threads: int = 1) -> None:
+        torch.set_num_threads(threads)  # fixed thread count: identical numbers whatever the pool size
+        self.dataset = dataset
+        self.device = torch.device("cuda" if torch.cuda.is_available() and ray_gpu_ids() else "cpu")
+        self.algorithm: Algorithm | None = None
+
+    def configure(self, algorithm: Algorithm, partition: Any, run: RunContext, state_dir: str) -> bool:
+        """Bind to one (algorithm, seed) run: resident models are rebuilt, caches dropped."""
+        self.algorithm = algorithm
+        self.partition = partition
+        self.run = run
+        self.model = run.build_model().to(self.device)
+        self._scratch: dict[str, torch.nn.Module] = {}
+        self.store = ClientStateStore(Path(state_dir))
+        return True
+
+    def _scratch_model(self, key: str) -> torch.nn.Module:
+        if key not in self._scratch:
+            self._scratch[key] = self.run.build_model().to(self.device)
+        return self._scratch[key]
+
+    def client_data(self, client_id: int) -> ClientData:
+        x: dict[str, torch.Tensor] = {}
+        y: dict[str, torch.Tensor] = {}
+        for split in SPLITS:
+            idx = np.sort(self.partition.client_indices(client_id, split))
+            x[split] = torch.from_numpy(self.dataset.images[idx])
+            y[split] = torch.from_numpy(self.dataset.labels[idx])
+        return ClientData(x, y)
+
+    def context(self, client_id: int, round: int) -> ClientContext:
+        return ClientContext(
+            client_id, round, self.run, self.client_data(client_id), self.model, self._scratch_model, self.device
+        )
+
+    def train(self, client_id: int, round: int, message: dict[str, Any], version: int) -> tuple[Any, dict[str, Any]]:
+        start = time.perf_counter()
+        algo = self.algorithm
+        ctx = self.context(client_id, round)
+        state = self.store.load(client_id, version) if algo.stateful else None
+        update, new_state = algo.local_train(ctx, message, state)
+        new_version = version
+        if algo.stateful and new_state is not None:
+            self.store.save(client_id, round, new_state, previous=version)
+            new_version = round
+        info = {
+            "client_id": client_id,
+            "version": new_version,
+            "bytes_up": update.nbytes,
+            "seconds": time.perf_counter() - start,
+            **update.metrics,
+        }
+        return update, info
+
+    def run_setup_client(self, phase_index: int, client_id: int) -> tuple[Any, dict[str, Any]]:
+        start = time.perf_counter()
+        phase = self.algorithm.setup_phases()[phase_index]
+        upload = phase.client(self.context(client_id, -1))
+        info = {"client_id": client_id, "bytes_up": phase.upload_nbytes(upload), "seconds": time.perf_counter() - start}
+        return upload, info
+
+    def evaluate(
+        self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int], batch_size: int
+    ) -> list[tuple[int, str, str, float]]:
+        """(client_id, split, metric, value) rows for global and personalized accuracy."""
+        algo = self.algorithm
+        rows: list[tuple[int, str, str, float]] = []
+        global_weights = message.get("weights")
+        for client_id, version in zip(client_ids, versions):
+            ctx = self.context(client_id, round)
+            state = self.store.load(client_id, version) if algo.stateful else None
+            personal = algo.personal_weights(ctx, message, state)
+            global_scores: dict[str, tuple[float, float, int]] = {}
+            if algo.has_global_model:
+                load_weights(ctx.model, global_weights)
+                for split in ("val", "test"):
+                    global_scores[split] = evaluate(ctx.model, ctx.data.x[split], ctx.data.y[split], batch_size)
+                    acc, loss, n = global_scores[split]
+                    rows += [(client_id, split, "global_acc", acc), (client_id, split, "global_loss", loss)]
+            if personal is not None:
+                load_weights(ctx.model, personal)
+            for split in ("val", "test"):
+                acc, loss, n = (
+                    global_scores[split] if personal is None
+                    else evaluate(ctx.model, ctx.data.x[split], ctx.data.y[split], batch_size)
+                )
+                rows += [(client_id, split, "personal_acc", acc), (client_id, split, "personal_loss", loss),
+                         (client_id, split, "n", float(n))]
+        return rows
+
+
+def ray_gpu_ids() -> list:
+    try:
+        return ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker there are no assigned GPUs
+        return []
+
+
+@ray.remote
+class ClientActor(ClientWorker):
+    """The Ray face of ClientWorker; resources are set by the pool with `.options(...)`."""
+
+    def ping(self) -> bool:
+        return True
+
+    @ray.method(num_returns=2)
+    def train(self, client_id: int, round: int, message: dict[str, Any], version: int):  # type: ignore[override]
+        return ClientWorker.train(self, client_id, round, message, version)
+
+    @ray.method(num_returns=2)
+    def run_setup_client(self, phase_index: int, client_id: int):  # type: ignore[override]
+        return ClientWorker.run_setup_client(self, phase_index, client_id)

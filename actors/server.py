@@ -1,0 +1,82 @@
+"""ServerActor: holds the global state, folds client updates, runs server-side phases.
+
+The driver never holds model weights: it passes ObjectRefs from client tasks to `fold`, and
+the broadcast this actor returns goes to the object store once per round, from where every
+client actor reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from algorithms.base import Aggregator, Algorithm, RunContext, ServerContext, model_weights
+
+
+class ServerWorker:
+    def __init__(self, algorithm: Algorithm, run: RunContext, threads: int | None = None) -> None:
+        torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+        self.algorithm = algorithm
+        self.run = run
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(run.seed)
+        self.state: dict[str, Any] = algorithm.init_server_state(model_weights(run.build_model()))
+        self.aggregator: Aggregator | None = None
+        self._uploads: list[Any] = []
+        self.phase_metrics: dict[str, float] = {}
+
+    def broadcast(self) -> dict[str, Any]:
+        return self.algorithm.broadcast(self.state)
+
+    def message_nbytes(self) -> int:
+        return self.algorithm.message_nbytes(self.broadcast())
+
+    def begin_round(self) -> None:
+        self.aggregator = self.algorithm.new_aggregator(self.state)
+
+    def fold(self, update: Any) -> None:
+        self.aggregator.add(update)
+
+    def finish_round(self) -> dict[str, float]:
+        self.state = self.algorithm.finish_round(self.state, self.aggregator)
+        self.aggregator = None
+        return {"aggregated": 0.0}
+
+    # ----- warm-start phases --------------------------------------------------------------
+    def collect(self, upload: Any) -> None:
+        self._uploads.append(upload)
+
+    def run_setup_server(self, phase_index: int) -> dict[str, float]:
+        phase = self.algorithm.setup_phases()[phase_index]
+        metrics: dict[str, float] = {}
+
+        def report(name: str, value: float) -> None:
+            metrics[name] = float(value)
+
+        ctx = ServerContext(self.run, self.device, report, Path(self.run.run_dir) / "artifacts")
+        ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        uploads, self._uploads = self._uploads, []
+        self.state = phase.server(ctx, self.state, uploads)
+        metrics.setdefault("server_s", time.perf_counter() - start)
+        return metrics
+
+    # ----- checkpoints ---------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        torch.save(self.state, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> None:
+        self.state = torch.load(path, map_location="cpu", weights_only=False)
+
+
+@ray.remote
+class ServerActor(ServerWorker):
+    def ping(self) -> bool:
+        return True

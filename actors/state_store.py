@@ -1,0 +1,62 @@
+"""Per-client state (personal layers, control variates, LoRA) kept out of the driver.
+
+States are files under the run directory, written by whichever actor trained the client and
+read by whichever actor trains or evaluates it next; an in-actor LRU cache saves the reads.
+Each write is a new *version* (the round it was made in), and the driver only tracks one small
+integer per client, so the cache can never serve a stale state and a resumed run can go back
+to the versions its checkpoint names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ClientStateStore:
+    def __init__(self, root: str | Path, cache_size: int = 256) -> None:
+        self.root = Path(root)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
+
+    def _path(self, client_id: int, version: int) -> Path:
+        return self.root / f"{client_id // 1000:04d}" / f"{client_id}_r{version}.pt"
+
+    def load(self, client_id: int, version: int) -> Any | None:
+        """The state written at `version` (None when the client has none yet: version < 0)."""
+        if version < 0:
+            return None
+        key = (client_id, version)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        path = self._path(client_id, version)
+        if not path.exists():
+            raise FileNotFoundError(f"client {client_id} state version {version} is missing: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self._remember(key, state)
+        return state
+
+    def save(self, client_id: int, version: int, state: Any, previous: int) -> None:
+        """Write atomically, keep `previous` (a resumed run may need it), drop anything older."""
+        path = self._path(client_id, version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self._remember((client_id, version), state)
+        for old in path.parent.glob(f"{client_id}_r*.pt"):
+            v = int(old.stem.split("_r")[1])
+            if v < previous:
+                old.unlink(missing_ok=True)
+                self._cache.pop((client_id, v), None)
+
+    def _remember(self, key: tuple[int, int], state: Any) -> None:
+        self._cache[key] = state
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)

@@ -1,0 +1,305 @@
+"""The algorithm interface every method (baseline or WarmFed) implements.
+
+Server verbs (`init_server_state`, `select_clients`, `broadcast`, `new_aggregator`,
+`finish_round`) run in the ServerActor; client verbs (`local_train`, `personal_weights`) run
+in ClientActors. An algorithm never sees Ray, the engine or the results table: it receives a
+`ClientContext` with the data and resident model of one client, and returns tensors. Personal
+parameters are declared by name patterns (`personal_patterns`), not by hand-written copies.
+Optional warm-start phases (`setup_phases`) let a method run one-shot work before round 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+from abc import ABC
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from sim.config import TrainConfig
+from sim.models import Classifier, ModelSpec, build_model
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """Hyper-parameters of an algorithm that has none."""
+
+
+def weights_nbytes(weights: Mapping[str, torch.Tensor] | None) -> int:
+    if not weights:
+        return 0
+    return int(sum(t.numel() * t.element_size() for t in weights.values()))
+
+
+def clone_weights(weights: Mapping[str, torch.Tensor]) -> Weights:
+    return {k: v.detach().clone() for k, v in weights.items()}
+
+
+def model_weights(model: torch.nn.Module) -> Weights:
+    """A detached CPU copy of the model's state (parameters and buffers)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Load a (possibly partial) state into the resident model in place, without reallocating."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in weights.items():
+            state[key].copy_(value)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends up after local training; `payload` is aggregated, `weight` weighs it."""
+
+    client_id: int
+    payload: Weights
+    weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return weights_nbytes(self.payload)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an algorithm may know about the run it is part of (picklable, sent to every actor)."""
+
+    num_clients: int
+    clients_per_round: int
+    rounds: int
+    seed: int
+    train: TrainConfig
+    model_name: str
+    model_spec: ModelSpec
+    cache_dir: str
+    run_dir: str
+    dataset_fingerprint: str = ""
+
+    def build_model(self) -> Classifier:
+        return build_model(self.model_name, self.model_spec)
+
+
+def rng_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived from (seed, round, client, purpose): one RNG stream per use, whatever runs where."""
+    words = [p if isinstance(p, int) else int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little") for p in parts]
+    return int(np.random.SeedSequence([abs(w) for w in words]).generate_state(1, np.uint64)[0]) >> 1
+
+
+@dataclass
+class ClientData:
+    """One client's splits as CPU tensors (images float32 NCHW, labels int64)."""
+
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
+
+    def size(self, split: str) -> int:
+        return int(self.y[split].shape[0]) if split in self.y else 0
+
+
+class ClientContext:
+    """Everything a client verb needs for one client: its data, a resident model, seeded RNG streams."""
+
+    def __init__(
+        self,
+        client_id: int,
+        round: int,
+        run: RunContext,
+        data: ClientData,
+        model: Classifier,
+        scratch: Callable[[str], Classifier],
+        device: torch.device,
+        public: Any = None,
+    ) -> None:
+        self.client_id = client_id
+        self.round = round
+        self.run = run
+        self.data = data
+        self.model = model
+        self._scratch = scratch
+        self.device = device
+        self.public = public
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        return self.run.train
+
+    def generator(self, purpose: str) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(rng_seed(self.run.seed, self.round, self.client_id, purpose))
+        return g
+
+    def scratch_model(self, key: str) -> Classifier:
+        """An extra resident model of the same architecture (teacher, personal copy, previous model)."""
+        return self._scratch(key)
+
+    def batches(self, split: str = "train", *, shuffle: bool = True, batch_size: int | None = None,
+                purpose: str = "train", epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x, y = self.data.x[split], self.data.y[split]
+        n = int(y.shape[0])
+        bs = batch_size or self.run.train.batch_size
+        order = torch.randperm(n, generator=self.generator(f"{purpose}/{epoch}")) if shuffle else torch.arange(n)
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            yield x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class SetupPhase:
+    """A one-shot step before round 1, e.g. WarmFed's LoRA upload and server synthesis.
+
+    `client` (optional) runs on every client and returns an upload; `server` receives the
+    uploads in client-id order with the server state and returns the new server state.
+    """
+
+    name: str
+    client: Callable[[ClientContext], Any] | None
+    server: Callable[["ServerContext", dict[str, Any], Iterable[Any]], dict[str, Any]]
+    upload_nbytes: Callable[[Any], int] = lambda upload: 0
+
+
+@dataclass
+class ServerContext:
+    """What a server phase may use: the run, a fresh model, a device and a progress callback."""
+
+    run: RunContext
+    device: torch.device
+    report: Callable[[str, float], None]
+    artifacts_dir: Path
+
+    def build_model(self) -> Classifier:
+        return self.run.build_model().to(self.device)
+
+
+class Aggregator:
+    """Streaming weighted mean of client payloads, folded in client-id order (reproducible sums)."""
+
+    def __init__(self) -> None:
+        self._sum: Weights = {}
+        self._total = 0.0
+        self.count = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        w = float(update.weight)
+        for key, value in update.payload.items():
+            contrib = value.detach().to(torch.float64) * w
+            if key in self._sum:
+                self._sum[key] += contrib
+            else:
+                self._sum[key] = contrib
+        self._total += w
+        self.count += 1
+
+    def mean(self, like: Mapping[str, torch.Tensor]) -> Weights:
+        """The weighted mean cast back to the dtypes of `like`; keys nobody sent keep `like`'s value."""
+        out: Weights = {}
+        for key, ref in like.items():
+            if key in self._sum and self._total > 0:
+                avg = self._sum[key] / self._total
+                out[key] = avg.round().to(ref.dtype) if not ref.is_floating_point() else avg.to(ref.dtype)
+            else:
+                out[key] = ref.clone()
+        return out
+
+
+class Algorithm(ABC):
+    """Base class: FedAvg's behaviour unless overridden, so a new method states only what differs."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    #: fnmatch patterns over state-dict keys that stay on the client and are never averaged.
+    personal_patterns: ClassVar[tuple[str, ...]] = ()
+    #: False for methods without a server model (Local-only): no global accuracy is reported.
+    has_global_model: ClassVar[bool] = True
+    #: True when client verbs read or write per-client state (kept in the actors' state store).
+    stateful: ClassVar[bool] = False
+
+    def __init__(self, params: Any, run: RunContext) -> None:
+        self.params = params
+        self.run = run
+
+    # ----- naming helpers ----------------------------------------------------------------
+    def is_personal(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.personal_patterns)
+
+    def shared_part(self, weights: Mapping[str, torch.Tensor]) -> Weights:
+        return {k: v for k, v in weights.items() if not self.is_personal(k)}
+
+    def personal_part(self, weights: Mapping[str, torch.Tensor]) -> Weights:
+        return {k: v for k, v in weights.items() if self.is_personal(k)}
+
+    # ----- warm start ----------------------------------------------------------------------
+    def setup_phases(self) -> list[SetupPhase]:
+        return []
+
+    # ----- server verbs ------------------------------------------------------------------
+    def init_server_state(self, weights: Weights) -> dict[str, Any]:
+        return {"weights": weights}
+
+    def select_clients(self, round: int, num_clients: int, per_round: int) -> np.ndarray:
+        """Uniform sampling without replacement from a (seed, round) stream, sorted by id."""
+        if per_round >= num_clients:
+            return np.arange(num_clients)
+        rng = np.random.default_rng([self.run.seed, round, 0x5E1EC7])
+        return np.sort(rng.choice(num_clients, size=per_round, replace=False))
+
+    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What every selected client receives this round (by default the shared weights)."""
+        return {"weights": self.shared_part(state["weights"])}
+
+    def message_nbytes(self, message: dict[str, Any]) -> int:
+        """Bytes one client downloads; entries derivable from the shared seed (an init) cost nothing."""
+        return weights_nbytes(message.get("weights"))
+
+    def new_aggregator(self, state: dict[str, Any]) -> Aggregator:
+        return Aggregator()
+
+    def finish_round(self, state: dict[str, Any], aggregator: Aggregator) -> dict[str, Any]:
+        if aggregator.count == 0:
+            return state
+        return {**state, "weights": {**state["weights"], **aggregator.mean(self.shared_part(state["weights"]))}}
+
+    # ----- client verbs ------------------------------------------------------------------
+    def start_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+        """The weights a client trains from: the broadcast, with its own personal part if it has one."""
+        weights = dict(message["weights"])
+        if client_state and "personal" in client_state:
+            weights.update(client_state["personal"])
+        return weights
+
+    def local_train(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        from sim.training import cross_entropy, local_sgd
+
+        load_weights(ctx.model, self.start_weights(ctx, message, client_state))
+        metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy)
+        trained = model_weights(ctx.model)
+        new_state = {"personal": self.personal_part(trained)} if self.personal_patterns else client_state
+        update = ClientUpdate(ctx.client_id, self.shared_part(trained), ctx.data.size("train"), metrics)
+        return update, new_state
+
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights | None:
+        """The client's own model for personalized evaluation; None means "the global model"."""
+        if not self.personal_patterns:
+            return None
+        return self.start_weights(ctx, message, client_state)
+
+    # ----- descriptive -------------------------------------------------------------------
+    @classmethod
+    def describe(cls) -> str:
+        from sim.typed import describe_fields
+
+        return describe_fields(cls.Params) if dataclasses.is_dataclass(cls.Params) else ""

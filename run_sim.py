@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""WarmFed-Sim command line: `run`, `list`, `partition`.
+
+    python run_sim.py run                                   # the embedded default comparison
+    python run_sim.py run --config cfg.yaml --set rounds=10 --set algorithms=fedavg,warmfed
+    python run_sim.py run --resume results/<run_id>         # continue an interrupted run
+    python run_sim.py list                                  # algorithms, datasets, partition schemes
+    python run_sim.py partition --config cfg.yaml           # build/find the partition, print its stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults apply to every key it leaves out)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set partition.alpha=0.1 (repeatable)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sim.config import load_config
+    from sim.report import markdown_table, summary_table
+    from sim.results import read_metrics
+    from sim.runner import run_comparison
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise SystemExit(f"error: --resume {run_dir}: no config.yaml there (not a run directory)")
+        cfg = load_config(run_dir / "config.yaml", args.set)
+    else:
+        cfg = load_config(args.config, args.set)
+    result = run_comparison(cfg)
+    table = summary_table(read_metrics(result.run_dir).to_pandas())
+    print(markdown_table(table))
+    print(f"\nresults: {result.run_dir}")
+    print(f"report:  {result.report_path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from algorithms.registry import algorithm_names, get_algorithm
+    from sim.data import dataset_names, dataset_params_cls
+    from sim.models import model_names
+    from sim.partition import scheme_names, scheme_params_cls
+    from sim.typed import describe_fields
+
+    print("algorithms:")
+    for name in algorithm_names():
+        cls = get_algorithm(name)
+        print(f"  {name:<14} {cls.describe()}")
+    print("datasets:")
+    for name in dataset_names():
+        print(f"  {name:<14} {describe_fields(dataset_params_cls(name))}")
+    print("partition schemes:")
+    for name in scheme_names():
+        print(f"  {name:<16} {describe_fields(scheme_params_cls(name))}")
+    print("models:")
+    for name in model_names():
+        print(f"  {name}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from sim.config import load_config
+    from sim.data import load_dataset
+    from sim.partition import describe
+    from sim.partition_build import partition_for
+
+    cfg = load_config(args.config, args.set)
+    dataset = load_dataset(cfg.dataset, cfg.data)
+    for seed in cfg.seeds:
+        partition, path = partition_for(cfg, dataset, seed)
+        print(describe(partition, dataset.labels, dataset.num_classes))
+        print(f"partition: {path}")
+        print(f"plot:      {path / 'heatmap.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run_sim.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a comparison of algorithms")
+    _add_config_args(run)
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this directory")
+    run.set_defaults(func=cmd_run)
+    lst = sub.add_parser("list", help="list algorithms, datasets, partition schemes and models")
+    lst.set_defaults(func=cmd_list)
+    part = sub.add_parser("partition", help="build or find the partition and print its statistics")
+    _add_config_args(part)
+    part.set_defaults(func=cmd_partition)
+    args = parser.parse_args(argv)
+
+    from sim.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

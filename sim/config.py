@@ -1,0 +1,233 @@
+"""The run configuration: typed sections, YAML in and out, `--set a.b=c` overrides.
+
+Registry-backed names (algorithms, dataset, partition scheme, model) and per-plugin options
+(`data.*` for the chosen dataset, `algo.<name>.*` for each algorithm) are validated against
+their registries in `validate`, so a typo is reported with the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.typed import ConfigError, convert, from_mapping, to_mapping
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the dataset is split over clients; scheme-specific fields are used only by their scheme."""
+
+    scheme: str = "domain-dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    sigma: float = 1.0
+    min_size: int = 10
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int | None = None  # None: the run's seed, so each seed of a comparison gets its own split
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small_cnn"
+    width: int = 32
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training shared by every algorithm (algorithms add their own terms, not their own loops)."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1  # evaluate every k rounds (the last round is always evaluated)
+    batch_size: int = 512
+    max_clients: int | None = None  # evaluate a seeded subset of clients at large scale
+
+
+@dataclass(frozen=True)
+class ClientResources:
+    """Ray resources of one client actor; num_gpus may be a fraction, or "auto" (a share if GPUs exist, else CPU)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float | str = 0.0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: start a local Ray; "auto": attach to the running cluster
+    namespace: str | None = None  # None: a namespace per run, so concurrent runs never collide
+    num_cpus: int | None = None  # cap for a locally started Ray
+    pool_size: int | None = None  # client actors; None: as many as the cluster's free resources allow
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    algorithms: list[str] = field(default_factory=lambda: ["fedavg", "fedprox", "local"])
+    algo: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset: str = "digits-domains"
+    data: dict[str, Any] = field(default_factory=dict)
+    num_clients: int = 10
+    clients_per_round: int = 10
+    rounds: int = 5
+    seed: int | list[int] = 0
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    client_resources: ClientResources = field(default_factory=ClientResources)
+    ray: RayConfig = field(default_factory=RayConfig)
+    out: str = "results"
+    cache_dir: str | None = None  # None: <out>/cache (partitions, pretrained backbones)
+    run_id: str | None = None
+    checkpoint_every: int = 1
+    progress: bool = True
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.seed) if isinstance(self.seed, list) else [self.seed]
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value parsed as YAML; a comma list becomes a list (`algorithms=fedavg,fedprox`)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    if isinstance(value, str) and "," in value:
+        value = [yaml.safe_load(v) for v in value.split(",")]
+    return key, value
+
+
+_LIST_KEYS = {"algorithms"}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read YAML (if given), apply overrides, type-check and validate names."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = copy.deepcopy(loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in _LIST_KEYS and isinstance(value, str):
+            value = [value]
+        _set_dotted(tree, key, value)
+    cfg = from_mapping(RunConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Semantic checks, including registry names; raises ConfigError naming key and allowed values."""
+    from algorithms.registry import algorithm_names, expand_algorithms, get_algorithm
+    from sim.data import dataset_names, dataset_params_cls
+    from sim.models import model_names
+    from sim.partition import scheme_names
+
+    _positive("rounds", cfg.rounds, allow_zero=True)
+    _positive("num_clients", cfg.num_clients)
+    _positive("clients_per_round", cfg.clients_per_round)
+    if cfg.clients_per_round > cfg.num_clients:
+        raise ConfigError(
+            f"clients_per_round ({cfg.clients_per_round}) exceeds num_clients ({cfg.num_clients})"
+        )
+    _positive("train.local_epochs", cfg.train.local_epochs)
+    _positive("train.batch_size", cfg.train.batch_size)
+    _positive("train.lr", cfg.train.lr)
+    _positive("eval.every", cfg.eval.every)
+    _positive("checkpoint_every", cfg.checkpoint_every)
+    _positive("client_resources.num_cpus", cfg.client_resources.num_cpus)
+    gpus = cfg.client_resources.num_gpus
+    if isinstance(gpus, str) and gpus != "auto":
+        raise ConfigError(f"client_resources.num_gpus must be a number or 'auto', got {gpus!r}")
+    if not isinstance(gpus, str):
+        _positive("client_resources.num_gpus", gpus, allow_zero=True)
+    if not cfg.seeds:
+        raise ConfigError("seed: give at least one seed")
+    if not cfg.algorithms:
+        raise ConfigError("algorithms: give at least one algorithm; registered: " + ", ".join(algorithm_names()))
+    names = expand_algorithms(cfg.algorithms)
+    for name in cfg.algo:
+        if name not in algorithm_names():
+            raise ConfigError(f"algo.{name}: unknown algorithm; registered: {', '.join(algorithm_names())}")
+    for name in names:
+        algo_cls = get_algorithm(name)
+        convert(cfg.algo.get(name, {}), algo_cls.Params, f"algo.{name}")
+    if cfg.dataset not in dataset_names():
+        raise ConfigError(f"dataset: unknown dataset {cfg.dataset!r}; registered: {', '.join(dataset_names())}")
+    convert(cfg.data, dataset_params_cls(cfg.dataset), "data")
+    if cfg.partition.scheme not in scheme_names():
+        raise ConfigError(
+            f"partition.scheme: unknown scheme {cfg.partition.scheme!r}; registered: {', '.join(scheme_names())}"
+        )
+    if cfg.model.name not in model_names():
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(model_names())}")
+
+
+def algorithm_params(cfg: RunConfig, name: str) -> Any:
+    from algorithms.registry import get_algorithm
+
+    return convert(cfg.algo.get(name, {}), get_algorithm(name).Params, f"algo.{name}")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_mapping(cfg), sort_keys=False)
+
+
+def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+def config_to_mapping(cfg: RunConfig) -> Mapping[str, Any]:
+    return to_mapping(cfg)

@@ -1,0 +1,233 @@
+"""The round loop shared by every algorithm: nothing here knows which method it runs.
+
+Round 0 is the starting point (after any warm-start phases); rounds 1..R train. Every round:
+the server broadcasts once (one object in the store), clients of the round are dispatched to
+the pool largest-first, their updates are folded into the server in client-id order (so sums
+are identical whatever finishes first), clients are evaluated, rows are appended, and a
+checkpoint makes the run resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.pool import ActorPool, Task
+from actors.server import ServerActor
+from algorithms.base import Algorithm, RunContext
+from sim.config import RunConfig
+from sim.progress import Progress
+from sim.results import RUN_LEVEL, ResultsWriter, Row
+
+CRASH_ENV = "WARMFED_SIM_CRASH_AFTER_ROUND"  # fault injection for the resume test: exit hard after round k
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    versions: np.ndarray
+    server_path: Path
+
+
+class CheckpointStore:
+    """Round-named files plus a `meta.json` written last: a crash mid-write leaves the previous checkpoint valid."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def save(self, round: int, server: Any, versions: np.ndarray, done: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        server_path = self.dir / f"server_r{round}.pt"
+        ray.get(server.save.remote(str(server_path)))
+        np.save(self.dir / f"versions_r{round}.npy", versions)
+        meta = self.dir / "meta.json"
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"round": round, "done": done}))
+        os.replace(tmp, meta)
+        for old in list(self.dir.glob("server_r*.pt")) + list(self.dir.glob("versions_r*.npy")):
+            if int(old.stem.split("_r")[1]) != round:
+                old.unlink(missing_ok=True)
+
+    def load(self) -> tuple[Checkpoint, bool] | None:
+        meta = self.dir / "meta.json"
+        if not meta.exists():
+            return None
+        info = json.loads(meta.read_text())
+        r = int(info["round"])
+        return Checkpoint(r, np.load(self.dir / f"versions_r{r}.npy"), self.dir / f"server_r{r}.pt"), bool(info["done"])
+
+
+class Simulation:
+    """One (algorithm, seed) run over a partition, on a shared actor pool."""
+
+    def __init__(
+        self,
+        *,
+        algorithm: Algorithm,
+        run: RunContext,
+        cfg: RunConfig,
+        partition: Any,
+        partition_ref: Any,
+        pool: ActorPool,
+        results: ResultsWriter,
+        progress: Progress,
+    ) -> None:
+        self.algorithm = algorithm
+        self.run = run
+        self.cfg = cfg
+        self.partition = partition
+        self.partition_ref = partition_ref
+        self.pool = pool
+        self.results = results
+        self.progress = progress
+        self.name = algorithm.name
+        self.seed = run.seed
+        base = Path(run.run_dir)
+        self.checkpoints = CheckpointStore(base / "checkpoints" / self.name / f"seed{self.seed}")
+        self.state_dir = base / "client_state" / self.name / f"seed{self.seed}"
+        self.train_sizes = partition.sizes("train")
+        self.eval_clients = self._eval_clients()
+
+    def _eval_clients(self) -> np.ndarray:
+        n, cap = self.run.num_clients, self.cfg.eval.max_clients
+        if cap is None or cap >= n:
+            return np.arange(n)
+        return np.sort(np.random.default_rng([self.seed, 0xE7A1]).choice(n, size=cap, replace=False))
+
+    # ------------------------------------------------------------------------------------
+    def execute(self) -> None:
+        loaded = self.checkpoints.load()
+        if loaded is not None and loaded[1]:
+            return  # finished in an earlier (interrupted) invocation of this comparison
+        server = ServerActor.options(num_cpus=0).remote(self.algorithm, self.run)
+        self.pool.setup("configure", self.algorithm, self.partition_ref, self.run, str(self.state_dir))
+        if loaded is None:
+            self.results.drop_run(self.name, self.seed)
+            versions = np.full(self.run.num_clients, -1, dtype=np.int64)
+            began = time.perf_counter()
+            rows = self._setup_phases(server)
+            rows += self._evaluate(server, 0, versions)
+            rows.append((RUN_LEVEL, "run", "wall_s", time.perf_counter() - began))
+            self.results.write(self.name, self.seed, 0, rows)
+            self.checkpoints.save(0, server, versions, done=self.run.rounds == 0)
+            start = 1
+        else:
+            checkpoint = loaded[0]
+            ray.get(server.load.remote(str(checkpoint.server_path)))
+            versions = checkpoint.versions.copy()
+            self.results.drop_after(self.name, self.seed, checkpoint.round)
+            start = checkpoint.round + 1
+        for r in range(start, self.run.rounds + 1):
+            began = time.perf_counter()
+            rows = self._round(server, r, versions)
+            last = r == self.run.rounds
+            if r % self.cfg.eval.every == 0 or last:
+                rows += self._evaluate(server, r, versions)
+            rows.append((RUN_LEVEL, "run", "wall_s", time.perf_counter() - began))
+            self.results.write(self.name, self.seed, r, rows)
+            if r % self.cfg.checkpoint_every == 0 or last:
+                self.checkpoints.save(r, server, versions, done=last)
+            if os.environ.get(CRASH_ENV) == str(r):
+                os._exit(17)
+        ray.kill(server)
+
+    # ------------------------------------------------------------------------------------
+    def _setup_phases(self, server: Any) -> list[Row]:
+        """Run the algorithm's one-shot phases; each reports wall time and bytes as round-0 rows."""
+        rows: list[Row] = []
+        for index, phase in enumerate(self.algorithm.setup_phases()):
+            start = time.perf_counter()
+            bytes_up = 0
+            if phase.client is not None:
+                tasks = [
+                    Task(cid, float(self.train_sizes[cid]),
+                         lambda actor, cid=cid: actor.run_setup_client.remote(index, cid))
+                    for cid in range(self.run.num_clients)
+                ]
+                bar = self.progress.bar(len(tasks), f"{self.name} · {phase.name}")
+                for _, ref, info in self._in_client_order(tasks, lambda ref: server.collect.remote(ref)):
+                    bytes_up += int(info["bytes_up"])
+                    rows.append((info["client_id"], "run", f"{phase.name}/client_s", info["seconds"]))
+                    bar.update(1)
+                bar.close()
+            metrics = ray.get(server.run_setup_server.remote(index))
+            rows.append((RUN_LEVEL, "run", f"{phase.name}/bytes_up", float(bytes_up)))
+            rows.append((RUN_LEVEL, "run", f"{phase.name}/wall_s", time.perf_counter() - start))
+            rows += [(RUN_LEVEL, "run", f"{phase.name}/{k}", v) for k, v in metrics.items()]
+            self.progress.note(f"{self.name} · {phase.name}: {time.perf_counter() - start:.1f}s")
+        return rows
+
+    def _in_client_order(self, tasks: list[Task], fold) -> Any:
+        """Run tasks; hand each result ref to `fold` strictly in client-id order, as soon as possible."""
+        order = sorted(t.key for t in tasks)
+        buffer: dict[int, Any] = {}
+        position = 0
+        for task, ref, info in self.pool.run(tasks):
+            buffer[task.key] = ref
+            while position < len(order) and order[position] in buffer:
+                fold(buffer.pop(order[position]))
+                position += 1
+            yield task, ref, info
+
+    def _round(self, server: Any, r: int, versions: np.ndarray) -> list[Row]:
+        start = time.perf_counter()
+        selected = self.algorithm.select_clients(r, self.run.num_clients, self.run.clients_per_round)
+        message = server.broadcast.remote()
+        down_each = ray.get(server.message_nbytes.remote())
+        server.begin_round.remote()
+        tasks = [
+            Task(int(cid), float(self.train_sizes[cid]),
+                 lambda actor, cid=int(cid): actor.train.remote(cid, r, message, int(versions[cid])))
+            for cid in selected
+        ]
+        rows: list[Row] = []
+        bytes_up = 0
+        bar = self.progress.bar(len(tasks), f"{self.name} · round {r}/{self.run.rounds}")
+        for _, _, info in self._in_client_order(tasks, lambda ref: server.fold.remote(ref)):
+            cid = int(info["client_id"])
+            versions[cid] = int(info["version"])
+            bytes_up += int(info["bytes_up"])
+            rows.append((cid, "train", "train_loss", info["train_loss"]))
+            bar.update(1)
+        bar.close()
+        ray.get(server.finish_round.remote())
+        rows += [
+            (RUN_LEVEL, "run", "bytes_up", float(bytes_up)),
+            (RUN_LEVEL, "run", "bytes_down", float(down_each * len(selected))),
+            (RUN_LEVEL, "run", "clients", float(len(selected))),
+            (RUN_LEVEL, "run", "train_s", time.perf_counter() - start),
+        ]
+        return rows
+
+    def _evaluate(self, server: Any, r: int, versions: np.ndarray) -> list[Row]:
+        start = time.perf_counter()
+        message = server.broadcast.remote()
+        clients = self.eval_clients
+        chunks = np.array_split(clients, max(1, min(len(clients), self.pool.size * 4)))
+        test_sizes = self.partition.sizes("test") + self.partition.sizes("val")
+        tasks = [
+            Task(int(chunk[0]), float(test_sizes[chunk].sum()),
+                 lambda actor, chunk=chunk: _submit_eval(actor, chunk, r, message, versions, self.cfg.eval.batch_size))
+            for chunk in chunks if len(chunk)
+        ]
+        rows: list[Row] = []
+        refs = [ref for _, ref, _ in self.pool.run(tasks)]
+        for chunk_rows in ray.get(refs):
+            rows.extend(chunk_rows)
+        rows.sort(key=lambda row: (row[0], row[1], row[2]))
+        rows.append((RUN_LEVEL, "run", "eval_s", time.perf_counter() - start))
+        self.progress.report_round(self.name, self.seed, r, rows)
+        return rows
+
+
+def _submit_eval(actor: Any, chunk: np.ndarray, r: int, message: Any, versions: np.ndarray, batch_size: int):
+    ids = [int(c) for c in chunk]
+    ref = actor.evaluate.remote(ids, r, message, [int(versions[c]) for c in ids], batch_size)
+    return ref, ref

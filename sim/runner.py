@@ -1,0 +1,161 @@
+"""A comparison run: every algorithm × every seed on the same data, partitions and actor pool.
+
+The run directory is the unit a user keeps: the resolved config, a manifest (versions, git
+commit, partition hashes, seeds), metrics, checkpoints and the report. Running the same
+directory again resumes it: finished (algorithm, seed) pairs are skipped, the interrupted one
+continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.client import ClientActor
+from actors.pool import ActorPool
+from algorithms.base import RunContext
+from algorithms.registry import expand_algorithms, get_algorithm
+from sim.cluster import connect, plan_pool
+from sim.config import RunConfig, algorithm_params, dump_config, load_config
+from sim.data import load_dataset
+from sim.engine import Simulation
+from sim.models import ModelSpec
+from sim.partition_build import partition_for
+from sim.progress import Progress
+from sim.results import ResultsWriter
+from sim.typed import ConfigError, to_mapping
+
+log = logging.getLogger(__name__)
+
+_PACKAGES = ("torch", "ray", "numpy", "pyarrow", "diffusers", "peft", "scikit-learn", "warmfed-sim")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    report_path: Path | None
+
+
+def new_run_id(cfg: RunConfig) -> str:
+    digest = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:6]
+    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
+    """Fix the run id and absolute paths, and write (or check, when resuming) the resolved config."""
+    from dataclasses import replace
+
+    run_id = cfg.run_id or new_run_id(cfg)
+    out = str(Path(cfg.out).resolve())
+    cache = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None
+    cfg = replace(cfg, run_id=run_id, out=out, cache_dir=cache)
+    run_dir = Path(out) / run_id
+    config_path = run_dir / "config.yaml"
+    if config_path.exists():
+        previous = load_config(config_path)
+        if dump_config(replace(previous, progress=cfg.progress)) != dump_config(cfg):
+            raise ConfigError(
+                f"run directory {run_dir} holds a run with a different config; "
+                "choose another run_id (or out) or resume it with `run_sim.py run --resume {run_dir}`"
+            )
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(dump_config(cfg))
+    return cfg, run_dir
+
+
+def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
+    progress = progress or Progress(cfg.progress)
+    cfg, run_dir = prepare_run_dir(cfg)
+    names = expand_algorithms(cfg.algorithms)
+    manifest: dict[str, Any] = {
+        "run_id": cfg.run_id,
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "seeds": cfg.seeds,
+        "algorithms": names,
+        "host": platform.node(),
+    }
+    dataset = load_dataset(cfg.dataset, cfg.data)
+    manifest["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(), "samples": int(len(dataset.labels))}
+    started_ray = connect(cfg, cfg.run_id)
+    try:
+        plan = plan_pool(cfg)
+        manifest["pool"] = to_mapping(plan)
+        manifest["ray_address"] = cfg.ray.address or "local"
+        progress.note(f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each)")
+        dataset_ref = ray.put(dataset)
+        pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)
+        spec = ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1], cfg.model.width)
+        manifest["partitions"] = {}
+        for seed in cfg.seeds:
+            partition, part_dir = partition_for(cfg, dataset, seed)
+            manifest["partitions"][str(seed)] = {"key": partition.key, "path": str(part_dir)}
+            write_json(run_dir / "manifest.json", manifest)
+            partition_ref = ray.put(partition)
+            run_ctx = RunContext(
+                num_clients=cfg.num_clients,
+                clients_per_round=cfg.clients_per_round,
+                rounds=cfg.rounds,
+                seed=seed,
+                train=cfg.train,
+                model_name=cfg.model.name,
+                model_spec=spec,
+                cache_dir=str(cfg.cache_path),
+                run_dir=str(run_dir),
+                dataset_fingerprint=dataset.fingerprint(),
+            )
+            for name in names:
+                algorithm = get_algorithm(name)(algorithm_params(cfg, name), run_ctx)
+                Simulation(
+                    algorithm=algorithm, run=run_ctx, cfg=cfg, partition=partition, partition_ref=partition_ref,
+                    pool=pool, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,
+                ).execute()
+        ResultsWriter(run_dir, cfg.run_id).consolidate()
+        for actor in pool.actors:
+            ray.kill(actor)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    from sim.report import write_report
+
+    report = write_report(run_dir)
+    return RunResult(run_dir, report)

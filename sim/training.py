@@ -1,0 +1,78 @@
+"""The one local-training loop every algorithm uses.
+
+Methods differ in their loss (FedProx's proximal term, MOON's contrastive term, WarmFed's
+distillation) or in a step hook (SCAFFOLD's correction), never in the loop itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def local_sgd(
+    ctx,  # ClientContext (not imported: algorithms.base imports this module)
+    model: nn.Module,
+    *,
+    loss_fn: LossFn = cross_entropy,
+    epochs: int | None = None,
+    lr: float | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    after_step: Callable[[], None] | None = None,
+    split: str = "train",
+    purpose: str = "train",
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """Train `model` on the client's split for `epochs` (default: train.local_epochs); returns loss and steps."""
+    cfg = ctx.train_cfg
+    model.train()
+    trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(trainable, lr if lr is not None else cfg.lr, cfg.momentum, cfg.weight_decay)
+    total, steps = 0.0, 0
+    for epoch in range(epochs if epochs is not None else cfg.local_epochs):
+        for x, y in ctx.batches(split, purpose=purpose, epoch=epoch):
+            if x.shape[0] < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                continue  # BatchNorm cannot train on a single sample
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach())
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        if max_steps is not None and steps >= max_steps:
+            break
+    return {"train_loss": total / max(steps, 1), "train_steps": float(steps)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float, int]:
+    """(accuracy, mean loss, n) of `model` on one client's split."""
+    n = int(y.shape[0])
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss = 0, 0.0
+    for start in range(0, n, batch_size):
+        xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        logits = model(xb)
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return correct / n, loss / n, n
