@@ -1,3 +1,3 @@
 """Baseline methods; importing the package registers them all."""
 
-from baselines import fedavg, fedprox, local  # noqa: F401
+from baselines import fedavg, fedavg_ft, fedprox, local  # noqa: F401

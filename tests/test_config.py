@@ -1,0 +1,87 @@
+"""Config parsing: YAML + --set overrides, strict types, registry-checked names."""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.config import ConfigError, dump_config, load_config
+from sim.typed import from_mapping
+from sim.config import RunConfig
+
+
+def test_defaults_are_the_embedded_benchmark():
+    cfg = load_config()
+    assert cfg.dataset == "digits-domains"
+    assert cfg.algorithms == ["fedavg", "fedprox", "local"]
+    assert cfg.num_clients == 10 and cfg.partition.scheme == "domain-dirichlet"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rounds: 3\npartition:\n  alpha: 0.3\nalgo:\n  fedprox:\n    mu: 0.5\n")
+    cfg = load_config(path, [
+        "algorithms=fedavg,fedprox", "num_clients=20", "clients_per_round=5", "seed=0,1,2",
+        "partition.scheme=dirichlet", "partition.alpha=0.1", "client_resources.num_cpus=0.5",
+        "client_resources.num_gpus=auto", "ray.address=auto", "out=/tmp/x", "dataset=digits-domains",
+    ])
+    assert cfg.rounds == 3 and cfg.algorithms == ["fedavg", "fedprox"]
+    assert cfg.num_clients == 20 and cfg.clients_per_round == 5 and cfg.seeds == [0, 1, 2]
+    assert cfg.partition.scheme == "dirichlet" and cfg.partition.alpha == 0.1
+    assert cfg.client_resources.num_cpus == 0.5 and cfg.client_resources.num_gpus == "auto"
+    assert cfg.ray.address == "auto" and cfg.out == "/tmp/x"
+    assert cfg.algo["fedprox"]["mu"] == 0.5
+
+
+def test_single_algorithm_override_is_a_list():
+    assert load_config(None, ["algorithms=fedavg"]).algorithms == ["fedavg"]
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["rounds=2", "seed=1,2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["algorithms=fedavgg"], ["fedavgg", "fedavg", "fedprox"]),
+        (["rounds=-1"], ["rounds", ">= 0"]),
+        (["rounds=many"], ["rounds", "integer"]),
+        (["num_clients=2.5"], ["num_clients", "integer"]),
+        (["nonsense=1"], ["nonsense", "allowed keys"]),
+        (["partition.alpah=1"], ["partition.alpah", "alpha"]),
+        (["partition.scheme=spiral"], ["partition.scheme", "dirichlet"]),
+        (["dataset=mnist"], ["dataset", "digits-domains"]),
+        (["data.colour=red"], ["colour"]),
+        (["algo.fedprox.nu=1"], ["nu", "mu"]),
+        (["algo.fedprox.mu=-1"], ["mu"]),
+        (["model.name=vgg"], ["model.name", "small_cnn"]),
+        (["clients_per_round=50"], ["clients_per_round", "num_clients"]),
+        (["client_resources.num_gpus=lots"], ["num_gpus", "auto"]),
+        (["rounds"], ["key=value"]),
+    ],
+)
+def test_bad_values_name_the_key(overrides, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rounds: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_from_mapping_rejects_bool_as_int():
+    with pytest.raises(ConfigError, match="rounds"):
+        from_mapping(RunConfig, {"rounds": True})

@@ -1,0 +1,131 @@
+"""The engine end to end on the built-in data: reproducibility, FedAvg sanity, resources."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sim.cluster import ResourceError, plan_pool
+from sim.config import load_config
+from sim.results import read_metrics
+from sim.runner import run_comparison
+from tests.conftest import small_overrides
+
+TIMING = ("_s",)
+
+
+def _metrics(run_dir) -> pd.DataFrame:
+    df = read_metrics(run_dir).to_pandas()
+    df = df[~df.metric.str.endswith(TIMING)]
+    return df.sort_values(["algorithm", "seed", "round", "client_id", "split", "metric"]).reset_index(drop=True)
+
+
+def test_same_seed_same_metrics_with_1_and_4_actors(ray_local, tmp_path):
+    runs = []
+    for pool, cpus in ((1, 1.0), (4, 0.5)):
+        cfg = load_config(None, small_overrides(
+            tmp_path, "algorithms=fedavg,local", f"ray.pool_size={pool}",
+            f"client_resources.num_cpus={cpus}", f"run_id=pool{pool}"))
+        runs.append(_metrics(run_comparison(cfg).run_dir))
+    a, b = runs
+    assert len(a) > 0 and set(a.metric) >= {"global_acc", "personal_acc", "bytes_up", "bytes_down", "train_loss"}
+    pd.testing.assert_frame_equal(a.drop(columns="run_id"), b.drop(columns="run_id"))
+
+
+def test_fedprox_with_mu_zero_equals_fedavg(ray_local, tmp_path):
+    cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,fedprox", "algo.fedprox.mu=0.0", "rounds=1"))
+    df = _metrics(run_comparison(cfg).run_dir)
+    fedavg = df[df.algorithm == "fedavg"].drop(columns="algorithm").reset_index(drop=True)
+    fedprox = df[df.algorithm == "fedprox"].drop(columns="algorithm").reset_index(drop=True)
+    pd.testing.assert_frame_equal(fedavg, fedprox)
+
+
+def test_results_layout_and_rows(ray_local, tmp_path):
+    cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,local", "rounds=1"))
+    result = run_comparison(cfg)
+    run_dir = result.run_dir
+    for name in ("config.yaml", "manifest.json", "metrics.parquet", "report.md", "plots/accuracy.png"):
+        assert (run_dir / name).exists(), name
+    df = read_metrics(run_dir).to_pandas()
+    assert list(df.columns) == ["run_id", "algorithm", "seed", "round", "client_id", "split", "metric", "value"]
+    fedavg = df[df.algorithm == "fedavg"]
+    for metric in ("global_acc", "personal_acc"):
+        got = fedavg[(fedavg.metric == metric) & (fedavg.split == "test")]
+        assert sorted(set(got["round"])) == [0, 1]
+        assert sorted(set(got.client_id)) == list(range(6))
+    run_rows = df[df.client_id == -1]
+    assert {"bytes_up", "bytes_down", "wall_s"} <= set(run_rows.metric)
+    up = run_rows[(run_rows.algorithm == "fedavg") & (run_rows.metric == "bytes_up") & (run_rows["round"] == 1)]
+    assert float(up.value.iloc[0]) > 0
+    local_up = run_rows[(run_rows.algorithm == "local") & (run_rows.metric == "bytes_up")]
+    assert float(local_up.value.sum()) == 0.0  # Local-only never communicates
+    assert "global_acc" not in set(df[df.algorithm == "local"].metric)
+    report = (run_dir / "report.md").read_text()
+    assert "fedavg" in report and "personal acc" in report
+
+
+@pytest.mark.slow
+def test_fedavg_on_iid_reaches_centralized_accuracy(ray_local, tmp_path):
+    from sim.data import load_dataset
+    from sim.models import ModelSpec, build_model
+    from sim.partition_build import partition_for
+
+    overrides = small_overrides(tmp_path, "algorithms=fedavg", "num_clients=4", "clients_per_round=4",
+                                "rounds=6", "partition.scheme=iid", "train.local_epochs=1", "run_id=iid")
+    cfg = load_config(None, overrides)
+    run_dir = run_comparison(cfg).run_dir
+    df = read_metrics(run_dir).to_pandas()
+    final = df[(df.metric == "global_acc") & (df.split == "test") & (df["round"] == 6)]
+    sizes = df[(df.metric == "n") & (df.split == "test") & (df["round"] == 6) & (df.algorithm == "fedavg")]
+    fed_acc = float((final.sort_values("client_id").value.values * sizes.sort_values("client_id").value.values).sum()
+                    / sizes.value.sum())
+
+    # Centralized reference: the same model, data and budget (6 epochs over the union of train splits).
+    dataset = load_dataset(cfg.dataset, cfg.data)
+    partition, _ = partition_for(cfg, dataset, 0)
+    train_idx = np.concatenate([partition.client_indices(c, "train") for c in range(4)])
+    test_idx = np.concatenate([partition.client_indices(c, "test") for c in range(4)])
+    torch.manual_seed(0)
+    model = build_model("small_cnn", ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1]))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+    x, y = torch.from_numpy(dataset.images[train_idx]), torch.from_numpy(dataset.labels[train_idx])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        model.train()
+        order = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), 32):
+            idx = order[s:s + 32]
+            if len(idx) < 2:
+                continue
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(dataset.images[test_idx])).argmax(1).numpy()
+    central_acc = float((pred == dataset.labels[test_idx]).mean())
+    print(f"fedavg iid {fed_acc:.3f} vs centralized {central_acc:.3f}")
+    assert central_acc > 0.8
+    assert fed_acc >= central_acc - 0.05
+
+
+def test_gpu_request_without_gpus_fails_at_once():
+    cfg = load_config(None, ["client_resources.num_gpus=0.25"])
+    with pytest.raises(ResourceError, match="no GPUs"):
+        plan_pool(cfg, available={"CPU": 2.0}, total={"CPU": 2.0})
+    auto = plan_pool(load_config(None, ["client_resources.num_gpus=auto"]), {"CPU": 2.0}, {"CPU": 2.0})
+    assert auto.num_gpus == 0.0 and auto.size == 2
+
+
+def test_pool_is_sized_from_free_resources():
+    cfg = load_config(None, ["client_resources.num_cpus=0.5"])
+    assert plan_pool(cfg, {"CPU": 2.0}, {"CPU": 2.0}).size == 4
+    with pytest.raises(ResourceError, match="num_cpus"):
+        plan_pool(load_config(None, ["client_resources.num_cpus=4"]), {"CPU": 2.0}, {"CPU": 2.0})
+    with pytest.raises(ResourceError, match="pool_size"):
+        plan_pool(load_config(None, ["ray.pool_size=8"]), {"CPU": 2.0}, {"CPU": 2.0})
+    gpu = plan_pool(load_config(None, ["client_resources.num_gpus=0.5", "num_clients=10"]),
+                    {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0})
+    assert gpu.size == 2 and gpu.num_gpus == 0.5
