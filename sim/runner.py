@@ -103,8 +103,9 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
 
 def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     progress = progress or Progress(cfg.progress)
-    cfg, run_dir = prepare_run_dir(cfg)
     names = expand_algorithms(cfg.algorithms)
+    dataset = load_dataset(cfg.dataset, cfg.data)  # bad data fails before anything is written
+    cfg, run_dir = prepare_run_dir(cfg)
     manifest: dict[str, Any] = {
         "run_id": cfg.run_id,
         "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -114,7 +115,6 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
         "algorithms": names,
         "host": platform.node(),
     }
-    dataset = load_dataset(cfg.dataset, cfg.data)
     manifest["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(), "samples": int(len(dataset.labels))}
     started_ray = connect(cfg, cfg.run_id)
     try:

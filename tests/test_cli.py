@@ -1,0 +1,114 @@
+"""The command line as a user meets it: clear one-line errors, list, partition, resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import run_sim
+from sim.engine import CRASH_ENV
+from sim.results import read_metrics
+from tests.conftest import small_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(argv, capsys):
+    code = run_sim.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.mark.parametrize(
+    "items, words",
+    [
+        (["algorithms=fedavg,nope"], ["unknown algorithm 'nope'", "fedavg"]),
+        (["rounds=-2"], ["rounds must be >= 0"]),
+        (["dataset=image-folder", "data.path=/nonexistent/pacs"], ["/nonexistent/pacs", "does not exist"]),
+        (["dataset=cifar10"], ["data.path"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(items, words, capsys, tmp_path):
+    code, out, err = _run(["run", *_sets(small_overrides(tmp_path, *items))], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_bad_yaml(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: 3\n  algorithms: [fedavg\n")
+    code, _, err = _run(["run", "--config", str(bad)], capsys)
+    assert code == 2 and "not valid YAML" in err and str(bad) in err
+
+
+def test_gpu_request_on_a_machine_without_gpus_fails_fast(capsys, tmp_path):
+    import ray
+
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this machine has GPUs")
+    code, _, err = _run(["run", *_sets(small_overrides(tmp_path, "client_resources.num_gpus=0.5"))], capsys)
+    assert code == 2 and "no GPUs" in err and "client_resources.num_gpus" in err
+
+
+def test_list_shows_every_registry(capsys):
+    code, out, _ = _run(["list"], capsys)
+    assert code == 0
+    for word in ("fedavg", "fedprox", "local", "mu=0.01", "digits-domains", "image-folder", "cifar10",
+                 "parquet", "dirichlet", "shards", "domain-dirichlet", "small_cnn", "resnet_gn"):
+        assert word in out
+
+
+def test_partition_command_builds_then_finds_and_rebuilds_a_corrupt_file(capsys, tmp_path):
+    argv = ["partition", *_sets([f"cache_dir={tmp_path}", "partition.scheme=dirichlet", "partition.alpha=0.1"])]
+    code, out, _ = _run(argv, capsys)
+    assert code == 0 and "heatmap.png" in out
+    path = Path(next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("partition:")))
+    assert (path / "heatmap.png").exists() and (path / "manifest.json").exists()
+    original = pd.read_parquet(path / "partition.parquet")
+    data = (path / "partition.parquet").read_bytes()
+    (path / "partition.parquet").write_bytes(data[: len(data) // 2])  # a torn write
+    code, out2, _ = _run(argv, capsys)
+    assert code == 0
+    assert any(p.name.startswith(path.name + ".corrupt") for p in path.parent.iterdir())
+    pd.testing.assert_frame_equal(pd.read_parquet(path / "partition.parquet"), original)
+
+
+def _cli(args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run_sim.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _values(run_dir) -> pd.DataFrame:
+    df = read_metrics(run_dir).to_pandas()
+    df = df[~df.metric.str.endswith("_s")].drop(columns="run_id")
+    return df.sort_values(["algorithm", "seed", "round", "client_id", "split", "metric"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    items = small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=3")
+    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], {CRASH_ENV: "2"})
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    run_dir = tmp_path / "results" / "crashed"
+    partial = read_metrics(run_dir).to_pandas()  # what was written before the crash stays readable
+    assert sorted(set(partial[partial.algorithm == "local"]["round"])) == [0, 1, 2]
+
+    resumed = _cli(["run", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = _cli(["run", *_sets(items + ["run_id=straight"])])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    pd.testing.assert_frame_equal(_values(run_dir), _values(tmp_path / "results" / "straight"))
+    assert "results:" in resumed.stdout and "report:" in resumed.stdout

@@ -1,0 +1,286 @@
+"""WarmFed diffusion side: tiny backbone, LoRA upload round trip, synthesis, Stable Diffusion path.
+
+Everything is offline (HF_HUB_OFFLINE=1) and small: tiny UNets with a few training steps,
+except one test that fine-tunes a LoRA on the committed default backbone and checks that the
+samples move to the client's domain while keeping their digit classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from algorithms.warmfed.diffusion import (  # noqa: E402
+    DEFAULT_ASSET_DIR,
+    BackboneError,
+    DiffusionBackbone,
+    StableDiffusionBackbone,
+    StableDiffusionConfig,
+    TinyBackbone,
+    TinyBackboneConfig,
+    array_fingerprint,
+    get_or_pretrain_tiny_backbone,
+    pretrain_tiny_backbone,
+)
+from algorithms.warmfed.lora import (  # noqa: E402
+    LoraConfig,
+    LoraMismatchError,
+    LoraUpload,
+    apply_lora,
+    privatize_upload,
+    train_client_lora,
+)
+from algorithms.warmfed.synthesis import save_sample_grid, synthesize  # noqa: E402
+
+TINY = TinyBackboneConfig(block_out_channels=(16, 32), train_steps=3, batch_size=8, warmup_steps=1)
+
+
+def _toy_data(n: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (n, 3, 16, 16)).astype(np.float32), (np.arange(n) % 10).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TinyBackbone:
+    x, y = _toy_data()
+    return pretrain_tiny_backbone(x, y, TINY, data_fingerprint="toy")
+
+
+@pytest.fixture(scope="module")
+def tiny_other() -> TinyBackbone:
+    x, y = _toy_data()
+    return pretrain_tiny_backbone(x, y, TinyBackboneConfig(**{**TINY.to_dict(), "seed": 1}), data_fingerprint="toy")
+
+
+def _state(bb: TinyBackbone) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in bb.unet.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- tiny backbone
+def test_config_key_and_validation():
+    a = TinyBackboneConfig()
+    assert a.key("d1") == TinyBackboneConfig().key("d1")
+    assert a.key("d1") != a.key("d2") != TinyBackboneConfig(train_steps=10).key("d2")
+    assert TinyBackboneConfig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    with pytest.raises(BackboneError, match="norm_num_groups"):
+        TinyBackboneConfig(block_out_channels=(12, 24), norm_num_groups=8)
+
+
+def test_pretrain_deterministic_save_load(tiny, tmp_path):
+    assert isinstance(tiny, DiffusionBackbone)
+    x, y = _toy_data()
+    again = pretrain_tiny_backbone(x, y, TINY, data_fingerprint="toy")
+    assert again.fingerprint() == tiny.fingerprint()
+    tiny.save(tmp_path / "a")
+    back = TinyBackbone.load(tmp_path / "a")
+    assert back.fingerprint() == tiny.fingerprint() and back.key == tiny.key
+    assert np.array_equal(
+        back.sample(np.arange(4), steps=2, guidance_scale=2.0, seed=0, batch_size=4),
+        tiny.sample(np.arange(4), steps=2, guidance_scale=2.0, seed=0, batch_size=4),
+    )
+    with pytest.raises(BackboneError, match="not found"):
+        TinyBackbone.load(tmp_path / "missing")
+    # weights of another architecture next to this config -> clear error
+    small = pretrain_tiny_backbone(x, y, TinyBackboneConfig(block_out_channels=(8, 16), train_steps=1, batch_size=4))
+    small.save(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "tiny_backbone.safetensors", tmp_path / "a" / "tiny_backbone.safetensors")
+    with pytest.raises(BackboneError, match="do not match"):
+        TinyBackbone.load(tmp_path / "a")
+
+
+def test_get_or_pretrain_caches_atomically(tmp_path):
+    x, y = _toy_data()
+    cfg = TinyBackboneConfig(**{**TINY.to_dict(), "train_steps": 1})
+    fp = array_fingerprint(x, y)
+    bb, path, trained = get_or_pretrain_tiny_backbone(tmp_path, x, y, cfg, fp, asset_dir=None)
+    assert trained and path == tmp_path / "backbones" / cfg.key(fp)
+    assert sorted(p.name for p in (tmp_path / "backbones").iterdir()) == [cfg.key(fp)]  # no temp dirs left
+    bb2, path2, trained2 = get_or_pretrain_tiny_backbone(tmp_path, x, y, cfg, fp, asset_dir=None)
+    assert not trained2 and path2 == path and bb2.fingerprint() == bb.fingerprint()
+
+
+def test_default_asset_matches_default_config():
+    meta = json.loads((DEFAULT_ASSET_DIR / "tiny_backbone.json").read_text())
+    cfg = TinyBackboneConfig()
+    assert meta["config"] == cfg.to_dict(), "assets/ is stale: run python -m algorithms.warmfed.pretrain_default"
+    assert meta["key"] == cfg.key(meta["data_fingerprint"])
+    size = (DEFAULT_ASSET_DIR / "tiny_backbone.safetensors").stat().st_size
+    assert size < 1_600_000
+
+
+# --------------------------------------------------------------------------- LoRA
+def test_lora_upload_round_trip_only_lora_keys(tiny):
+    before = _state(tiny)
+    flags = {n: p.requires_grad for n, p in tiny.unet.named_parameters()}
+    x, y = _toy_data(16)
+    cfg = LoraConfig(rank=4, steps=2, batch_size=8)
+    up = train_client_lora(tiny, x, y, cfg)
+    again = train_client_lora(tiny, x, y, cfg)
+    # the shared backbone is untouched: same modules, weights, flags, mode
+    after = tiny.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: p.requires_grad for n, p in tiny.unet.named_parameters()} == flags and not tiny.unet.training
+    assert not hasattr(tiny.unet, "peft_config")
+    # only LoRA tensors travel, far fewer bytes than the backbone
+    assert up.state and all(".lora_A." in k or ".lora_B." in k for k in up.state)
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in up.state.values())
+    assert not any(k in before for k in up.state)
+    assert up.num_bytes < 0.25 * tiny.num_bytes()
+    # deterministic for a seed
+    assert all(torch.equal(up.state[k], again.state[k]) for k in up.state)
+    # bytes round trip
+    blob = up.to_bytes()
+    assert len(blob) < up.num_bytes + 16_384
+    back = LoraUpload.from_bytes(blob)
+    assert back.config == cfg and back.backbone_fingerprint == tiny.fingerprint()
+    assert back.state.keys() == up.state.keys() and all(torch.equal(back.state[k], up.state[k]) for k in up.state)
+    # DP option: clipped and noised, same keys
+    priv = privatize_upload(up, clip_norm=0.1, noise_multiplier=0.0, seed=0)
+    norm = sum(float(t.double().pow(2).sum()) for t in priv.state.values()) ** 0.5
+    assert priv.state.keys() == up.state.keys() and norm <= 0.1 + 1e-5
+
+
+def test_lora_rank_must_be_positive():
+    with pytest.raises(ValueError, match="LoRA rank must be >= 1"):
+        LoraConfig(rank=0)
+
+
+def test_lora_from_another_backbone_is_refused(tiny, tiny_other):
+    x, y = _toy_data(8)
+    up = train_client_lora(tiny, x, y, LoraConfig(rank=2, steps=1, batch_size=4))
+    with pytest.raises(LoraMismatchError, match="trained on backbone"):
+        with apply_lora(tiny_other, up):
+            pass
+    broken = LoraUpload({k: v for k, v in list(up.state.items())[1:]}, up.backbone_fingerprint, up.config)
+    with pytest.raises(LoraMismatchError, match="do not fit"):
+        with apply_lora(tiny, broken):
+            pass
+    assert not hasattr(tiny.unet, "peft_config")  # cleaned up after the failure too
+
+
+# --------------------------------------------------------------------------- synthesis
+def test_synthesis_counts_labels_and_determinism(tiny, tmp_path):
+    counts = {0: 3, 2: 0, 7: 2, 9: 1}
+    x, y = synthesize(tiny, counts, steps=3, guidance_scale=2.0, seed=5, batch_size=4)
+    assert x.shape == (6, 3, 16, 16) and x.dtype == np.float32 and y.dtype == np.int64
+    assert y.tolist() == [0, 0, 0, 7, 7, 9]
+    assert x.min() >= -1 and x.max() <= 1
+    x2, _ = synthesize(tiny, counts, steps=3, guidance_scale=2.0, seed=5, batch_size=4)
+    assert np.array_equal(x, x2)
+    x3, _ = synthesize(tiny, counts, steps=3, guidance_scale=2.0, seed=5, batch_size=6)
+    np.testing.assert_allclose(x, x3, atol=1e-4)  # batch size does not change the images
+    x4, _ = synthesize(tiny, counts, steps=3, guidance_scale=2.0, seed=6, batch_size=4)
+    assert not np.allclose(x, x4)
+    arr_counts = np.array([1, 0, 2] + [0] * 7)
+    xa, ya = synthesize(tiny, arr_counts, steps=2, seed=0)
+    assert ya.tolist() == [0, 2, 2] and xa.shape[0] == 3
+    with pytest.raises(ValueError):
+        synthesize(tiny, {10: 1}, steps=2, seed=0)
+    # a LoRA changes the samples while applied, and only then
+    xd, yd = _toy_data(8)
+    up = train_client_lora(tiny, xd, yd, LoraConfig(rank=2, steps=2, batch_size=4, lr=1e-2))
+    with apply_lora(tiny, up) as personalized:
+        xl, yl = synthesize(personalized, counts, steps=3, guidance_scale=2.0, seed=5, batch_size=4)
+    assert yl.tolist() == y.tolist() and not np.allclose(xl, x)
+    x5, _ = synthesize(tiny, counts, steps=3, guidance_scale=2.0, seed=5, batch_size=4)
+    assert np.array_equal(x, x5)
+    png = save_sample_grid(x, y, tmp_path / "grid.png", nrow=3)
+    assert png.stat().st_size > 100 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- Stable Diffusion
+def _build_tiny_sd(root: Path) -> Path:
+    """A random-weight Stable Diffusion pipeline in the standard folder layout, built offline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    src = root / "tokenizer-src"
+    src.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    (src / "merges.txt").write_text("#version: 0.2\n")  # no merges: character-level BPE
+    tokenizer = CLIPTokenizer(vocab=str(src / "vocab.json"), merges=str(src / "merges.txt"), model_max_length=16)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out = root / "tiny-sd"
+    pipe.save_pretrained(out)
+    return out
+
+
+def test_stable_diffusion_path_end_to_end(tmp_path):
+    path = _build_tiny_sd(tmp_path)
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(os.listdir(path))
+    cfg = StableDiffusionConfig(model=str(path), prompt_template="a {domain} photo of a {class_name}", image_size=16)
+    bb = StableDiffusionBackbone(cfg)
+    assert isinstance(bb, DiffusionBackbone) and bb.num_classes == 10
+    assert bb.prompts(torch.tensor([3])) == ["a photo of a digit 3"]
+    before = {k: v.clone() for k, v in bb.unet.state_dict().items()}
+    x, y = _toy_data(4)
+    up = train_client_lora(bb, x, y, LoraConfig(rank=2, steps=2, batch_size=2, domain="sketch"))
+    assert up.state and all("lora_" in k for k in up.state) and up.num_bytes < bb.num_bytes()
+    assert bb.unet.state_dict().keys() == before.keys()
+    up = LoraUpload.from_bytes(up.to_bytes())
+    with apply_lora(bb, up) as personalized:
+        assert personalized.prompts(torch.tensor([3])) == ["a sketch photo of a digit 3"]
+        imgs, labels = synthesize(personalized, {1: 1, 4: 1}, steps=2, guidance_scale=3.0, seed=0, batch_size=2)
+    assert imgs.shape == (2, 3, 16, 16) and imgs.dtype == np.float32 and labels.tolist() == [1, 4]
+    assert np.isfinite(imgs).all() and imgs.min() >= -1 and imgs.max() <= 1
+    assert bb.prompts(torch.tensor([3])) == ["a photo of a digit 3"]  # domain restored
+    # a LoRA from the tiny class-conditional backbone does not fit here
+    other = LoraUpload(up.state, "0" * 16, up.config)
+    with pytest.raises(LoraMismatchError, match="trained on backbone"):
+        with apply_lora(bb, other):
+            pass
+
+
+def test_stable_diffusion_missing_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(BackboneError, match=str(missing)):
+        StableDiffusionBackbone(StableDiffusionConfig(model=str(missing)))
+    with pytest.raises(BackboneError, match="not in the local Hugging Face cache"):
+        StableDiffusionBackbone(StableDiffusionConfig(model="no-such-org/no-such-model-xyz"))
+
+
+def test_prompt_template_needs_class_name():
+    with pytest.raises(BackboneError, match=r"\{class_name\}"):
+        StableDiffusionConfig(model="x", prompt_template="a photo in {domain} style")
+    with pytest.raises(BackboneError, match="unknown slots"):
+        StableDiffusionConfig(model="x", prompt_template="a {class_name} by {artist}")
