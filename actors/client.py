@@ -57,7 +57,8 @@ class ClientWorker:
 
     def context(self, client_id: int, round: int) -> ClientContext:
         return ClientContext(
-            client_id, round, self.run, self.client_data(client_id), self.model, self._scratch_model, self.device
+            client_id, round, self.run, self.client_data(client_id), self.model, self._scratch_model, self.device,
+            public=self.dataset.public,
         )
 
     def train(self, client_id: int, round: int, message: dict[str, Any], version: int) -> tuple[Any, dict[str, Any]]:

@@ -85,6 +85,9 @@ class RunContext:
     cache_dir: str
     run_dir: str
     dataset_fingerprint: str = ""
+    dataset_name: str = ""
+    dataset_params: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
 
     def build_model(self) -> Classifier:
         return build_model(self.model_name, self.model_spec)

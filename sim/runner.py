@@ -142,6 +142,9 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
                 cache_dir=str(cfg.cache_path),
                 run_dir=str(run_dir),
                 dataset_fingerprint=dataset.fingerprint(),
+                dataset_name=cfg.dataset,
+                dataset_params=dict(cfg.data),
+                class_names=tuple(dataset.class_names),
             )
             for name in names:
                 algorithm = get_algorithm(name)(algorithm_params(cfg, name), run_ctx)

@@ -1,0 +1,356 @@
+"""Client-side personalized diffusion: peft LoRA on a frozen backbone UNet.
+
+* :func:`train_client_lora` -- trains LoRA adapters on a client's private images and returns a
+  :class:`LoraUpload` holding ONLY the LoRA tensors (what travels to the server, once).
+* :func:`apply_lora` -- a context manager that loads an upload onto a backbone for sampling and
+  removes it on exit.
+
+The backbone object is shared (one per actor), so neither function leaves it changed: the
+LoRA layers are injected into ``backbone.unet`` in place and stripped again afterwards
+(every ``BaseTunerLayer`` is swapped back for its original base layer), so the UNet's
+modules, ``state_dict`` keys, ``requires_grad`` flags and train/eval mode are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from algorithms.warmfed.diffusion import DiffusionBackbone, _as_images, _as_labels
+
+__all__ = [
+    "LoraConfig",
+    "LoraUpload",
+    "LoraMismatchError",
+    "train_client_lora",
+    "apply_lora",
+    "privatize_upload",
+    "ATTENTION_TARGETS",
+    "RESNET_CONV_TARGETS",
+]
+
+ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+RESNET_CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2")
+_ADAPTER = "warmfed_client"
+_FORMAT = "warmfed-lora/1"
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA upload does not fit this backbone (other base weights, or other modules/shapes)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters of the client's one-shot personalization."""
+
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank (scaling 1)
+    target_modules: tuple[str, ...] = ATTENTION_TARGETS
+    include_resnet_convs: bool = True  # also adapt the ResNet convs (conv1, conv2)
+    dropout: float = 0.0
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    domain: str | None = None  # fills the prompt's {domain} slot (text-conditioned backbones)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if int(self.rank) != self.rank or self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not self.target_modules and not self.include_resnet_convs:
+            raise ValueError("LoRA needs at least one target module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("LoRA steps must be >= 0, batch_size >= 1 and lr > 0")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        mods = self.target_modules + (RESNET_CONV_TARGETS if self.include_resnet_convs else ())
+        return tuple(dict.fromkeys(mods))
+
+    def peft_config(self):
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=int(self.rank),
+            lora_alpha=self.lora_alpha,
+            target_modules=list(self.modules),
+            lora_dropout=self.dropout,
+            bias="none",
+            init_lora_weights=True,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "target_modules" in d:
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraUpload:
+    """What a client sends: LoRA tensors only (CPU, contiguous) + which backbone they fit."""
+
+    state: dict[str, torch.Tensor]
+    backbone_fingerprint: str
+    config: LoraConfig
+    info: dict[str, Any] = field(default_factory=dict)  # loss, seconds, ... (not the data)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        meta = {
+            "format": _FORMAT,
+            "backbone_fingerprint": self.backbone_fingerprint,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "info": json.dumps(self.info, sort_keys=True, default=str),
+        }
+        return save({k: v.contiguous() for k, v in self.state.items()}, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "LoraUpload":
+        from safetensors.torch import load
+
+        meta = _safetensors_metadata(data)
+        if meta.get("format") != _FORMAT:
+            raise LoraMismatchError(f"not a WarmFed LoRA upload (format {meta.get('format')!r})")
+        return cls(
+            state=load(data),
+            backbone_fingerprint=meta["backbone_fingerprint"],
+            config=LoraConfig.from_dict(json.loads(meta["config"])),
+            info=json.loads(meta.get("info", "{}")),
+        )
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise LoraMismatchError("LoRA upload is truncated")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoraMismatchError(f"LoRA upload has an unreadable header: {e}") from e
+    return dict(header.get("__metadata__", {}))
+
+
+# --------------------------------------------------------------------------------------
+# injecting and removing adapters without leaving a trace
+# --------------------------------------------------------------------------------------
+def _has_lora(model: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _inject(model: torch.nn.Module, cfg: LoraConfig) -> None:
+    from peft import inject_adapter_in_model
+
+    if _has_lora(model):
+        raise RuntimeError("this backbone already carries a LoRA; leave the other apply_lora/training first")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
+        try:
+            inject_adapter_in_model(cfg.peft_config(), model, adapter_name=_ADAPTER)
+        except ValueError as e:  # "Target modules ... not found in the base model"
+            _strip(model)
+            raise LoraMismatchError(f"LoRA target modules {list(cfg.modules)} do not fit this backbone: {e}") from e
+
+
+def _strip(model: torch.nn.Module) -> None:
+    """Replace every LoRA-wrapped layer by its original base layer; drop peft's bookkeeping."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, module.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+@contextlib.contextmanager
+def _preserved(model: torch.nn.Module) -> Iterator[None]:
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    mode = model.training
+    try:
+        yield
+    finally:
+        _strip(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+        model.train(mode)
+
+
+def _lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=_ADAPTER)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------
+# client training and server loading
+# --------------------------------------------------------------------------------------
+def train_client_lora(
+    backbone: DiffusionBackbone,
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    cfg: LoraConfig = LoraConfig(),
+    progress: Callable[[int, int, float], None] | None = None,
+) -> LoraUpload:
+    """Fine-tune LoRA adapters on a frozen backbone with the backbone's own diffusion loss.
+
+    Deterministic for ``cfg.seed``; only the LoRA parameters are trained; the backbone is
+    left as it was found (see the module docstring).
+    """
+    x = _as_images(images)
+    y = _as_labels(labels, backbone.num_classes)
+    n = x.shape[0]
+    if n == 0 or y.shape[0] != n:
+        raise ValueError(f"need the same non-zero number of images and labels, got {n} and {y.shape[0]}")
+    unet = backbone.unet
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    with _preserved(unet):
+        _inject(unet, cfg)
+        params = []
+        for name, p in unet.named_parameters():
+            is_lora = "lora_" in name
+            p.requires_grad_(is_lora)
+            if is_lora:
+                params.append(p)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        unet.train()
+        if cfg.steps > 0:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            with backbone.use_domain(cfg.domain):
+                perm, pos = torch.randperm(n, generator=gen), 0
+                for step in range(cfg.steps):
+                    parts, need = [], cfg.batch_size
+                    while need > 0:
+                        if pos >= n:
+                            perm, pos = torch.randperm(n, generator=gen), 0
+                        take = min(need, n - pos)
+                        parts.append(perm[pos : pos + take])
+                        pos, need = pos + take, need - take
+                    idx = torch.cat(parts)
+                    loss = backbone.training_loss(x[idx], y[idx], gen)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(loss.item())
+                    if progress is not None:
+                        progress(step + 1, cfg.steps, losses[-1])
+        state = _lora_state(unet)
+    seconds = time.perf_counter() - t0
+    info = {
+        "num_images": int(n),
+        "seconds": round(seconds, 3),
+        "seconds_per_step": round(seconds / max(1, cfg.steps), 4),
+        "first_loss": float(np.mean(losses[:10])) if losses else math.nan,
+        "final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
+        "backbone": backbone.name,
+    }
+    return LoraUpload(state=state, backbone_fingerprint=backbone.fingerprint(), config=cfg, info=info)
+
+
+@contextlib.contextmanager
+def apply_lora(backbone: DiffusionBackbone, upload: LoraUpload) -> Iterator[DiffusionBackbone]:
+    """``with apply_lora(backbone, upload) as personalized: personalized.sample(...)``.
+
+    Raises LoraMismatchError if the upload was trained on other base weights or its tensors
+    do not fit the modules its config names; the LoRA is removed on exit.
+    """
+    if upload.backbone_fingerprint != backbone.fingerprint():
+        raise LoraMismatchError(
+            f"LoRA was trained on backbone {upload.backbone_fingerprint}, this is {backbone.fingerprint()} "
+            f"({backbone.name})"
+        )
+    from peft import set_peft_model_state_dict
+
+    unet = backbone.unet
+    with _preserved(unet):
+        _inject(unet, upload.config)
+        expected = {k: tuple(v.shape) for k, v in _lora_state(unet).items()}
+        got = {k: tuple(v.shape) for k, v in upload.state.items()}
+        if expected.keys() != got.keys():
+            missing = sorted(expected.keys() - got.keys())
+            extra = sorted(got.keys() - expected.keys())
+            raise LoraMismatchError(
+                f"LoRA tensors do not fit backbone {backbone.name}: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(extra)} unexpected (e.g. {extra[:2]})"
+            )
+        bad = [k for k in expected if expected[k] != got[k]]
+        if bad:
+            raise LoraMismatchError(
+                f"LoRA tensor shapes do not fit backbone {backbone.name}: {bad[0]} is {got[bad[0]]}, "
+                f"expected {expected[bad[0]]}"
+            )
+        dtype = next(unet.parameters()).dtype
+        result = set_peft_model_state_dict(
+            unet, {k: v.to(dtype) for k, v in upload.state.items()}, adapter_name=_ADAPTER
+        )
+        if getattr(result, "unexpected_keys", None):
+            raise LoraMismatchError(f"LoRA tensors not loaded: {result.unexpected_keys[:3]}")
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        unet.eval()
+        with backbone.use_domain(upload.config.domain):
+            yield backbone
+
+
+def privatize_upload(upload: LoraUpload, *, clip_norm: float, noise_multiplier: float, seed: int) -> LoraUpload:
+    """Clip the upload's global L2 norm to ``clip_norm`` and add N(0, (noise_multiplier*clip_norm)^2).
+
+    Output perturbation of a one-shot upload (the Gaussian mechanism on the clipped LoRA);
+    the accounting of the privacy budget is left to the caller.
+    """
+    if clip_norm <= 0 or noise_multiplier < 0:
+        raise ValueError("clip_norm must be > 0 and noise_multiplier >= 0")
+    keys = sorted(upload.state)
+    norm = math.sqrt(sum(float(upload.state[k].double().pow(2).sum()) for k in keys))
+    scale = min(1.0, clip_norm / max(norm, 1e-12))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k in keys:
+        t = upload.state[k].float() * scale
+        if noise_multiplier > 0:
+            t = t + torch.randn(t.shape, generator=gen) * (noise_multiplier * clip_norm)
+        state[k] = t.to(upload.state[k].dtype).contiguous()
+    info = dict(upload.info, dp_clip_norm=clip_norm, dp_noise_multiplier=noise_multiplier, dp_pre_clip_norm=norm)
+    return LoraUpload(state=state, backbone_fingerprint=upload.backbone_fingerprint, config=upload.config, info=info)
