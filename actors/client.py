@@ -16,8 +16,8 @@ import ray
 import torch
 
 from actors.state_store import ClientStateStore
-from algorithms.base import Algorithm, ClientContext, ClientData, RunContext, load_weights
-from sim.training import evaluate
+from algorithms.base import Algorithm, ClientContext, ClientData, RunContext, load_weights, model_weights
+from sim.training import evaluate, local_sgd
 
 SPLITS = ("train", "val", "test")
 
@@ -36,7 +36,9 @@ class ClientWorker:
         self.algorithm = algorithm
         self.partition = partition
         self.run = run
+        torch.manual_seed(run.seed)  # the same initialization as the server's global model
         self.model = run.build_model().to(self.device)
+        self.init_weights = model_weights(self.model)
         self._scratch: dict[str, torch.nn.Module] = {}
         self.store = ClientStateStore(Path(state_dir))
         return True
@@ -56,6 +58,11 @@ class ClientWorker:
         return ClientData(x, y)
 
     def context(self, client_id: int, round: int) -> ClientContext:
+        """A fresh context; resident models are reset to the shared init so that nothing a previous
+        client left in them can leak into this one (results must not depend on who ran before)."""
+        load_weights(self.model, self.init_weights)
+        for model in self._scratch.values():
+            load_weights(model, self.init_weights)
         return ClientContext(
             client_id, round, self.run, self.client_data(client_id), self.model, self._scratch_model, self.device,
             public=self.dataset.public,
@@ -86,6 +93,23 @@ class ClientWorker:
         upload = phase.client(self.context(client_id, -1))
         info = {"client_id": client_id, "bytes_up": phase.upload_nbytes(upload), "seconds": time.perf_counter() - start}
         return upload, info
+
+    def evaluate_new_clients(
+        self, client_ids: list[int], round: int, message: dict[str, Any], epochs: int, batch_size: int
+    ) -> list[tuple[int, str, str, float]]:
+        """New-client accuracy: a never-trained client takes what the method gives a newcomer (its
+        personalized model without state) and adapts it for a fixed budget of local epochs."""
+        rows: list[tuple[int, str, str, float]] = []
+        for client_id in client_ids:
+            ctx = self.context(client_id, round)
+            start = self.algorithm.personal_weights(ctx, message, None)
+            load_weights(ctx.model, start if start is not None else message["weights"])
+            if epochs > 0:
+                local_sgd(ctx, ctx.model, epochs=epochs, purpose="new-client")
+            for split in ("val", "test"):
+                acc, loss, n = evaluate(ctx.model, ctx.data.x[split], ctx.data.y[split], batch_size)
+                rows += [(client_id, split, "new_client_acc", acc), (client_id, split, "n", float(n))]
+        return rows
 
     def evaluate(
         self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int], batch_size: int

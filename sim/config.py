@@ -55,6 +55,7 @@ class EvalConfig:
     every: int = 1  # evaluate every k rounds (the last round is always evaluated)
     batch_size: int = 512
     max_clients: int | None = None  # evaluate a seeded subset of clients at large scale
+    new_client_epochs: int = 1  # budget for held-out clients to adapt the final model (new-client accuracy)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class RunConfig:
     clients_per_round: int = 10
     rounds: int = 5
     seed: int | list[int] = 0
+    holdout_clients: int = 0  # clients never trained: they report new-client accuracy
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -178,14 +180,19 @@ def validate(cfg: RunConfig) -> None:
     _positive("rounds", cfg.rounds, allow_zero=True)
     _positive("num_clients", cfg.num_clients)
     _positive("clients_per_round", cfg.clients_per_round)
-    if cfg.clients_per_round > cfg.num_clients:
+    _positive("holdout_clients", cfg.holdout_clients, allow_zero=True)
+    if cfg.holdout_clients >= cfg.num_clients:
+        raise ConfigError(f"holdout_clients ({cfg.holdout_clients}) must be below num_clients ({cfg.num_clients})")
+    if cfg.clients_per_round > cfg.num_clients - cfg.holdout_clients:
         raise ConfigError(
             f"clients_per_round ({cfg.clients_per_round}) exceeds num_clients ({cfg.num_clients})"
+            + (f" minus holdout_clients ({cfg.holdout_clients})" if cfg.holdout_clients else "")
         )
     _positive("train.local_epochs", cfg.train.local_epochs)
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.lr", cfg.train.lr)
     _positive("eval.every", cfg.eval.every)
+    _positive("eval.new_client_epochs", cfg.eval.new_client_epochs, allow_zero=True)
     _positive("checkpoint_every", cfg.checkpoint_every)
     _positive("client_resources.num_cpus", cfg.client_resources.num_cpus)
     gpus = cfg.client_resources.num_gpus

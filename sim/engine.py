@@ -93,13 +93,21 @@ class Simulation:
         self.checkpoints = CheckpointStore(base / "checkpoints" / self.name / f"seed{self.seed}")
         self.state_dir = base / "client_state" / self.name / f"seed{self.seed}"
         self.train_sizes = partition.sizes("train")
+        self.holdout = self._holdout_clients()
+        self.train_clients = np.setdiff1d(np.arange(run.num_clients), self.holdout)
         self.eval_clients = self._eval_clients()
 
+    def _holdout_clients(self) -> np.ndarray:
+        k = self.cfg.holdout_clients
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.sort(np.random.default_rng([self.seed, 0x401D]).choice(self.run.num_clients, size=k, replace=False))
+
     def _eval_clients(self) -> np.ndarray:
-        n, cap = self.run.num_clients, self.cfg.eval.max_clients
-        if cap is None or cap >= n:
-            return np.arange(n)
-        return np.sort(np.random.default_rng([self.seed, 0xE7A1]).choice(n, size=cap, replace=False))
+        pool, cap = self.train_clients, self.cfg.eval.max_clients
+        if cap is None or cap >= len(pool):
+            return pool
+        return np.sort(np.random.default_rng([self.seed, 0xE7A1]).choice(pool, size=cap, replace=False))
 
     # ------------------------------------------------------------------------------------
     def execute(self) -> None:
@@ -178,7 +186,8 @@ class Simulation:
 
     def _round(self, server: Any, r: int, versions: np.ndarray) -> list[Row]:
         start = time.perf_counter()
-        selected = self.algorithm.select_clients(r, self.run.num_clients, self.run.clients_per_round)
+        picked = self.algorithm.select_clients(r, len(self.train_clients), self.run.clients_per_round)
+        selected = self.train_clients[picked]
         message = server.broadcast.remote()
         down_each = ray.get(server.message_nbytes.remote())
         server.begin_round.remote()
@@ -217,6 +226,13 @@ class Simulation:
                  lambda actor, chunk=chunk: _submit_eval(actor, chunk, r, message, versions, self.cfg.eval.batch_size))
             for chunk in chunks if len(chunk)
         ]
+        batch = self.cfg.eval.batch_size
+        epochs = self.cfg.eval.new_client_epochs
+        tasks += [
+            Task(("new", int(cid)), float(self.train_sizes[cid] * max(epochs, 1)),
+                 lambda actor, cid=int(cid): _twice(actor.evaluate_new_clients.remote([cid], r, message, epochs, batch)))
+            for cid in self.holdout
+        ]
         rows: list[Row] = []
         refs = [ref for _, ref, _ in self.pool.run(tasks)]
         for chunk_rows in ray.get(refs):
@@ -227,7 +243,11 @@ class Simulation:
         return rows
 
 
+def _twice(ref: Any) -> tuple[Any, Any]:
+    """A single-return task as the pool's (result, info) pair: the rows serve as both."""
+    return ref, ref
+
+
 def _submit_eval(actor: Any, chunk: np.ndarray, r: int, message: Any, versions: np.ndarray, batch_size: int):
     ids = [int(c) for c in chunk]
-    ref = actor.evaluate.remote(ids, r, message, [int(versions[c]) for c in ids], batch_size)
-    return ref, ref
+    return _twice(actor.evaluate.remote(ids, r, message, [int(versions[c]) for c in ids], batch_size))

@@ -22,23 +22,49 @@ import pandas as pd  # noqa: E402
 from sim.results import RUN_LEVEL, read_metrics  # noqa: E402
 
 
+def _worst_decile(values: pd.Series) -> float:
+    """Mean accuracy of the worst 10 % of clients (at least one client)."""
+    k = max(1, int(np.ceil(0.1 * len(values))))
+    return float(np.sort(values.to_numpy())[:k].mean())
+
+
 def per_round_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """Rows (algorithm, seed, round) with pooled global accuracy and client-mean personal accuracy."""
+    """Rows (algorithm, seed, round): pooled global accuracy, personalized accuracy (sample-weighted
+    mean, unweighted mean, std and worst decile over clients) and new-client accuracy."""
     clients = df[(df.client_id != RUN_LEVEL) & (df.split == split)]
+    if clients.empty:
+        return pd.DataFrame(columns=["algorithm", "seed", "round"])
     wide = clients.pivot_table(index=["algorithm", "seed", "round", "client_id"], columns="metric", values="value")
     wide = wide.reset_index()
     out = []
     for (algo, seed, rnd), g in wide.groupby(["algorithm", "seed", "round"]):
         row = {"algorithm": algo, "seed": seed, "round": rnd}
-        n = g["n"] if "n" in g else pd.Series(np.ones(len(g)))
-        if "global_acc" in g and g["global_acc"].notna().any():
-            row["global_acc"] = float((g["global_acc"] * n).sum() / n.sum())
-        if "personal_acc" in g:
-            row["personal_acc"] = float(g["personal_acc"].mean())
-            row["personal_std"] = float(g["personal_acc"].std(ddof=0))
-            row["personal_worst10"] = float(g["personal_acc"].quantile(0.1))
+        n = g["n"] if "n" in g else pd.Series(np.ones(len(g)), index=g.index)
+        for metric, name in (("global_acc", "global_acc"), ("new_client_acc", "new_client_acc")):
+            if metric in g and g[metric].notna().any():
+                m = g[metric].notna()
+                row[name] = float((g.loc[m, metric] * n[m]).sum() / n[m].sum())
+        if "personal_acc" in g and g["personal_acc"].notna().any():
+            p = g["personal_acc"].dropna()
+            row["personal_acc"] = float(p.mean())
+            row["personal_acc_w"] = float((p * n[p.index]).sum() / n[p.index].sum())
+            row["personal_std"] = float(p.std(ddof=0))
+            row["personal_worst10"] = _worst_decile(p)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def selected_rounds(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (algorithm, seed), the round with the best validation accuracy (personalized, else global):
+    tables report test accuracy at a round chosen without looking at the test split."""
+    val = per_round_accuracy(df, "val")
+    picks = []
+    for (algo, seed), g in val.groupby(["algorithm", "seed"]):
+        key = "personal_acc" if "personal_acc" in g and g["personal_acc"].notna().any() else "global_acc"
+        g = g.sort_values("round")
+        best = g.loc[g[key].idxmax(), "round"] if key in g and g[key].notna().any() else g["round"].max()
+        picks.append({"algorithm": algo, "seed": seed, "round": int(best)})
+    return pd.DataFrame(picks)
 
 
 def run_totals(df: pd.DataFrame) -> pd.DataFrame:
@@ -49,7 +75,9 @@ def run_totals(df: pd.DataFrame) -> pd.DataFrame:
     return totals.pivot_table(index=["algorithm", "seed"], columns="metric", values="value", aggfunc="sum").reset_index()
 
 
-def _fmt(values: pd.Series, scale: float = 1.0, digits: int = 3, spread: float | None = None) -> str:
+def _fmt(values: pd.Series | None, scale: float = 1.0, digits: int = 3, spread: float | None = None) -> str:
+    if values is None:
+        return "n/a"
     values = values.dropna() * scale
     if values.empty:
         return "n/a"
@@ -60,31 +88,53 @@ def _fmt(values: pd.Series, scale: float = 1.0, digits: int = 3, spread: float |
     return f"{values.iloc[0]:.{digits}f}"
 
 
-def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+def summary_table(df: pd.DataFrame, at: str = "selected") -> pd.DataFrame:
+    """One row per algorithm at the validation-selected round (`at="selected"`) or the last one (`"final"`)."""
     acc = per_round_accuracy(df)
-    final = acc.loc[acc.groupby(["algorithm", "seed"])["round"].idxmax()]
-    totals = run_totals(df)
-    merged = final.merge(totals, on=["algorithm", "seed"], how="left")
-    order = list(dict.fromkeys(df.algorithm))  # the order the run used
+    if acc.empty:
+        return pd.DataFrame()
+    if at == "final":
+        chosen = acc.loc[acc.groupby(["algorithm", "seed"])["round"].idxmax(), ["algorithm", "seed", "round"]]
+    else:
+        chosen = selected_rounds(df)
+    merged = chosen.merge(acc, on=["algorithm", "seed", "round"], how="left")
+    merged = merged.merge(run_totals(df), on=["algorithm", "seed"], how="left")
     rows = []
-    for algo in order:
+    for algo in dict.fromkeys(df.algorithm):  # the order the run used
         g = merged[merged.algorithm == algo]
         if g.empty:
             continue
+        one = len(g) == 1
         rows.append(
             {
                 "algorithm": algo,
-                "rounds": int(g["round"].max()),
+                "round": "/".join(str(int(r)) for r in g["round"]),
                 "seeds": int(g.seed.nunique()),
-                "global acc": _fmt(g["global_acc"]) if "global_acc" in g else "n/a",
-                "personal acc": _fmt(g["personal_acc"], spread=g["personal_std"].iloc[0] if len(g) == 1 else None),
-                "worst-10% personal": _fmt(g["personal_worst10"]),
-                "MB up": _fmt(g.get("bytes_up", pd.Series(dtype=float)), 1e-6, 2),
-                "MB down": _fmt(g.get("bytes_down", pd.Series(dtype=float)), 1e-6, 2),
-                "wall s": _fmt(g.get("wall_s", pd.Series(dtype=float)), 1.0, 1),
+                "global acc": _fmt(g.get("global_acc")),
+                "personal acc (weighted)": _fmt(g.get("personal_acc_w")),
+                "personal acc (mean ± std)": _fmt(g.get("personal_acc"),
+                                                   spread=g["personal_std"].iloc[0] if one and "personal_std" in g else None),
+                "worst-10% personal": _fmt(g.get("personal_worst10")),
+                "new-client acc": _fmt(g.get("new_client_acc")),
+                "MB up": _fmt(g.get("bytes_up"), 1e-6, 2),
+                "MB down": _fmt(g.get("bytes_down"), 1e-6, 2),
+                "wall s": _fmt(g.get("wall_s"), 1.0, 1),
             }
         )
     return pd.DataFrame(rows)
+
+
+def phase_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per algorithm and one-shot phase (round 0 rows named `<phase>/<metric>`): mean over seeds."""
+    rows = df[(df.client_id == RUN_LEVEL) & (df["round"] == 0) & df.metric.str.contains("/", regex=False)]
+    if rows.empty:
+        return pd.DataFrame()
+    split = rows.metric.str.split("/", n=1, expand=True)
+    rows = rows.assign(phase=split[0], what=split[1])
+    table = rows.pivot_table(index=["algorithm", "phase"], columns="what", values="value", aggfunc="mean")
+    order = {name: i for i, name in enumerate(dict.fromkeys(rows.phase))}
+    table = table.reset_index().sort_values(["algorithm", "phase"], key=lambda c: c.map(order) if c.name == "phase" else c)
+    return table.map(lambda v: f"{v:.4g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v))
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -135,13 +185,19 @@ def write_report(run_dir: str | Path) -> Path:
             f"seeds {manifest.get('seeds')}; git {manifest.get('git_commit')}.",
             "",
         ]
-    lines += ["## Final round", "", markdown_table(table), ""]
+    lines += ["## Summary (round chosen on validation accuracy)", "", markdown_table(table), ""]
+    lines += ["## Final round", "", markdown_table(summary_table(df, at="final")), ""]
     lines += [
         "Global accuracy: the global model on the union of all clients' test splits. Personalized accuracy: each "
-        "client's own model on its own test split, mean over clients (± over clients for one seed, over seeds for "
-        "several). Bytes include any one-shot warm-start uploads.",
+        "client's own model on its own test split, weighted by test samples or averaged over clients (± over "
+        "clients for one seed, over seeds for several); worst-10%: mean of the worst decile of clients. New-client "
+        "accuracy: held-out clients adapt the final model for `eval.new_client_epochs`. The summary round is the "
+        "one with the best validation accuracy, never chosen on test. Bytes include one-shot warm-start uploads.",
         "",
     ]
+    phases = phase_table(df)
+    if not phases.empty:
+        lines += ["## Warm-start phases", "", markdown_table(phases), ""]
     if not df.empty:
         plot_accuracy(df, plots / "accuracy.png")
         lines += ["## Accuracy per round", "", "![accuracy](plots/accuracy.png)", ""]

@@ -130,3 +130,32 @@ def test_pool_is_sized_from_free_resources():
     gpu = plan_pool(load_config(None, ["client_resources.num_gpus=0.5", "num_clients=10"]),
                     {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0})
     assert gpu.size == 2 and gpu.num_gpus == 0.5
+
+
+def test_holdout_clients_report_new_client_accuracy_and_never_train(ray_local, tmp_path):
+    from sim.report import selected_rounds, summary_table
+
+    cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,local", "holdout_clients=2",
+                                            "clients_per_round=4", "rounds=2"))
+    df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
+    new = df[df.metric == "new_client_acc"]
+    holdouts = set(new.client_id)
+    assert len(holdouts) == 2
+    trained = set(df[df.metric == "train_loss"].client_id)
+    assert trained and not (trained & holdouts)
+    assert not (set(df[df.metric == "personal_acc"].client_id) & holdouts)
+    table = summary_table(df)
+    assert all(v != "n/a" for v in table["new-client acc"])
+    # The summary round is the best validation round, which need not be the last.
+    picks = selected_rounds(df)
+    val = df[(df.metric == "personal_acc") & (df.split == "val")].groupby(["algorithm", "round"]).value.mean()
+    for _, pick in picks.iterrows():
+        per_round = val.loc[pick.algorithm]
+        assert per_round.loc[pick["round"]] == per_round.max()
+
+
+def test_holdout_must_leave_room_for_the_round():
+    from sim.config import ConfigError
+
+    with pytest.raises(ConfigError, match="holdout_clients"):
+        load_config(None, ["num_clients=10", "clients_per_round=9", "holdout_clients=2"])
