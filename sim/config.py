@@ -78,6 +78,9 @@ class RayConfig:
 class RunConfig:
     algorithms: list[str] = field(default_factory=lambda: ["fedavg", "fedprox", "local"])
     algo: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # named variants usable in `algorithms`, e.g. {warmfed-nodsd: {algorithm: warmfed, dsd: false}}:
+    # one row each in the results, for ablations and hyper-parameter comparisons
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset: str = "digits-domains"
     data: dict[str, Any] = field(default_factory=dict)
     num_clients: int = 10
@@ -172,7 +175,7 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Semantic checks, including registry names; raises ConfigError naming key and allowed values."""
-    from algorithms.registry import algorithm_names, expand_algorithms, get_algorithm
+    from algorithms.registry import algorithm_names
     from sim.data import dataset_names, dataset_params_cls
     from sim.models import model_names
     from sim.partition import scheme_names
@@ -204,13 +207,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("seed: give at least one seed")
     if not cfg.algorithms:
         raise ConfigError("algorithms: give at least one algorithm; registered: " + ", ".join(algorithm_names()))
-    names = expand_algorithms(cfg.algorithms)
     for name in cfg.algo:
         if name not in algorithm_names():
             raise ConfigError(f"algo.{name}: unknown algorithm; registered: {', '.join(algorithm_names())}")
-    for name in names:
-        algo_cls = get_algorithm(name)
-        convert(cfg.algo.get(name, {}), algo_cls.Params, f"algo.{name}")
+    for name, spec in cfg.variants.items():
+        if name in algorithm_names():
+            raise ConfigError(f"variants.{name}: the name of a registered algorithm; pick another")
+        if "algorithm" not in spec:
+            raise ConfigError(f"variants.{name}: missing key 'algorithm' (one of {', '.join(algorithm_names())})")
+    for name in run_algorithms(cfg):
+        algorithm_spec(cfg, name)
     if cfg.dataset not in dataset_names():
         raise ConfigError(f"dataset: unknown dataset {cfg.dataset!r}; registered: {', '.join(dataset_names())}")
     convert(cfg.data, dataset_params_cls(cfg.dataset), "data")
@@ -222,10 +228,36 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(model_names())}")
 
 
-def algorithm_params(cfg: RunConfig, name: str) -> Any:
+def run_algorithms(cfg: RunConfig) -> list[str]:
+    """The names a run executes, in order: registered algorithms (`all` = every one) and variants."""
+    from algorithms.registry import expand_algorithms
+
+    names: list[str] = []
+    for name in cfg.algorithms:
+        if name in cfg.variants:
+            expanded = [name]
+        else:
+            try:
+                expanded = expand_algorithms([name])
+            except ConfigError as exc:
+                if cfg.variants:
+                    raise ConfigError(f"{exc}; variants: {', '.join(sorted(cfg.variants))}") from None
+                raise
+        names += [n for n in expanded if n not in names]
+    return names
+
+
+def algorithm_spec(cfg: RunConfig, name: str) -> tuple[type, Any]:
+    """(algorithm class, typed hyper-parameters) of a run name; a variant's keys override `algo.<base>`."""
     from algorithms.registry import get_algorithm
 
-    return convert(cfg.algo.get(name, {}), get_algorithm(name).Params, f"algo.{name}")
+    if name in cfg.variants:
+        spec = dict(cfg.variants[name])
+        base = str(spec.pop("algorithm"))
+        cls = get_algorithm(base)
+        return cls, convert({**cfg.algo.get(base, {}), **spec}, cls.Params, f"variants.{name}")
+    cls = get_algorithm(name)
+    return cls, convert(cfg.algo.get(name, {}), cls.Params, f"algo.{name}")
 
 
 def dump_config(cfg: RunConfig) -> str:

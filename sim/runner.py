@@ -25,9 +25,8 @@ import ray
 from actors.client import ClientActor
 from actors.pool import ActorPool
 from algorithms.base import RunContext
-from algorithms.registry import expand_algorithms, get_algorithm
 from sim.cluster import connect, plan_pool
-from sim.config import RunConfig, algorithm_params, dump_config, load_config
+from sim.config import RunConfig, algorithm_spec, dump_config, load_config, run_algorithms
 from sim.data import load_dataset
 from sim.engine import Simulation
 from sim.models import ModelSpec
@@ -103,7 +102,7 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
 
 def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     progress = progress or Progress(cfg.progress)
-    names = expand_algorithms(cfg.algorithms)
+    names = run_algorithms(cfg)
     dataset = load_dataset(cfg.dataset, cfg.data)  # bad data fails before anything is written
     cfg, run_dir = prepare_run_dir(cfg)
     manifest: dict[str, Any] = {
@@ -147,7 +146,9 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
                 class_names=tuple(dataset.class_names),
             )
             for name in names:
-                algorithm = get_algorithm(name)(algorithm_params(cfg, name), run_ctx)
+                cls, params = algorithm_spec(cfg, name)
+                algorithm = cls(params, run_ctx)
+                algorithm.name = name  # a variant reports under its own name
                 Simulation(
                     algorithm=algorithm, run=run_ctx, cfg=cfg, partition=partition, partition_ref=partition_ref,
                     pool=pool, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,

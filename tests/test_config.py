@@ -85,3 +85,19 @@ def test_bad_yaml_file(tmp_path):
 def test_from_mapping_rejects_bool_as_int():
     with pytest.raises(ConfigError, match="rounds"):
         from_mapping(RunConfig, {"rounds": True})
+
+
+def test_variants_are_named_rows_with_their_own_params():
+    from sim.config import algorithm_spec, run_algorithms
+
+    cfg = load_config(None, ["algorithms=fedavg,prox-strong", "variants.prox-strong.algorithm=fedprox",
+                             "variants.prox-strong.mu=0.5", "algo.fedprox.mu=0.2"])
+    assert run_algorithms(cfg) == ["fedavg", "prox-strong"]
+    cls, params = algorithm_spec(cfg, "prox-strong")
+    assert cls.__name__ == "FedProx" and params.mu == 0.5
+    with pytest.raises(ConfigError, match="variants.bad"):
+        load_config(None, ["algorithms=bad", "variants.bad.algorithm=fedprox", "variants.bad.nu=1"])
+    with pytest.raises(ConfigError, match="missing key 'algorithm'"):
+        load_config(None, ["algorithms=v", "variants.v.mu=1"])
+    with pytest.raises(ConfigError, match="variants: prox-strong"):
+        load_config(None, ["algorithms=nope", "variants.prox-strong.algorithm=fedprox"])
