@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""WarmFed-Sim command line: `run`, `list`, `partition`.
+"""WarmFed-Sim command line: `run`, `list`, `partition`, `sweep`.
 
     python run_sim.py run                                   # the embedded default comparison
     python run_sim.py run --config cfg.yaml --set rounds=10 --set algorithms=fedavg,warmfed
     python run_sim.py run --resume results/<run_id>         # continue an interrupted run
     python run_sim.py list                                  # algorithms, datasets, partition schemes
     python run_sim.py partition --config cfg.yaml           # build/find the partition, print its stats
+    python run_sim.py sweep --config cfg.yaml --grid algorithms=fedavg,warmfed --grid num_clients=10,100 \
+        --grid seed=0,1,2 [--name NAME]                     # every cell of the grid; rerun to resume
 """
 
 from __future__ import annotations
@@ -81,6 +83,21 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sim.report import markdown_table
+    from sim.sweep import run_sweep
+
+    result = run_sweep(args.config, args.set, args.grid, args.name, note=lambda text: print(text, flush=True))
+    if not result.summary.empty:
+        print(markdown_table(result.summary))
+    print(f"\nsweep:   {result.sweep.dir}")
+    print(f"results: {result.sweep.results_path}")
+    print(f"summary: {result.summary_path}")
+    for path in result.plots:
+        print(f"plot:    {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_sim.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     part = sub.add_parser("partition", help="build or find the partition and print its statistics")
     _add_config_args(part)
     part.set_defaults(func=cmd_partition)
+    sweep = sub.add_parser("sweep", help="run every cell of a grid of config values (rerun to resume)")
+    _add_config_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a config key and its values; cells are the cartesian product of all --grid keys")
+    sweep.add_argument("--name", help="sweep name (default: a hash of --config, --set and --grid); "
+                       "the same name resumes, skipping finished cells")
+    sweep.set_defaults(func=cmd_sweep)
     args = parser.parse_args(argv)
 
     from sim.errors import USER_ERRORS
@@ -100,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        cause = getattr(exc, "cause", None) or exc  # an error raised inside a Ray actor: show the original
+        print(f"error: {cause}", file=sys.stderr)
         return 2
 
 

@@ -180,6 +180,21 @@ class WarmFed(Algorithm):
     Params = WarmFedParams
     stateful = True
 
+    def __init__(self, params: WarmFedParams, run: Any) -> None:
+        super().__init__(params, run)
+        if params.backbone == "stable-diffusion":
+            self._check_sd_path(params.sd_model)
+
+    @staticmethod
+    def _check_sd_path(model: str) -> None:
+        """Fail in the driver, before any actor starts, when a local backbone folder is missing."""
+        from algorithms.warmfed.diffusion import BackboneError
+
+        path = Path(model).expanduser()
+        looks_like_path = path.is_absolute() or model.startswith((".", "~")) or len(path.parts) > 2
+        if looks_like_path and not path.exists():
+            raise BackboneError(f"backbone path does not exist: {path} (algo.warmfed.sd_model)")
+
     # ----- warm-start phases ---------------------------------------------------------------
     def setup_phases(self) -> list[SetupPhase]:
         return [
