@@ -1,3 +1,6 @@
 """Baseline methods; importing the package registers them all."""
 
-from baselines import fedavg, fedavg_ft, fedprox, local  # noqa: F401
+from baselines import (  # noqa: F401
+    apfl, ditto, fedala, fedavg, fedavg_ft, fedbabu, fedbn, fedper, fedprox, fedrep, fedrod, lg_fedavg, local, moon,
+    per_fedavg, pfedme, scaffold,
+)
