@@ -88,6 +88,11 @@ class RunContext:
     dataset_name: str = ""
     dataset_params: dict[str, Any] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
+    holdout_clients: int = 0  # clients that never train (new-client evaluation only)
+
+    @property
+    def num_trainable(self) -> int:
+        return self.num_clients - self.holdout_clients
 
     def build_model(self) -> Classifier:
         return build_model(self.model_name, self.model_spec)

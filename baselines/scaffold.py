@@ -17,8 +17,7 @@ blow up, while the mean-gradient form stays the quantity option II estimates.
 Control variates exist for parameters only; BatchNorm running statistics are averaged as in
 FedAvg. Means are unweighted over the clients of the round, as in the paper (the server's c is
 then the mean of all N clients' c_i). Up: Δy, buffers, Δc; down: x and c.
-N is `run.num_clients`; with `holdout_clients` (clients that never train) the invariant holds for
-c = (N − H)/N · mean of the trainable clients' c_i, since the algorithm is not told H.
+N counts the clients that train (`run.num_trainable`: held-out clients never contribute a c_i).
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ class Scaffold(Algorithm):
         like.update({f"{CONTROL}{n}": torch.zeros_like(c[n]) for n in self.param_names})
         like.update({f"{BUFFER}{k}": v for k, v in x.items() if k not in c})
         mean = aggregator.mean(like)
-        share = aggregator.count / self.run.num_clients  # |S| / N
+        share = aggregator.count / self.run.num_trainable  # |S| / N (clients that train)
         weights = {k: mean[f"{BUFFER}{k}"] for k in x if k not in c}
         weights.update({n: x[n] + self.params.server_lr * mean[f"{DELTA}{n}"] for n in self.param_names})
         control = {n: c[n] + share * mean[f"{CONTROL}{n}"] for n in self.param_names}

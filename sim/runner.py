@@ -51,6 +51,21 @@ def new_run_id(cfg: RunConfig) -> str:
     return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{digest}"
 
 
+def claim_run_id(out: Path, cfg: RunConfig) -> str:
+    """A fresh run id whose directory this process creates: mkdir is atomic, so two runs started
+    in the same second with the same config (two jobs on one cluster) never share a directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = new_run_id(cfg)
+    for attempt in range(1, 1000):
+        run_id = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            (out / run_id).mkdir()
+            return run_id
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot create a new run directory under {out}")
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -81,8 +96,8 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     """Fix the run id and absolute paths, and write (or check, when resuming) the resolved config."""
     from dataclasses import replace
 
-    run_id = cfg.run_id or new_run_id(cfg)
     out = str(Path(cfg.out).resolve())
+    run_id = cfg.run_id or claim_run_id(Path(out), cfg)
     cache = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None
     cfg = replace(cfg, run_id=run_id, out=out, cache_dir=cache)
     run_dir = Path(out) / run_id
@@ -144,6 +159,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
                 dataset_name=cfg.dataset,
                 dataset_params=dict(cfg.data),
                 class_names=tuple(dataset.class_names),
+                holdout_clients=cfg.holdout_clients,
             )
             for name in names:
                 cls, params = algorithm_spec(cfg, name)
