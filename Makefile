@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench bench-scale bench-startup bench-all clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -18,6 +18,14 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/engine_vs_plain.py
+
+bench-scale: setup  # FedAvg at 100 / 1,000 / 10,000 clients: rounds/s, updates/s, peak RSS
+	$(PY) benchmarks/scale.py $(ARGS)
+
+bench-startup: setup  # seconds from `run_sim.py run` to the first client update
+	$(PY) benchmarks/startup.py $(ARGS)
+
+bench-all: bench bench-scale bench-startup
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -157,8 +157,28 @@ class ClientActor(ClientWorker):
 
     @ray.method(num_returns=2)
     def train(self, client_id: int, round: int, message: dict[str, Any], version: int):  # type: ignore[override]
+        _trace_first_train()
         return ClientWorker.train(self, client_id, round, message, version)
 
     @ray.method(num_returns=2)
     def run_setup_client(self, phase_index: int, client_id: int):  # type: ignore[override]
         return ClientWorker.run_setup_client(self, phase_index, client_id)
+
+
+FIRST_TRAIN_ENV = "WARMFED_SIM_FIRST_TRAIN_FILE"  # benchmarks/startup.py: where the first train call notes its start
+
+
+def _trace_first_train() -> None:
+    """If FIRST_TRAIN_ENV names a file, the first `train` call of the run (over all actors) writes the
+    wall clock into it: the start-up benchmark's "first client update" mark. Free when unset."""
+    import os
+
+    path = os.environ.get(FIRST_TRAIN_ENV)
+    if not path or os.path.exists(path):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except OSError:
+        return  # another actor was first
+    with os.fdopen(fd, "w") as f:
+        f.write(repr(time.time()))

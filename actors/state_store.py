@@ -18,10 +18,15 @@ import torch
 
 
 class ClientStateStore:
-    def __init__(self, root: str | Path, cache_size: int = 256) -> None:
+    def __init__(self, root: str | Path, cache_size: int = 256, cache_bytes: int = 64 << 20) -> None:
         self.root = Path(root)
         self.cache_size = cache_size
+        # Bounded in bytes too: with thousands of clients a client rarely comes back to the same actor
+        # soon, and 256 states of a larger model (a ResNet's are ~3 MB) would pin ~GBs per actor.
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._sizes: dict[tuple[int, int], int] = {}
+        self._held = 0
 
     def _path(self, client_id: int, version: int) -> Path:
         return self.root / f"{client_id // 1000:04d}" / f"{client_id}_r{version}.pt"
@@ -53,10 +58,29 @@ class ClientStateStore:
             v = int(old.stem.split("_r")[1])
             if v < previous:
                 old.unlink(missing_ok=True)
-                self._cache.pop((client_id, v), None)
+                self._forget((client_id, v))
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        if self._cache.pop(key, None) is not None:
+            self._held -= self._sizes.pop(key, 0)
 
     def _remember(self, key: tuple[int, int], state: Any) -> None:
+        self._forget(key)
         self._cache[key] = state
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._sizes[key] = _nbytes(state)
+        self._held += self._sizes[key]
+        while self._cache and (len(self._cache) > self.cache_size or self._held > self.cache_bytes):
+            self._forget(next(iter(self._cache)))
+
+
+def _nbytes(state: Any) -> int:
+    """Bytes of the tensors and arrays in a (nested) state."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if hasattr(state, "nbytes") and isinstance(getattr(state, "nbytes"), int):
+        return int(state.nbytes)
+    if isinstance(state, dict):
+        return sum(_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_nbytes(v) for v in state)
+    return 0

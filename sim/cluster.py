@@ -18,6 +18,8 @@ import ray
 
 from sim.config import RunConfig
 
+log = logging.getLogger(__name__)
+
 
 class ResourceError(RuntimeError):
     """The cluster cannot host the requested client actors."""
@@ -66,22 +68,34 @@ def plan_pool(cfg: RunConfig, available: dict[str, float] | None = None, total: 
                 f"client_resources.num_gpus={gpus_each} but the Ray cluster has no GPUs; "
                 "set client_resources.num_gpus to 0, or to 'auto' to use GPUs only where they exist"
             )
-    if res.num_cpus > cpus:
+    total_cpus = float(total.get("CPU", 0.0))
+    if res.num_cpus > total_cpus:
         raise ResourceError(
-            f"client_resources.num_cpus={res.num_cpus} but only {cpus:g} CPUs are free in the Ray cluster; "
-            "lower client_resources.num_cpus"
+            f"client_resources.num_cpus={res.num_cpus} but the Ray cluster has only {total_cpus:g} CPUs "
+            f"({cpus:g} free); lower client_resources.num_cpus"
         )
-    size = int(math.floor(cpus / res.num_cpus + 1e-9))
-    if gpus_each > 0:
-        size = min(size, int(math.floor(float(available.get("GPU", 0.0)) / gpus_each + 1e-9)))
-    size = min(size, cfg.num_clients)
+
+    def room(resources: dict[str, float]) -> int:
+        n = int(math.floor(float(resources.get("CPU", 0.0)) / res.num_cpus + 1e-9))
+        if gpus_each > 0:
+            n = min(n, int(math.floor(float(resources.get("GPU", 0.0)) / gpus_each + 1e-9)))
+        return n
+
+    free_now, ever = room(available), min(room(total), cfg.num_clients)
+    if ever < 1:
+        raise ResourceError("no client actor fits in the Ray cluster's resources")
     if cfg.ray.pool_size is not None:
-        if cfg.ray.pool_size > size:
+        if cfg.ray.pool_size > ever:
             raise ResourceError(
                 f"ray.pool_size={cfg.ray.pool_size} actors of {res.num_cpus} CPU / {gpus_each} GPU do not fit: "
-                f"the cluster has room for {size}"
+                f"the cluster has room for {ever}"
             )
         size = cfg.ray.pool_size
-    if size < 1:
-        raise ResourceError("no client actor fits in the Ray cluster's free resources")
+    else:
+        size = max(1, min(free_now, cfg.num_clients))
+    if size > free_now:
+        # Placeable, but other work (another run on a shared cluster) holds the resources now:
+        # the actors wait for them instead of failing the run.
+        log.warning("%d of %d client actors wait for resources held by other work on the Ray cluster",
+                    size - free_now, size)
     return PoolPlan(size=size, num_cpus=res.num_cpus, num_gpus=gpus_each)

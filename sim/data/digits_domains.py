@@ -39,6 +39,7 @@ class DigitsDomainsParams:
     public_fraction: float = 0.2
     seed: int = 0
     shift: int = 1
+    copies: int = 1  # renders of every client digit per domain (fresh shifts, colours, noise each)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
@@ -57,6 +58,8 @@ class DigitsDomainsParams:
             raise DatasetError(f"data.seed must be >= 0, got {self.seed}")
         if not 0 <= self.shift < self.image_size // 2:
             raise DatasetError(f"data.shift must be in [0, {self.image_size // 2 - 1}], got {self.shift}")
+        if self.copies < 1:
+            raise DatasetError(f"data.copies must be >= 1, got {self.copies}")
 
 
 @lru_cache(maxsize=1)
@@ -182,18 +185,25 @@ def render(gray: np.ndarray, domain: str, shift: int, rng: np.random.Generator) 
 
 @register_dataset(NAME, DigitsDomainsParams)
 def build_digits_domains(p: DigitsDomainsParams) -> ArrayDataset:
-    """Split source digits once into public/client, then render the client digits in every requested domain."""
+    """Split source digits once into public/client, then render the client digits in every requested domain.
+
+    `copies` > 1 renders each client digit that many times per domain (domain-major, then copy),
+    so large client counts get distinct samples: client digits (1,438 by default) × domains × copies.
+    """
     src, labels = _source_digits()
     pub_idx, cli_idx = stratified_holdout(labels, p.public_fraction, np.random.default_rng([p.seed, _SPLIT_STREAM]))
     gray = _upscale(src, p.image_size)
 
     parts = []
     for d in p.domains:
-        rng = np.random.default_rng([p.seed, _DOMAIN_STREAM[d]])
-        parts.append(render(gray[cli_idx], d, p.shift, rng))
-    n_cli = cli_idx.size
+        for copy in range(p.copies):
+            # Copy 0 uses the original stream (copies=1 is byte-identical to the single render);
+            # every further copy draws its own shifts, colours and noise from a stream of its own.
+            stream = [p.seed, _DOMAIN_STREAM[d]] + ([copy] if copy else [])
+            parts.append(render(gray[cli_idx], d, p.shift, np.random.default_rng(stream)))
+    n_cli = cli_idx.size * p.copies
     images = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    client_labels = np.tile(labels[cli_idx], len(p.domains))
+    client_labels = np.tile(labels[cli_idx], len(p.domains) * p.copies)
     domains = np.repeat(np.arange(len(p.domains), dtype=np.int64), n_cli)
 
     public = None
