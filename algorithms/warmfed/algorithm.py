@@ -49,7 +49,7 @@ class WarmFedParams:
     backbone: str = "tiny"
     sd_model: str | None = None  # stable-diffusion: a local diffusers folder (or a hub id in the local cache)
     prompt_template: str = "a photo of a {class_name}"
-    pretrain_steps: int = 1500  # tiny backbone pretraining on the public split (when no cached/committed one fits)
+    pretrain_steps: int | None = None  # None: the committed default backbone's config (no pretraining needed)
     # client personalization (one shot)
     personalize: bool = True
     lora_rank: int = 8
@@ -85,7 +85,9 @@ class WarmFedParams:
             raise ValueError("backbone 'stable-diffusion' needs sd_model: a local diffusers pipeline folder")
         if self.lora_rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got lora_rank={self.lora_rank}")
-        for name in ("lora_steps", "synth_per_class", "sampler_steps", "server_epochs", "pretrain_steps"):
+        if self.pretrain_steps is not None and self.pretrain_steps < 1:
+            raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
+        for name in ("lora_steps", "synth_per_class", "sampler_steps", "server_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dp_clip < 0 or self.dp_noise < 0:
@@ -141,8 +143,8 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
                     f"dataset {run.dataset_name!r} has no public split to pretrain the tiny backbone on; set "
                     "data.public_fraction (digits-domains) or data.public_domain, or use backbone=stable-diffusion"
                 )
-            cfg = TinyBackboneConfig(image_size=size, in_channels=c, num_classes=run.model_spec.num_classes,
-                                     train_steps=params.pretrain_steps)
+            steps = {} if params.pretrain_steps is None else {"train_steps": params.pretrain_steps}
+            cfg = TinyBackboneConfig(image_size=size, in_channels=c, num_classes=run.model_spec.num_classes, **steps)
             backbone, _, trained_now = get_or_pretrain_tiny_backbone(
                 Path(run.cache_dir), public.images, public.labels, cfg, public.fingerprint())
         if report is not None:
