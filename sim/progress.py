@@ -22,8 +22,8 @@ class Progress:
         self.enabled = enabled
 
     def bar(self, total: int, desc: str) -> Any:
-        if not self.enabled:
-            return _NullBar()
+        if not self.enabled or not sys.stderr.isatty():
+            return _NullBar()  # bars in a log file are noise; the per-round summary lines remain
         return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def note(self, message: str) -> None:
