@@ -44,6 +44,12 @@ from algorithms.warmfed.lora import (  # noqa: E402
 )
 from algorithms.warmfed.synthesis import save_sample_grid, synthesize  # noqa: E402
 
+# the domain test: a shorter client LoRA than the default (300 steps at batch 64) to stay quick
+LORA_TEST_CONFIG = LoraConfig(steps=200, batch_size=32)
+LORA_TEST_SAMPLER_STEPS = 20
+LORA_TEST_MIN_SHIFT = 0.25  # fraction of the way from the base samples' mean pixel to the data's
+LORA_TEST_MIN_FIDELITY = 0.4  # chance is 0.1; measured values are in the report
+
 TINY = TinyBackboneConfig(block_out_channels=(16, 32), train_steps=3, batch_size=8, warmup_steps=1)
 
 
@@ -146,6 +152,13 @@ def test_lora_upload_round_trip_only_lora_keys(tiny):
     back = LoraUpload.from_bytes(blob)
     assert back.config == cfg and back.backbone_fingerprint == tiny.fingerprint()
     assert back.state.keys() == up.state.keys() and all(torch.equal(back.state[k], up.state[k]) for k in up.state)
+    # applying loads exactly these tensors
+    from algorithms.warmfed.lora import _lora_state
+
+    with apply_lora(tiny, back) as personalized:
+        loaded = _lora_state(personalized.unet)
+        assert loaded.keys() == up.state.keys() and all(torch.equal(loaded[k], up.state[k]) for k in up.state)
+    assert tiny.unet.state_dict().keys() == before.keys()
     # DP option: clipped and noised, same keys
     priv = privatize_upload(up, clip_norm=0.1, noise_multiplier=0.0, seed=0)
     norm = sum(float(t.double().pow(2).sum()) for t in priv.state.values()) ** 0.5
@@ -284,3 +297,38 @@ def test_prompt_template_needs_class_name():
         StableDiffusionConfig(model="x", prompt_template="a photo in {domain} style")
     with pytest.raises(BackboneError, match="unknown slots"):
         StableDiffusionConfig(model="x", prompt_template="a {class_name} by {artist}")
+
+
+# --------------------------------------------------------------------------- domain capture
+def test_client_lora_moves_default_backbone_samples_to_its_domain(capsys):
+    """Fine-tune a client LoRA on 200 inverted digits (black on white) on the committed backbone."""
+    from sklearn.svm import SVC
+
+    from algorithms.warmfed.pretrain_default import _real_digits
+
+    bb = TinyBackbone.load(DEFAULT_ASSET_DIR)
+    inv, lab = _real_digits("inverted")
+    idx = np.random.default_rng(0).permutation(len(inv))
+    train, held = idx[:200], idx[200:]
+    judge = SVC(C=5.0).fit(inv[held][:, 0].reshape(len(held), -1), lab[held])  # real inverted digits
+    counts = np.full(10, 10)
+    before, y0 = synthesize(bb, np.full(10, 5), steps=LORA_TEST_SAMPLER_STEPS, seed=0)
+    t0 = time.perf_counter()
+    up = train_client_lora(bb, inv[train], lab[train], LORA_TEST_CONFIG)
+    lora_seconds = time.perf_counter() - t0
+    with apply_lora(bb, up) as personalized:
+        after, y = synthesize(personalized, counts, steps=LORA_TEST_SAMPLER_STEPS, seed=0)
+    assert y.tolist() == np.repeat(np.arange(10), 10).tolist()
+    target = float(inv[train].mean())
+    acc_before = float((judge.predict(before[:, 0].reshape(len(y0), -1)) == y0).mean())
+    acc_after = float((judge.predict(after[:, 0].reshape(len(y), -1)) == y).mean())
+    with capsys.disabled():
+        print(
+            f"\n[warmfed lora] mean pixel {before.mean():+.3f} -> {after.mean():+.3f} (inverted data {target:+.3f}); "
+            f"class fidelity (SVC on real inverted digits) {acc_after:.2f} "
+            f"(base samples: {acc_before:.2f}); LoRA {up.num_bytes} B vs backbone {bb.num_bytes()} B; "
+            f"{lora_seconds / LORA_TEST_CONFIG.steps:.3f} s/step"
+        )
+    shift = float(after.mean() - before.mean())
+    assert shift > LORA_TEST_MIN_SHIFT * (target - float(before.mean())), "the LoRA did not move the samples to its domain"
+    assert acc_after >= LORA_TEST_MIN_FIDELITY

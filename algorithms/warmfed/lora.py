@@ -36,10 +36,12 @@ __all__ = [
     "privatize_upload",
     "ATTENTION_TARGETS",
     "RESNET_CONV_TARGETS",
+    "IO_CONV_TARGETS",
 ]
 
 ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 RESNET_CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2")
+IO_CONV_TARGETS: tuple[str, ...] = ("conv_in", "conv_out")
 _ADAPTER = "warmfed_client"
 _FORMAT = "warmfed-lora/1"
 
@@ -50,16 +52,27 @@ class LoraMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA hyper-parameters of the client's one-shot personalization."""
+    """LoRA hyper-parameters of the client's one-shot personalization.
+
+    Defaults measured on the default tiny backbone with 200 inverted digits (the hardest
+    domain: every pixel changes sign). Attention-only LoRA, or any LoRA at lr <= 1e-3, moved
+    the mean pixel but left digits unreadable: a half-converged adapter sits between the two
+    polarities. Adapting attention + ResNet convs + conv_in/conv_out (full rank there, cheap)
+    at lr 2e-3 for 300 steps gave the best class fidelity measured (see the report).
+    """
 
     rank: int = 8
     alpha: float | None = None  # None: alpha = rank (scaling 1)
     target_modules: tuple[str, ...] = ATTENTION_TARGETS
     include_resnet_convs: bool = True  # also adapt the ResNet convs (conv1, conv2)
+    include_io_convs: bool = True  # also adapt the UNet's first and last conv (conv_in, conv_out)
+    # rank of the conv_in/conv_out LoRA (None: rank). 27 = 3 channels x 3x3 kernel: full rank
+    # for a 3-channel pixel-space UNet's conv_in, a few thousand parameters
+    io_rank: int | None = 27
     dropout: float = 0.0
     steps: int = 300
     batch_size: int = 64
-    lr: float = 3e-4
+    lr: float = 2e-3
     weight_decay: float = 0.0
     domain: str | None = None  # fills the prompt's {domain} slot (text-conditioned backbones)
     seed: int = 0
@@ -68,9 +81,11 @@ class LoraConfig:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if int(self.rank) != self.rank or self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.io_rank is not None and (int(self.io_rank) != self.io_rank or self.io_rank < 1):
+            raise ValueError(f"LoRA io_rank must be >= 1, got {self.io_rank}")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not self.target_modules and not self.include_resnet_convs:
+        if not self.target_modules and not self.include_resnet_convs and not self.include_io_convs:
             raise ValueError("LoRA needs at least one target module")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
@@ -84,14 +99,23 @@ class LoraConfig:
     @property
     def modules(self) -> tuple[str, ...]:
         mods = self.target_modules + (RESNET_CONV_TARGETS if self.include_resnet_convs else ())
+        mods += IO_CONV_TARGETS if self.include_io_convs else ()
         return tuple(dict.fromkeys(mods))
 
     def peft_config(self):
         from peft import LoraConfig as PeftLoraConfig
 
+        rank_pattern, alpha_pattern = {}, {}
+        if self.include_io_convs and self.io_rank is not None and self.io_rank != self.rank:
+            for name in IO_CONV_TARGETS:
+                rank_pattern[name] = int(self.io_rank)
+                # same scaling (alpha / r) as the other modules
+                alpha_pattern[name] = self.lora_alpha * self.io_rank / self.rank
         return PeftLoraConfig(
             r=int(self.rank),
             lora_alpha=self.lora_alpha,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
             target_modules=list(self.modules),
             lora_dropout=self.dropout,
             bias="none",

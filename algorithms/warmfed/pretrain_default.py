@@ -34,7 +34,7 @@ from algorithms.warmfed.diffusion import (
     pretrain_tiny_backbone,
 )
 
-__all__ = ["public_digits", "plain_digits_judge", "sample_class_accuracy", "main"]
+__all__ = ["public_digits", "plain_digits_judge", "all_domains_judge", "sample_class_accuracy", "main"]
 
 
 def _render_fallback(image_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,19 +81,35 @@ def _real_digits(domain: str = "plain") -> tuple[np.ndarray, np.ndarray]:
         return (-images if domain == "inverted" else images), labels
 
 
+def _features(images: np.ndarray) -> np.ndarray:
+    x = np.asarray(images, dtype=np.float32)
+    return x.reshape(len(x), -1)
+
+
 def plain_digits_judge(images: np.ndarray | None = None, labels: np.ndarray | None = None):
-    """An RBF-SVM on real digits (channel 0 pixels); labels samples to measure class fidelity."""
+    """An RBF-SVM on real digits (all pixels); labels samples to measure class fidelity."""
     from sklearn.svm import SVC
 
     if images is None:
         images, labels = _real_digits("plain")
-    x = np.asarray(images)[:, 0].reshape(len(images), -1)
-    return SVC(C=5.0).fit(x, labels)
+    return SVC(C=5.0).fit(_features(images), labels)
+
+
+def all_domains_judge():
+    """An RBF-SVM on real digits of every domain (for the photometrically augmented backbone)."""
+    try:
+        from sim.data import load_dataset
+
+        ds = load_dataset("digits-domains")
+        images, labels = np.asarray(ds.images), np.asarray(ds.labels)
+    except ImportError:
+        parts = [_real_digits(d) for d in ("plain", "inverted")]
+        images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return plain_digits_judge(images, labels)
 
 
 def sample_class_accuracy(judge, images: np.ndarray, labels: np.ndarray) -> float:
-    pred = judge.predict(np.asarray(images)[:, 0].reshape(len(images), -1))
-    return float((pred == np.asarray(labels)).mean())
+    return float((judge.predict(_features(images)) == np.asarray(labels)).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  step {step}/{total} loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     bb = pretrain_tiny_backbone(images, labels, cfg, progress, data_fingerprint=fp)
-    judge = plain_digits_judge()
+    judge = all_domains_judge() if cfg.augment == "photometric" else plain_digits_judge()
     y = np.arange(args.samples, dtype=np.int64) % cfg.num_classes
     metrics = {}
     for g in (1.0, DEFAULT_GUIDANCE_SCALE):
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"images_per_second_g{g:g}"] = round(len(y) / (time.perf_counter() - t), 1)
     metrics["sample_mean_pixel"] = round(float(x.mean()), 4)
     metrics["public_mean_pixel"] = round(float(images.mean()), 4)
-    bb.info.update(metrics, judge="sklearn SVC(C=5) on real plain digits (client split)", sampler="DDIM 25 steps")
+    bb.info.update(metrics, judge=f"sklearn SVC(C=5) on real {'digits of all domains' if cfg.augment == 'photometric' else 'plain digits'} (client split)", sampler="DDIM 25 steps")
     out = bb.save(args.out, dtype=getattr(torch, args.dtype))
     back = TinyBackbone.load(out, expected_key=cfg.key(fp))
     x = back.sample(y, steps=25, guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=1, batch_size=100)
