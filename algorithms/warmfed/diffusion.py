@@ -305,7 +305,28 @@ class TinyBackboneConfig:
         }
 
 
-class TinyBackbone:
+class _UNetBackbone:
+    """What both backbones share: a UNet that LoRA attaches to, identified by its base weights."""
+
+    _unet: torch.nn.Module
+    _fingerprint: str
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self._unet
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self._unet.parameters())
+
+    def num_bytes(self) -> int:
+        """Size of the UNet's base weights as held in memory."""
+        return sum(t.numel() * t.element_size() for t in self._unet.state_dict().values())
+
+
+class TinyBackbone(_UNetBackbone):
     """A pretrained tiny class-conditional UNet + its noise schedule + its config."""
 
     def __init__(
@@ -333,20 +354,6 @@ class TinyBackbone:
         self._fingerprint = _weights_fingerprint({"unet": self._unet})
 
     # -- interface -----------------------------------------------------------------
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self._unet
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self._unet.parameters())
-
-    def num_bytes(self) -> int:
-        """Size of the base weights as held in memory (fp32)."""
-        return sum(t.numel() * t.element_size() for t in self._unet.state_dict().values())
-
     @contextlib.contextmanager
     def use_domain(self, domain: str | None) -> Iterator[None]:
         yield  # class-conditional: no text prompt, the LoRA carries the domain
@@ -695,7 +702,7 @@ class StableDiffusionConfig:
         return " ".join(text.split())  # tidy the blanks an empty {domain} leaves
 
 
-class StableDiffusionBackbone:
+class StableDiffusionBackbone(_UNetBackbone):
     """Stable Diffusion parts driven with the same interface as :class:`TinyBackbone`."""
 
     def __init__(self, cfg: StableDiffusionConfig) -> None:
@@ -747,19 +754,6 @@ class StableDiffusionBackbone:
         self.name = f"stable-diffusion:{Path(src).name or src}-{self._fingerprint[:8]}"
         self._emb_cache: dict[str, torch.Tensor] = {}
         del pipe
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self._unet
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def num_parameters(self) -> int:
-        return sum(q.numel() for q in self._unet.parameters())
-
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._unet.state_dict().values())
 
     @contextlib.contextmanager
     def use_domain(self, domain: str | None) -> Iterator[None]:
