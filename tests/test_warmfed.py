@@ -99,6 +99,7 @@ def test_stable_diffusion_backbone_through_the_engine(ray_local, tmp_path):
         (["algo.warmfed.prompt_template=a photo"], ["prompt_template", "class_name"]),
         (["algo.warmfed.backbone=stable-diffusion"], ["sd_model"]),
         (["algo.warmfed.backbone=dalle"], ["backbone", "tiny"]),
+        (["algo.warmfed.round_lr=0"], ["round_lr", "> 0"]),
     ],
 )
 def test_bad_warmfed_config(items, words):

@@ -71,6 +71,7 @@ class WarmFedParams:
     server_batch_size: int = 64
     augment_shift: int = 1  # random ±pixels translation of synthetic images during fine-tuning
     # rounds: dynamic self-distillation
+    round_lr: float | None = None  # local learning rate in the rounds; None: train.lr
     dsd: bool = True
     dsd_tau: float = 2.0
     dsd_lambda0: float = 1.0
@@ -85,6 +86,8 @@ class WarmFedParams:
             raise ValueError("backbone 'stable-diffusion' needs sd_model: a local diffusers pipeline folder")
         if self.lora_rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got lora_rank={self.lora_rank}")
+        if self.round_lr is not None and self.round_lr <= 0:
+            raise ValueError(f"round_lr must be > 0, got {self.round_lr}")
         if self.pretrain_steps is not None and self.pretrain_steps < 1:
             raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
         for name in ("lora_steps", "synth_per_class", "sampler_steps", "server_epochs"):
@@ -309,9 +312,10 @@ class WarmFed(Algorithm):
             load_weights(teacher, message["weights"])
             n, bs = ctx.data.size("train"), ctx.train_cfg.batch_size
             total = ctx.train_cfg.local_epochs * math.ceil(n / bs)
-            metrics = local_sgd(ctx, ctx.model, loss_fn=DSDObjective(teacher, self.params.dsd_config(), total))
+            objective = DSDObjective(teacher, self.params.dsd_config(), total)
+            metrics = local_sgd(ctx, ctx.model, loss_fn=objective, lr=self.params.round_lr)
         else:
-            metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy)
+            metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy, lr=self.params.round_lr)
         trained = model_weights(ctx.model)
         update = ClientUpdate(ctx.client_id, trained, ctx.data.size("train"), metrics)
         return update, {"personal": trained}
