@@ -58,7 +58,7 @@ def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
     variants = [
         "variants.warmfed-nolora.algorithm=warmfed", "variants.warmfed-nolora.personalize=false",
         "variants.warmfed-plain.algorithm=warmfed", "variants.warmfed-plain.server_finetune=false",
-        "variants.warmfed-plain.dsd=false",
+        "variants.warmfed-plain.dsd=false", "variants.warmfed-plain.round_lr=0.05",  # = train.lr, as FedAvg
     ]
     cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,warmfed-nolora,warmfed-plain",
                                             *TINY, *variants))
