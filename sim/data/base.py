@@ -109,3 +109,17 @@ class ArrayDataset:
             f"ArrayDataset({self.name!r}, n={len(self)}, image_shape={self.image_shape}, "
             f"classes={self.num_classes}, domains={list(self.domain_names)}{pub})"
         )
+
+
+def require_path(path: str | None, dataset: str, layout: str, *, directory: bool = True) -> "Path":
+    """The dataset's root as a Path, or a DatasetError saying what is missing and the layout expected."""
+    from pathlib import Path
+
+    if path is None:
+        raise DatasetError(f"data.path is required for dataset {dataset!r} ({layout})")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DatasetError(f"dataset path does not exist: {root}")
+    if directory and not root.is_dir():
+        raise DatasetError(f"dataset path is not a directory: {root} ({layout})")
+    return root

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.data.assemble import make_dataset
-from sim.data.base import ArrayDataset, DatasetError
+from sim.data.base import ArrayDataset, DatasetError, require_path
 from sim.data.images import resize_nchw, uint8_to_float
 from sim.data.registry import register_dataset
 
@@ -69,13 +69,7 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @register_dataset(NAME, Cifar10Params)
 def build_cifar10(p: Cifar10Params) -> ArrayDataset:
-    if p.path is None:
-        raise DatasetError(f"data.path is required for dataset {NAME!r} ({LAYOUT})")
-    root = Path(p.path).expanduser()
-    if not root.exists():
-        raise DatasetError(f"dataset path does not exist: {root}")
-    if not root.is_dir():
-        raise DatasetError(f"dataset path is not a directory: {root} ({LAYOUT})")
+    root = require_path(p.path, NAME, LAYOUT)
     wanted = list(TRAIN_FILES) + ([TEST_FILE] if p.include_test_batch else []) + [META_FILE]
     missing = [f for f in wanted if not (root / f).is_file()]
     if missing:

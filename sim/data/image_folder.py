@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from sim.data.assemble import encode_values, make_dataset
-from sim.data.base import ArrayDataset, DatasetError
+from sim.data.base import ArrayDataset, DatasetError, require_path
 from sim.data.images import IMAGE_EXTENSIONS, decode_image, is_image_file, stack_images
 from sim.data.registry import register_dataset
 
@@ -79,13 +79,7 @@ def _cap(entries: list[tuple[str, str, Path]], k: int | None) -> list[tuple[str,
 
 @register_dataset(NAME, ImageFolderParams)
 def build_image_folder(p: ImageFolderParams) -> ArrayDataset:
-    if p.path is None:
-        raise DatasetError(f"data.path is required for dataset {NAME!r} ({LAYOUT})")
-    root = Path(p.path).expanduser()
-    if not root.exists():
-        raise DatasetError(f"dataset path does not exist: {root}")
-    if not root.is_dir():
-        raise DatasetError(f"dataset path is not a directory: {root} ({LAYOUT})")
+    root = require_path(p.path, NAME, LAYOUT)
     entries = _cap(scan(root), p.max_per_class)
     if not entries:
         raise DatasetError(f"no images found under {root}; {LAYOUT}")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.data.assemble import encode_values, make_dataset
-from sim.data.base import ArrayDataset, DatasetError
+from sim.data.base import ArrayDataset, DatasetError, require_path
 from sim.data.images import decode_image, stack_images
 from sim.data.registry import register_dataset
 
@@ -84,11 +84,7 @@ def _values(col: pa.ChunkedArray, name: str, source: str) -> list:
 
 @register_dataset(NAME, ParquetParams)
 def build_parquet(p: ParquetParams) -> ArrayDataset:
-    if p.path is None:
-        raise DatasetError(f"data.path is required for dataset {NAME!r} ({LAYOUT})")
-    root = Path(p.path).expanduser()
-    if not root.exists():
-        raise DatasetError(f"dataset path does not exist: {root}")
+    root = require_path(p.path, NAME, LAYOUT, directory=False)  # a file or a folder of files
     files = _files(root)
     source = str(root)
 
