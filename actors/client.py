@@ -17,6 +17,7 @@ import torch
 
 from actors.state_store import ClientStateStore
 from algorithms.base import Algorithm, ClientContext, ClientData, RunContext, load_weights, model_weights
+from sim.memory import peak_rss_mb, reset_peak
 from sim.training import evaluate, local_sgd
 
 SPLITS = ("train", "val", "test")
@@ -70,6 +71,7 @@ class ClientWorker:
 
     def train(self, client_id: int, round: int, message: dict[str, Any], version: int) -> tuple[Any, dict[str, Any]]:
         start = time.perf_counter()
+        reset_peak()
         algo = self.algorithm
         ctx = self.context(client_id, round)
         state = self.store.load(client_id, version) if algo.stateful else None
@@ -83,15 +85,18 @@ class ClientWorker:
             "version": new_version,
             "bytes_up": update.nbytes,
             "seconds": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb(),
             **update.metrics,
         }
         return update, info
 
     def run_setup_client(self, phase_index: int, client_id: int) -> tuple[Any, dict[str, Any]]:
         start = time.perf_counter()
+        reset_peak()
         phase = self.algorithm.setup_phases()[phase_index]
         upload = phase.client(self.context(client_id, -1))
-        info = {"client_id": client_id, "bytes_up": phase.upload_nbytes(upload), "seconds": time.perf_counter() - start}
+        info = {"client_id": client_id, "bytes_up": phase.upload_nbytes(upload), "seconds": time.perf_counter() - start,
+                "peak_rss_mb": peak_rss_mb()}
         return upload, info
 
     def evaluate_new_clients(

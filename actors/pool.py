@@ -39,8 +39,7 @@ class ActorPool:
         self._make_actor = make_actor
         self.actors = [make_actor() for _ in range(size)]
         self.inflight = inflight
-        self._setup_calls: list[tuple[str, tuple, dict]] = []
-        ray.get([a.ping.remote() for a in self.actors])
+        self._setup_calls: list[tuple[str, tuple, dict]] = []  # actors start in the background; the first call waits
 
     @property
     def size(self) -> int:

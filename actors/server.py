@@ -2,7 +2,9 @@
 
 The driver never holds model weights: it passes ObjectRefs from client tasks to `fold`, and
 the broadcast this actor returns goes to the object store once per round, from where every
-client actor reads it.
+client actor reads it. One server actor serves every (algorithm, seed) run of a comparison in
+turn (`configure` starts a run afresh): its process start-up (importing torch) is paid once,
+and it overlaps with the client actors' start-up.
 """
 
 from __future__ import annotations
@@ -16,19 +18,23 @@ import ray
 import torch
 
 from algorithms.base import Aggregator, Algorithm, RunContext, ServerContext, model_weights
+from sim.memory import peak_rss_mb, reset_peak
 
 
 class ServerWorker:
-    def __init__(self, algorithm: Algorithm, run: RunContext, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def configure(self, algorithm: Algorithm, run: RunContext) -> bool:
+        """Start one (algorithm, seed) run: fresh global state, nothing kept from the previous run."""
         self.algorithm = algorithm
         self.run = run
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(run.seed)
         self.state: dict[str, Any] = algorithm.init_server_state(model_weights(run.build_model()))
         self.aggregator: Aggregator | None = None
         self._uploads: list[Any] = []
-        self.phase_metrics: dict[str, float] = {}
+        return True
 
     def broadcast(self) -> dict[str, Any]:
         return self.algorithm.broadcast(self.state)
@@ -61,9 +67,11 @@ class ServerWorker:
         ctx = ServerContext(self.run, self.device, report, Path(self.run.run_dir) / "artifacts")
         ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
+        reset_peak()
         uploads, self._uploads = self._uploads, []
         self.state = phase.server(ctx, self.state, uploads)
         metrics.setdefault("server_s", time.perf_counter() - start)
+        metrics["server_peak_rss_mb"] = peak_rss_mb()
         return metrics
 
     # ----- checkpoints ---------------------------------------------------------------------

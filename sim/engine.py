@@ -20,7 +20,6 @@ import numpy as np
 import ray
 
 from actors.pool import ActorPool, Task
-from actors.server import ServerActor
 from algorithms.base import Algorithm, RunContext
 from sim.config import RunConfig
 from sim.progress import Progress
@@ -76,6 +75,7 @@ class Simulation:
         partition: Any,
         partition_ref: Any,
         pool: ActorPool,
+        server: Any,
         results: ResultsWriter,
         progress: Progress,
     ) -> None:
@@ -85,6 +85,7 @@ class Simulation:
         self.partition = partition
         self.partition_ref = partition_ref
         self.pool = pool
+        self.server = server
         self.results = results
         self.progress = progress
         self.name = algorithm.name
@@ -114,8 +115,10 @@ class Simulation:
         loaded = self.checkpoints.load()
         if loaded is not None and loaded[1]:
             return  # finished in an earlier (interrupted) invocation of this comparison
-        server = ServerActor.options(num_cpus=0).remote(self.algorithm, self.run)
+        server = self.server
+        configured = server.configure.remote(self.algorithm, self.run)
         self.pool.setup("configure", self.algorithm, self.partition_ref, self.run, str(self.state_dir))
+        ray.get(configured)
         if loaded is None:
             self.results.drop_run(self.name, self.seed)
             versions = np.full(self.run.num_clients, -1, dtype=np.int64)
@@ -144,7 +147,6 @@ class Simulation:
                 self.checkpoints.save(r, server, versions, done=last)
             if os.environ.get(CRASH_ENV) == str(r):
                 os._exit(17)
-        ray.kill(server)
 
     # ------------------------------------------------------------------------------------
     def _setup_phases(self, server: Any) -> list[Row]:
@@ -153,6 +155,7 @@ class Simulation:
         for index, phase in enumerate(self.algorithm.setup_phases()):
             start = time.perf_counter()
             bytes_up = 0
+            client_peak = 0.0
             if phase.client is not None:
                 tasks = [
                     Task(cid, float(self.train_sizes[cid]),
@@ -162,9 +165,11 @@ class Simulation:
                 bar = self.progress.bar(len(tasks), f"{self.name} · {phase.name}")
                 for _, ref, info in self._in_client_order(tasks, lambda ref: server.collect.remote(ref)):
                     bytes_up += int(info["bytes_up"])
+                    client_peak = max(client_peak, float(info["peak_rss_mb"]))
                     rows.append((info["client_id"], "run", f"{phase.name}/client_s", info["seconds"]))
                     bar.update(1)
                 bar.close()
+                rows.append((RUN_LEVEL, "run", f"{phase.name}/client_peak_rss_mb", client_peak))
             metrics = ray.get(server.run_setup_server.remote(index))
             rows.append((RUN_LEVEL, "run", f"{phase.name}/bytes_up", float(bytes_up)))
             rows.append((RUN_LEVEL, "run", f"{phase.name}/wall_s", time.perf_counter() - start))
@@ -198,11 +203,13 @@ class Simulation:
         ]
         rows: list[Row] = []
         bytes_up = 0
+        peak = 0.0
         bar = self.progress.bar(len(tasks), f"{self.name} · round {r}/{self.run.rounds}")
         for _, _, info in self._in_client_order(tasks, lambda ref: server.fold.remote(ref)):
             cid = int(info["client_id"])
             versions[cid] = int(info["version"])
             bytes_up += int(info["bytes_up"])
+            peak = max(peak, float(info["peak_rss_mb"]))
             rows.append((cid, "train", "train_loss", info["train_loss"]))
             bar.update(1)
         bar.close()
@@ -211,6 +218,7 @@ class Simulation:
             (RUN_LEVEL, "run", "bytes_up", float(bytes_up)),
             (RUN_LEVEL, "run", "bytes_down", float(down_each * len(selected))),
             (RUN_LEVEL, "run", "clients", float(len(selected))),
+            (RUN_LEVEL, "run", "client_peak_rss_mb", peak),
             (RUN_LEVEL, "run", "train_s", time.perf_counter() - start),
         ]
         return rows

@@ -12,9 +12,13 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA = pa.schema(
     [
@@ -31,6 +35,18 @@ SCHEMA = pa.schema(
 
 Row = tuple[int, str, str, float]  # (client_id, split, metric, value)
 RUN_LEVEL = -1  # client_id of run-level rows (bytes, wall time, phase costs)
+
+# Metrics that measure the machine (seconds, rates, MiB) rather than the method: they differ
+# between identical runs, so reproducibility checks compare everything but these.
+MEASUREMENT_SUFFIXES = ("_s", "per_s", "_mb")
+
+
+def outcome_frame(run_dir: str | Path, ignore: Sequence[str] = ()) -> "pd.DataFrame":
+    """A run's metrics without machine measurements (or the extra `ignore` suffixes), in a fixed
+    row order: two runs with the same config and seed must give equal frames."""
+    df = read_metrics(run_dir).to_pandas()
+    df = df[~df.metric.str.endswith((*MEASUREMENT_SUFFIXES, *ignore))].drop(columns="run_id")
+    return df.sort_values(["algorithm", "seed", "round", "client_id", "split", "metric"]).reset_index(drop=True)
 
 
 class ResultsWriter:

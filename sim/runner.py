@@ -24,6 +24,7 @@ import ray
 
 from actors.client import ClientActor
 from actors.pool import ActorPool
+from actors.server import ServerActor
 from algorithms.base import RunContext
 from sim.cluster import connect, plan_pool
 from sim.config import RunConfig, algorithm_spec, dump_config, load_config, run_algorithms
@@ -137,7 +138,9 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
         manifest["ray_address"] = cfg.ray.address or "local"
         progress.note(f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each)")
         dataset_ref = ray.put(dataset)
+        # Both start in the background (their processes import torch) while partitions are built.
         pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)
+        server = ServerActor.options(num_cpus=0).remote()
         spec = ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1], cfg.model.width)
         manifest["partitions"] = {}
         for seed in cfg.seeds:
@@ -167,10 +170,10 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
                 algorithm.name = name  # a variant reports under its own name
                 Simulation(
                     algorithm=algorithm, run=run_ctx, cfg=cfg, partition=partition, partition_ref=partition_ref,
-                    pool=pool, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,
+                    pool=pool, server=server, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,
                 ).execute()
         ResultsWriter(run_dir, cfg.run_id).consolidate()
-        for actor in pool.actors:
+        for actor in [*pool.actors, server]:
             ray.kill(actor)
     finally:
         if started_ray:

@@ -12,7 +12,7 @@ import pytest
 
 import run_sim
 from sim.engine import CRASH_ENV
-from sim.results import read_metrics
+from sim.results import outcome_frame, read_metrics
 from tests.conftest import small_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +91,6 @@ def _cli(args, env_extra=None):
                           capture_output=True, text=True, timeout=600)
 
 
-def _values(run_dir) -> pd.DataFrame:
-    df = read_metrics(run_dir).to_pandas()
-    df = df[~df.metric.str.endswith("_s")].drop(columns="run_id")
-    return df.sort_values(["algorithm", "seed", "round", "client_id", "split", "metric"]).reset_index(drop=True)
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     items = small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=3")
@@ -110,5 +104,5 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = _cli(["run", *_sets(items + ["run_id=straight"])])
     assert straight.returncode == 0, straight.stderr[-2000:]
-    pd.testing.assert_frame_equal(_values(run_dir), _values(tmp_path / "results" / "straight"))
+    pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
     assert "results:" in resumed.stdout and "report:" in resumed.stdout

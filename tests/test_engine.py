@@ -9,18 +9,9 @@ import torch
 
 from sim.cluster import ResourceError, plan_pool
 from sim.config import load_config
-from sim.results import read_metrics
+from sim.results import outcome_frame, read_metrics
 from sim.runner import run_comparison
 from tests.conftest import small_overrides
-
-TIMING = ("_s",)
-
-
-def _metrics(run_dir) -> pd.DataFrame:
-    df = read_metrics(run_dir).to_pandas()
-    df = df[~df.metric.str.endswith(TIMING)]
-    return df.sort_values(["algorithm", "seed", "round", "client_id", "split", "metric"]).reset_index(drop=True)
-
 
 def test_same_seed_same_metrics_with_1_and_4_actors(ray_local, tmp_path):
     runs = []
@@ -28,15 +19,15 @@ def test_same_seed_same_metrics_with_1_and_4_actors(ray_local, tmp_path):
         cfg = load_config(None, small_overrides(
             tmp_path, "algorithms=fedavg,local", f"ray.pool_size={pool}",
             f"client_resources.num_cpus={cpus}", f"run_id=pool{pool}"))
-        runs.append(_metrics(run_comparison(cfg).run_dir))
+        runs.append(outcome_frame(run_comparison(cfg).run_dir))
     a, b = runs
     assert len(a) > 0 and set(a.metric) >= {"global_acc", "personal_acc", "bytes_up", "bytes_down", "train_loss"}
-    pd.testing.assert_frame_equal(a.drop(columns="run_id"), b.drop(columns="run_id"))
+    pd.testing.assert_frame_equal(a, b)
 
 
 def test_fedprox_with_mu_zero_equals_fedavg(ray_local, tmp_path):
     cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,fedprox", "algo.fedprox.mu=0.0", "rounds=1"))
-    df = _metrics(run_comparison(cfg).run_dir)
+    df = outcome_frame(run_comparison(cfg).run_dir)
     fedavg = df[df.algorithm == "fedavg"].drop(columns="algorithm").reset_index(drop=True)
     fedprox = df[df.algorithm == "fedprox"].drop(columns="algorithm").reset_index(drop=True)
     pd.testing.assert_frame_equal(fedavg, fedprox)
@@ -61,6 +52,8 @@ def test_results_layout_and_rows(ray_local, tmp_path):
     assert float(up.value.iloc[0]) > 0
     local_up = run_rows[(run_rows.algorithm == "local") & (run_rows.metric == "bytes_up")]
     assert float(local_up.value.sum()) == 0.0  # Local-only never communicates
+    peak = run_rows[(run_rows.metric == "client_peak_rss_mb") & (run_rows["round"] == 1)]
+    assert len(peak) == 2 and (peak.value > 50).all()  # a client actor holds torch and a model: tens of MiB at least
     assert "global_acc" not in set(df[df.algorithm == "local"].metric)
     report = (run_dir / "report.md").read_text()
     assert "fedavg" in report and "personal acc" in report

@@ -7,7 +7,7 @@ import pytest
 
 import run_sim
 from sim.config import ConfigError, load_config
-from sim.results import read_metrics
+from sim.results import outcome_frame, read_metrics
 from sim.runner import run_comparison
 from tests.conftest import small_overrides
 
@@ -20,12 +20,6 @@ TINY = [
 ]
 
 
-def _values(run_dir) -> pd.DataFrame:
-    df = read_metrics(run_dir).to_pandas()
-    df = df[~df.metric.str.endswith(("_s", "per_s", "pretrained_now"))].drop(columns="run_id")
-    return df.sort_values(["algorithm", "seed", "round", "client_id", "split", "metric"]).reset_index(drop=True)
-
-
 @pytest.mark.slow
 def test_warmfed_phases_bytes_and_determinism(ray_local, tmp_path):
     runs = []
@@ -33,13 +27,15 @@ def test_warmfed_phases_bytes_and_determinism(ray_local, tmp_path):
         cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed", *TINY, f"ray.pool_size={pool}",
                                                 f"client_resources.num_cpus={cpus}", f"run_id=wf{pool}"))
         runs.append(run_comparison(cfg).run_dir)
-    a, b = (_values(d) for d in runs)
+    a, b = (outcome_frame(d, ignore=("pretrained_now",)) for d in runs)
     pd.testing.assert_frame_equal(a, b)  # same seed → same numbers, whatever the pool size
 
     df = read_metrics(runs[0]).to_pandas()
     run = df[df.client_id == -1].set_index("metric").value
     for phase in ("backbone", "lora", "synthesis", "server_finetune"):
         assert f"{phase}/wall_s" in run.index
+        assert run[f"{phase}/server_peak_rss_mb"] > 50  # every phase reports its own peak memory
+    assert run["lora/client_peak_rss_mb"] > 50
     lora_bytes, backbone_bytes = run["lora/lora_bytes_per_client"], run["backbone/backbone_bytes"]
     assert 0 < lora_bytes < 0.25 * backbone_bytes
     # Only LoRA tensors (+ 10 int32 class counts) travel up in the one-shot phase.

@@ -1,0 +1,35 @@
+"""Per-phase peak memory of one process, without a sampling thread.
+
+Linux keeps a resettable high-water mark of resident memory (VmHWM): writing "5" to
+/proc/self/clear_refs resets it, so each phase (a LoRA fine-tune, a synthesis, a round's
+client update) reports its own peak instead of the process's lifetime peak. Elsewhere the
+current RSS at the end of the phase is the best cheap stand-in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak() -> None:
+    """Start a new peak window for this process (a no-op where the kernel cannot reset it)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last `reset_peak` (MiB)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss / 2**20
