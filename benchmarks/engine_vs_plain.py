@@ -6,6 +6,14 @@ Prints wall time and peak memory of each and the ratio engine/plain (target ≤ 
 cores: the engine spreads clients over both cores, the plain loop is one process with torch's
 default threads). Both do identical work: same data, partition, model, local epochs, and the
 global model evaluated on every client's val and test splits each round.
+
+Two wall-time ratios, because they answer different questions:
+- whole run: from the call to the results, Ray start-up, actor start-up and shutdown included
+  (what a user waits for on a small job);
+- rounds: the training rounds 1..R only, each side timed from its own round clock (what grows
+  with the job: rounds, clients, epochs). Round 1 carries each actor's first backward pass.
+Memory: the summed RSS counts the torch libraries once per process; PSS shares those pages
+among the processes that map them, so the engine's PSS is its real footprint.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,23 +35,32 @@ import torch  # noqa: E402
 
 
 class PeakRss:
-    """Samples the summed RSS of this process and its children (Ray's workers) every 50 ms."""
+    """Samples the summed RSS (every 50 ms) and, with `pss=True`, the summed PSS (every 250 ms:
+    reading smaps is slower) of this process and its children (Ray's workers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pss: bool = False) -> None:
         self.peak = 0
+        self.peak_pss = 0
+        self._pss = pss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
+        tick = 0
         while not self._stop.is_set():
-            total = 0
+            total = total_pss = 0
+            want_pss = self._pss and tick % 5 == 0
             for p in [me, *me.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
+                    if want_pss:
+                        total_pss += p.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, total_pss)
+            tick += 1
             time.sleep(0.05)
 
     def __enter__(self) -> "PeakRss":
@@ -58,23 +76,35 @@ def overrides(args: argparse.Namespace, out: str) -> list[str]:
     return [
         "algorithms=fedavg", f"num_clients={args.clients}", f"clients_per_round={args.per_round}",
         f"rounds={args.rounds}", "partition.scheme=dirichlet", "partition.alpha=0.5", "partition.min_size=20",
+        f"train.local_epochs={args.local_epochs}", f"data.copies={args.copies}",
         "progress=false", f"out={out}", f"cache_dir={out}/cache", "run_id=bench",
     ]
 
 
-def run_engine(args: argparse.Namespace, out: str) -> tuple[float, int]:
+@dataclass
+class Measured:
+    wall: float  # whole run
+    rounds: float  # rounds 1..R
+    rss: int
+    pss: int
+
+
+def run_engine(args: argparse.Namespace, out: str) -> Measured:
     from sim.config import load_config
+    from sim.results import RUN_LEVEL, read_metrics
     from sim.runner import run_comparison
 
     cfg = load_config(None, overrides(args, out))
-    with PeakRss() as mem:
+    with PeakRss(pss=True) as mem:
         start = time.perf_counter()
-        run_comparison(cfg)
+        result = run_comparison(cfg)
         wall = time.perf_counter() - start
-    return wall, mem.peak
+    df = read_metrics(result.run_dir).to_pandas()
+    per_round = df[(df.client_id == RUN_LEVEL) & (df.metric == "wall_s") & (df["round"] > 0)]
+    return Measured(wall, float(per_round.value.sum()), mem.peak, mem.peak_pss)
 
 
-def run_plain(args: argparse.Namespace, out: str) -> tuple[float, int]:
+def run_plain(args: argparse.Namespace, out: str) -> Measured:
     """The overhead-free reference: one process, one model, the same clients and epochs."""
     import torch.nn.functional as F
 
@@ -105,6 +135,7 @@ def run_plain(args: argparse.Namespace, out: str) -> tuple[float, int]:
                 evaluate(model, *split(c, s))
 
     eval_all()
+    rounds_start = time.perf_counter()
     for _ in range(args.rounds):
         selected = np.sort(rng.choice(args.clients, size=args.per_round, replace=False))
         agg = Aggregator()
@@ -113,20 +144,19 @@ def run_plain(args: argparse.Namespace, out: str) -> tuple[float, int]:
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
             x, y = split(int(c), "train")
-            order = torch.randperm(len(y))
-            for s in range(0, len(y), cfg.train.batch_size):
-                idx = order[s:s + cfg.train.batch_size]
-                if len(idx) < 2:
-                    continue
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+            for _ in range(cfg.train.local_epochs):
+                order = torch.randperm(len(y))
+                for s in range(0, len(y), cfg.train.batch_size):
+                    idx = order[s:s + cfg.train.batch_size]
+                    opt.zero_grad()
+                    F.cross_entropy(model(x[idx]), y[idx]).backward()
+                    opt.step()
             agg.add(ClientUpdate(int(c), model_weights(model), float(len(y))))
         global_w = agg.mean(global_w)
         eval_all()
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return wall, peak
+    return Measured(end - start, end - rounds_start, peak, peak)
 
 
 def main() -> None:
@@ -134,17 +164,24 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--copies", type=int, default=1, help="data.copies: more samples per client")
     parser.add_argument("--only", choices=("engine", "plain"))
     args = parser.parse_args()
+    mib = 2**20
+    print(f"FedAvg, {args.clients} clients, {args.per_round}/round, {args.rounds} rounds, "
+          f"{args.local_epochs} local epoch(s), data.copies={args.copies}")
     with tempfile.TemporaryDirectory() as out:
         if args.only != "plain":
-            e_wall, e_mem = run_engine(args, out)
-            print(f"engine: {e_wall:7.1f} s  peak RSS (driver + Ray processes) {e_mem / 2**20:7.0f} MiB")
+            e = run_engine(args, out)
+            print(f"engine: whole run {e.wall:7.1f} s  rounds {e.rounds:6.1f} s  "
+                  f"peak RSS sum {e.rss / mib:6.0f} MiB  PSS sum {e.pss / mib:6.0f} MiB (driver + Ray processes)")
         if args.only != "engine":
-            p_wall, p_mem = run_plain(args, out)
-            print(f"plain : {p_wall:7.1f} s  peak RSS {p_mem / 2**20:7.0f} MiB")
+            p = run_plain(args, out)
+            print(f"plain : whole run {p.wall:7.1f} s  rounds {p.rounds:6.1f} s  peak RSS {p.rss / mib:6.0f} MiB")
         if args.only is None:
-            print(f"ratio engine/plain: wall {e_wall / p_wall:.2f}  memory {e_mem / p_mem:.2f}")
+            print(f"ratio engine/plain: wall {e.wall / p.wall:.2f} (rounds only {e.rounds / p.rounds:.2f})  "
+                  f"memory RSS {e.rss / p.rss:.2f} (PSS {e.pss / p.rss:.2f})")
 
 
 if __name__ == "__main__":
