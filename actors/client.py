@@ -18,7 +18,7 @@ import torch
 from actors.state_store import ClientStateStore
 from algorithms.base import Algorithm, ClientContext, ClientData, RunContext, load_weights, model_weights
 from sim.memory import peak_rss_mb, reset_peak
-from sim.training import evaluate, local_sgd
+from sim.training import evaluate, evaluate_segments, local_sgd
 
 SPLITS = ("train", "val", "test")
 
@@ -28,6 +28,9 @@ class ClientWorker:
 
     def __init__(self, dataset: Any, threads: int = 1) -> None:
         torch.set_num_threads(threads)  # fixed thread count: identical numbers whatever the pool size
+        # torch imports its compiler stack (~1 s) the first time an optimizer is built; pay that
+        # while the actor starts up rather than inside the first client update of round 1.
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.dataset = dataset
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray_gpu_ids() else "cpu")
         self.algorithm: Algorithm | None = None
@@ -119,31 +122,38 @@ class ClientWorker:
     def evaluate(
         self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int], batch_size: int
     ) -> list[tuple[int, str, str, float]]:
-        """(client_id, split, metric, value) rows for global and personalized accuracy."""
+        """(client_id, split, metric, value) rows for global and personalized accuracy.
+
+        The global model is scored on all these clients' val and test splits in one batched pass;
+        each personalized model on its own client's val and test splits together."""
         algo = self.algorithm
+        data = {cid: self.client_data(cid) for cid in client_ids}
+        global_scores = self._score(message.get("weights"), data, batch_size) if algo.has_global_model else {}
         rows: list[tuple[int, str, str, float]] = []
-        global_weights = message.get("weights")
         for client_id, version in zip(client_ids, versions):
             ctx = self.context(client_id, round)
             state = self.store.load(client_id, version) if algo.stateful else None
             personal = algo.personal_weights(ctx, message, state)
-            global_scores: dict[str, tuple[float, float, int]] = {}
-            if algo.has_global_model:
-                load_weights(ctx.model, global_weights)
-                for split in ("val", "test"):
-                    global_scores[split] = evaluate(ctx.model, ctx.data.x[split], ctx.data.y[split], batch_size)
-                    acc, loss, n = global_scores[split]
-                    rows += [(client_id, split, "global_acc", acc), (client_id, split, "global_loss", loss)]
-            if personal is not None:
-                load_weights(ctx.model, personal)
+            personal_scores = (
+                global_scores if personal is None else self._score(personal, {client_id: data[client_id]}, batch_size)
+            )
             for split in ("val", "test"):
-                acc, loss, n = (
-                    global_scores[split] if personal is None
-                    else evaluate(ctx.model, ctx.data.x[split], ctx.data.y[split], batch_size)
-                )
+                if algo.has_global_model:
+                    acc, loss, _ = global_scores[client_id, split]
+                    rows += [(client_id, split, "global_acc", acc), (client_id, split, "global_loss", loss)]
+                acc, loss, n = personal_scores[client_id, split]
                 rows += [(client_id, split, "personal_acc", acc), (client_id, split, "personal_loss", loss),
                          (client_id, split, "n", float(n))]
         return rows
+
+    def _score(self, weights: Any, data: dict[int, ClientData], batch_size: int) -> dict[tuple[int, str], Any]:
+        """{(client, split): (acc, loss, n)} of one set of weights on the val and test splits of `data`."""
+        load_weights(self.model, weights)
+        keys = [(cid, split) for cid in data for split in ("val", "test")]
+        x = torch.cat([data[cid].x[split] for cid, split in keys])
+        y = torch.cat([data[cid].y[split] for cid, split in keys])
+        lengths = [int(data[cid].y[split].shape[0]) for cid, split in keys]
+        return dict(zip(keys, evaluate_segments(self.model, x, y, lengths, batch_size)))
 
 
 def ray_gpu_ids() -> list:

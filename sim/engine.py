@@ -227,7 +227,7 @@ class Simulation:
         start = time.perf_counter()
         message = server.broadcast.remote()
         clients = self.eval_clients
-        chunks = np.array_split(clients, max(1, min(len(clients), self.pool.size * 4)))
+        chunks = eval_chunks(clients)
         test_sizes = self.partition.sizes("test") + self.partition.sizes("val")
         tasks = [
             Task(int(chunk[0]), float(test_sizes[chunk].sum()),
@@ -249,6 +249,16 @@ class Simulation:
         rows.append((RUN_LEVEL, "run", "eval_s", time.perf_counter() - start))
         self.progress.report_round(self.name, self.seed, r, rows)
         return rows
+
+
+def eval_chunks(clients: np.ndarray, tasks: int = 8, max_size: int = 32) -> list[np.ndarray]:
+    """Evaluation tasks: a chunk's clients share one batched pass under the global model, so the
+    chunks depend only on the clients (never on the pool size: the same batches, the same
+    numbers), about `tasks` of them to keep actors busy, at most `max_size` clients each."""
+    if len(clients) == 0:
+        return []
+    size = min(max_size, max(1, len(clients) // tasks))
+    return [clients[i:i + size] for i in range(0, len(clients), size)]
 
 
 def _twice(ref: Any) -> tuple[Any, Any]:
