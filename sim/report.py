@@ -89,12 +89,15 @@ def _fmt(values: pd.Series | None, scale: float = 1.0, digits: int = 3, spread: 
 
 
 def summary_table(df: pd.DataFrame, at: str = "selected") -> pd.DataFrame:
-    """One row per algorithm at the validation-selected round (`at="selected"`) or the last one (`"final"`)."""
+    """One row per algorithm at the validation-selected round (`at="selected"`), the last one
+    (`"final"`) or round 0 (`"start"`: after any one-shot warm start, before the rounds)."""
     acc = per_round_accuracy(df)
     if acc.empty:
         return pd.DataFrame()
     if at == "final":
         chosen = acc.loc[acc.groupby(["algorithm", "seed"])["round"].idxmax(), ["algorithm", "seed", "round"]]
+    elif at == "start":
+        chosen = acc.loc[acc["round"] == 0, ["algorithm", "seed", "round"]]
     else:
         chosen = selected_rounds(df)
     merged = chosen.merge(acc, on=["algorithm", "seed", "round"], how="left")
@@ -135,6 +138,29 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(dict.fromkeys(rows.phase))}
     table = table.reset_index().sort_values(["algorithm", "phase"], key=lambda c: c.map(order) if c.name == "phase" else c)
     return table.map(lambda v: f"{v:.4g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v))
+
+
+def warm_started(df: pd.DataFrame) -> list[str]:
+    """Algorithms with one-shot phases (round-0 `<phase>/...` rows), in run order."""
+    rows = df[(df.client_id == RUN_LEVEL) & (df["round"] == 0) & df.metric.str.contains("/", regex=False)]
+    return list(dict.fromkeys(rows.algorithm))
+
+
+def round_cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per algorithm, one training round's cost (rounds 1..R, mean over rounds and seeds): wall,
+    training and evaluation seconds, the largest client task's peak memory, MB up."""
+    run = df[(df.client_id == RUN_LEVEL) & (df["round"] >= 1)]
+    wanted = {"wall_s": "round s", "train_s": "train s", "eval_s": "eval s",
+              "client_peak_rss_mb": "client peak MiB", "bytes_up": "MB up"}
+    run = run[run.metric.isin(list(wanted))]
+    if run.empty:
+        return pd.DataFrame()
+    table = run.pivot_table(index="algorithm", columns="metric", values="value", aggfunc="mean")
+    if "bytes_up" in table:
+        table["bytes_up"] = table["bytes_up"] / 1e6
+    table = table.reindex(index=list(dict.fromkeys(run.algorithm)), columns=[c for c in wanted if c in table])
+    table = table.rename(columns=wanted).reset_index()
+    return table.map(lambda v: f"{v:.3g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v))
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -195,9 +221,18 @@ def write_report(run_dir: str | Path) -> Path:
         "one with the best validation accuracy, never chosen on test. Bytes include one-shot warm-start uploads.",
         "",
     ]
+    warm = warm_started(df)
+    if warm:
+        start = summary_table(df[df.algorithm.isin(warm)], at="start")
+        lines += ["## After the one-shot warm start (round 0, before any round)", "", markdown_table(start), ""]
     phases = phase_table(df)
     if not phases.empty:
-        lines += ["## Warm-start phases", "", markdown_table(phases), ""]
+        lines += ["## Warm-start phases", "",
+                  "Seconds, bytes and peak resident memory (MiB, the largest client task and the server) per "
+                  "phase; mean over seeds.", "", markdown_table(phases), ""]
+    costs = round_cost_table(df)
+    if not costs.empty:
+        lines += ["## Cost of one round", "", markdown_table(costs), ""]
     if not df.empty:
         plot_accuracy(df, plots / "accuracy.png")
         lines += ["## Accuracy per round", "", "![accuracy](plots/accuracy.png)", ""]
