@@ -56,7 +56,8 @@ def test_results_layout_and_rows(ray_local, tmp_path):
     assert len(peak) == 2 and (peak.value > 50).all()  # a client actor holds torch and a model: tens of MiB at least
     assert "global_acc" not in set(df[df.algorithm == "local"].metric)
     report = (run_dir / "report.md").read_text()
-    assert "fedavg" in report and "personal acc" in report
+    assert "fedavg" in report and "personal acc" in report and "Cost of one round" in report
+    assert "After the one-shot warm start" not in report  # no warm-started algorithm in this run
 
 
 @pytest.mark.slow

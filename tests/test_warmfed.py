@@ -43,7 +43,8 @@ def test_warmfed_phases_bytes_and_determinism(ray_local, tmp_path):
     assert run["synthesis/images"] > 0
     grids = list((runs[0] / "artifacts" / "warmfed" / "seed0").glob("client*.png"))
     assert len(grids) == 4
-    assert "Warm-start phases" in (runs[0] / "report.md").read_text()
+    report = (runs[0] / "report.md").read_text()
+    assert "Warm-start phases" in report and "After the one-shot warm start" in report
     # one-shot (round 0) and round-1 accuracies are both reported
     acc = df[(df.metric == "global_acc") & (df.split == "test")]
     assert sorted(set(acc["round"])) == [0, 1]
