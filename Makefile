@@ -17,7 +17,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: setup
-	$(PY) benchmarks/engine_vs_plain.py
+	$(PY) benchmarks/engine_vs_plain.py $(ARGS)
 
 bench-scale: setup  # FedAvg at 100 / 1,000 / 10,000 clients: rounds/s, updates/s, peak RSS
 	$(PY) benchmarks/scale.py $(ARGS)
