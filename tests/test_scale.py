@@ -63,14 +63,24 @@ def test_local_only_at_1000_clients(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_fedavg_at_10000_clients(ray_local, tmp_path):
+def test_fedavg_and_stateful_pfl_at_10000_clients(ray_local, tmp_path):
     """10,000 clients fit the built-in data with copies and a small minimum size; rounds touch only
-    their clients and evaluation a seeded subset."""
+    their clients and evaluation a seeded subset; stateful pFL (Ditto's personal models, FedRep's
+    heads) keeps state only for the clients that trained, on disk under the run."""
     cfg = load_config(None, small_overrides(
-        tmp_path, "algorithms=fedavg", "num_clients=10000", "clients_per_round=20", "rounds=2",
+        tmp_path, "algorithms=fedavg,ditto,fedrep", "num_clients=10000", "clients_per_round=20", "rounds=2",
         "partition.min_size=3", "data.copies=7", "eval.max_clients=50", "model.width=8"))
-    df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
-    assert df[df.metric == "train_loss"].groupby("round").client_id.nunique().to_dict() == {1: 20, 2: 20}
-    acc = df[(df.metric == "global_acc") & (df.split == "test")]
-    assert acc.groupby("round").client_id.nunique().to_dict() == {0: 50, 1: 50, 2: 50}
-    assert acc.client_id.max() > 1000  # the subset is drawn from all 10,000 clients
+    run_dir = run_comparison(cfg).run_dir
+    df = read_metrics(run_dir).to_pandas()
+    for algorithm in ("fedavg", "ditto", "fedrep"):
+        rows = df[df.algorithm == algorithm]
+        trained = rows[rows.metric == "train_loss"]
+        assert trained.groupby("round").client_id.nunique().to_dict() == {1: 20, 2: 20}
+        acc = rows[(rows.metric == "personal_acc") & (rows.split == "test")]
+        assert acc.groupby("round").client_id.nunique().to_dict() == {0: 50, 1: 50, 2: 50}
+        assert acc.client_id.max() > 1000  # the subset is drawn from all 10,000 clients
+        states = list((run_dir / "client_state" / algorithm / "seed0").rglob("*.pt"))
+        if algorithm == "fedavg":
+            assert not states
+        else:
+            assert {int(p.stem.split("_r")[0]) for p in states} == set(trained.client_id)
