@@ -59,7 +59,10 @@ def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
     ]
     cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,warmfed-nolora,warmfed-plain",
                                             *TINY, *variants))
-    df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
+    run_dir = run_comparison(cfg).run_dir
+    df = read_metrics(run_dir).to_pandas()
+    for variant in ("warmfed-nolora", "warmfed-plain"):  # each variant's sample grids, none overwritten
+        assert len(list((run_dir / "artifacts" / variant / "seed0").glob("client*.png"))) == 4
     run = df[df.client_id == -1]
 
     def value(algo, metric):

@@ -251,7 +251,7 @@ class WarmFed(Algorithm):
         backbone = load_backbone(self.params, self.run)
         images, labels = [], []
         start = time.perf_counter()
-        grid_dir = ctx.artifacts_dir / "warmfed" / f"seed{self.run.seed}"
+        grid_dir = ctx.artifacts_dir / self.name / f"seed{self.run.seed}"  # a variant keeps its own grids
         for client_id, upload in enumerate(state["_uploads"]):
             want = np.where(upload.class_counts > 0, self.params.synth_per_class, 0)
             scope = apply_lora(backbone, upload.lora) if upload.lora is not None else contextlib.nullcontext(backbone)
