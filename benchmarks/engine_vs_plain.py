@@ -34,9 +34,21 @@ import psutil  # noqa: E402  (a Ray dependency)
 import torch  # noqa: E402
 
 
+def _pss(process: psutil.Process) -> int:
+    """Proportional set size: the kernel's one-line sum (smaps_rollup), not psutil's full smaps
+    walk, which costs enough CPU on a 2-core machine to slow the run it measures."""
+    try:
+        for line in Path(f"/proc/{process.pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return process.memory_info().rss
+
+
 class PeakRss:
-    """Samples the summed RSS (every 50 ms) and, with `pss=True`, the summed PSS (every 250 ms:
-    reading smaps is slower) of this process and its children (Ray's workers)."""
+    """Samples the summed RSS (every 50 ms) and, with `pss=True`, the summed PSS (every 250 ms)
+    of this process and its children (Ray's workers)."""
 
     def __init__(self, pss: bool = False) -> None:
         self.peak = 0
@@ -55,7 +67,7 @@ class PeakRss:
                 try:
                     total += p.memory_info().rss
                     if want_pss:
-                        total_pss += p.memory_full_info().pss
+                        total_pss += _pss(p)
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
@@ -87,6 +99,7 @@ class Measured:
     rounds: float  # rounds 1..R
     rss: int
     pss: int
+    eval: float  # of `rounds`, the evaluation of every client after each round
 
 
 def run_engine(args: argparse.Namespace, out: str) -> Measured:
@@ -100,8 +113,9 @@ def run_engine(args: argparse.Namespace, out: str) -> Measured:
         result = run_comparison(cfg)
         wall = time.perf_counter() - start
     df = read_metrics(result.run_dir).to_pandas()
-    per_round = df[(df.client_id == RUN_LEVEL) & (df.metric == "wall_s") & (df["round"] > 0)]
-    return Measured(wall, float(per_round.value.sum()), mem.peak, mem.peak_pss)
+    run = df[(df.client_id == RUN_LEVEL) & (df["round"] > 0)]
+    rounds, evals = (float(run[run.metric == m].value.sum()) for m in ("wall_s", "eval_s"))
+    return Measured(wall, rounds, mem.peak, mem.peak_pss, evals)
 
 
 def run_plain(args: argparse.Namespace, out: str) -> Measured:
@@ -128,13 +142,18 @@ def run_plain(args: argparse.Namespace, out: str) -> Measured:
         idx = np.sort(partition.client_indices(c, s))
         return torch.from_numpy(data.images[idx]), torch.from_numpy(data.labels[idx])
 
+    eval_seconds = [0.0]
+
     def eval_all() -> None:
+        began = time.perf_counter()
         load_weights(model, global_w)
         for c in range(args.clients):
             for s in ("val", "test"):
                 evaluate(model, *split(c, s))
+        eval_seconds[0] += time.perf_counter() - began
 
     eval_all()
+    eval_seconds[0] = 0.0
     rounds_start = time.perf_counter()
     for _ in range(args.rounds):
         selected = np.sort(rng.choice(args.clients, size=args.per_round, replace=False))
@@ -156,7 +175,7 @@ def run_plain(args: argparse.Namespace, out: str) -> Measured:
         eval_all()
     end = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return Measured(end - start, end - rounds_start, peak, peak)
+    return Measured(end - start, end - rounds_start, peak, peak, eval_seconds[0])
 
 
 def main() -> None:
@@ -174,11 +193,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         if args.only != "plain":
             e = run_engine(args, out)
-            print(f"engine: whole run {e.wall:7.1f} s  rounds {e.rounds:6.1f} s  "
+            print(f"engine: whole run {e.wall:7.1f} s  rounds {e.rounds:6.1f} s (eval {e.eval:5.1f})  "
                   f"peak RSS sum {e.rss / mib:6.0f} MiB  PSS sum {e.pss / mib:6.0f} MiB (driver + Ray processes)")
         if args.only != "engine":
             p = run_plain(args, out)
-            print(f"plain : whole run {p.wall:7.1f} s  rounds {p.rounds:6.1f} s  peak RSS {p.rss / mib:6.0f} MiB")
+            print(f"plain : whole run {p.wall:7.1f} s  rounds {p.rounds:6.1f} s (eval {p.eval:5.1f})  "
+                  f"peak RSS {p.rss / mib:6.0f} MiB")
         if args.only is None:
             print(f"ratio engine/plain: wall {e.wall / p.wall:.2f} (rounds only {e.rounds / p.rounds:.2f})  "
                   f"memory RSS {e.rss / p.rss:.2f} (PSS {e.pss / p.rss:.2f})")
