@@ -1,0 +1,38 @@
+"""The benchmark scripts still run (their figures are read by people, so a broken script would
+go unnoticed until someone needs it): each at a toy size, checking the lines it prints."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_engine_vs_plain_prints_both_ratios():
+    out = _run("engine_vs_plain.py", "--clients", "12", "--per-round", "4", "--rounds", "2")
+    match = re.search(r"ratio engine/plain: wall ([\d.]+) \(rounds only ([\d.]+)\)\s+memory RSS ([\d.]+) \(PSS ([\d.]+)\)", out)
+    assert match, out
+    assert all(float(v) > 0 for v in match.groups())
+
+
+@pytest.mark.slow
+def test_scale_prints_a_row_per_algorithm_and_scale():
+    out = _run("scale.py", "--scales", "50:5", "--rounds", "1", "--eval-clients", "10", "--copies", "1",
+               "--algorithms", "fedavg,ditto")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["fedavg"], ["ditto"])]
+    assert [r[0] for r in rows] == ["fedavg", "ditto"], out
+    state_mib = {r[0]: float(r[-1]) for r in rows}
+    assert state_mib["fedavg"] == 0.0 and state_mib["ditto"] > 0.0  # Ditto keeps personal models on disk
