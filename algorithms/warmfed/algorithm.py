@@ -54,7 +54,10 @@ class WarmFedParams:
     personalize: bool = True
     lora_rank: int = 8
     lora_steps: int = 100
-    lora_lr: float = 3e-4
+    # LoraConfig's measured rate (class fidelity on inverted digits). At 3e-4 the 100-step adapter
+    # was half-converged: on the benchmark (3 seeds) 2e-3 lifted the one-shot global accuracy on
+    # every seed (0.646 ± 0.020 -> 0.686 ± 0.020) at the same cost.
+    lora_lr: float = 2e-3
     lora_batch_size: int = 32
     lora_resnet_convs: bool = True
     dp_clip: float = 0.0  # > 0: clip the LoRA upload's L2 norm and add Gaussian noise (dp_noise × dp_clip)
