@@ -61,15 +61,16 @@ class ClientWorker:
             y[split] = torch.from_numpy(self.dataset.labels[idx])
         return ClientData(x, y)
 
-    def context(self, client_id: int, round: int) -> ClientContext:
+    def context(self, client_id: int, round: int, data: ClientData | None = None) -> ClientContext:
         """A fresh context; resident models are reset to the shared init so that nothing a previous
-        client left in them can leak into this one (results must not depend on who ran before)."""
+        client left in them can leak into this one (results must not depend on who ran before).
+        `data`: the client's splits when the caller has already gathered them."""
         load_weights(self.model, self.init_weights)
         for model in self._scratch.values():
             load_weights(model, self.init_weights)
         return ClientContext(
-            client_id, round, self.run, self.client_data(client_id), self.model, self._scratch_model, self.device,
-            public=self.dataset.public,
+            client_id, round, self.run, data if data is not None else self.client_data(client_id), self.model,
+            self._scratch_model, self.device, public=self.dataset.public,
         )
 
     def train(self, client_id: int, round: int, message: dict[str, Any], version: int) -> tuple[Any, dict[str, Any]]:
@@ -131,7 +132,7 @@ class ClientWorker:
         global_scores = self._score(message.get("weights"), data, batch_size) if algo.has_global_model else {}
         rows: list[tuple[int, str, str, float]] = []
         for client_id, version in zip(client_ids, versions):
-            ctx = self.context(client_id, round)
+            ctx = self.context(client_id, round, data[client_id])
             state = self.store.load(client_id, version) if algo.stateful else None
             personal = algo.personal_weights(ctx, message, state)
             personal_scores = (

@@ -127,9 +127,14 @@ def summary_table(df: pd.DataFrame, at: str = "selected") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _phase_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Run-level round-0 rows named `<phase>/<metric>`: what one-shot phases report."""
+    return df[(df.client_id == RUN_LEVEL) & (df["round"] == 0) & df.metric.str.contains("/", regex=False)]
+
+
 def phase_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per algorithm and one-shot phase (round 0 rows named `<phase>/<metric>`): mean over seeds."""
-    rows = df[(df.client_id == RUN_LEVEL) & (df["round"] == 0) & df.metric.str.contains("/", regex=False)]
+    """Per algorithm and one-shot phase: mean over seeds."""
+    rows = _phase_rows(df)
     if rows.empty:
         return pd.DataFrame()
     split = rows.metric.str.split("/", n=1, expand=True)
@@ -141,9 +146,8 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def warm_started(df: pd.DataFrame) -> list[str]:
-    """Algorithms with one-shot phases (round-0 `<phase>/...` rows), in run order."""
-    rows = df[(df.client_id == RUN_LEVEL) & (df["round"] == 0) & df.metric.str.contains("/", regex=False)]
-    return list(dict.fromkeys(rows.algorithm))
+    """Algorithms with one-shot phases, in run order."""
+    return list(dict.fromkeys(_phase_rows(df).algorithm))
 
 
 def round_cost_table(df: pd.DataFrame) -> pd.DataFrame:
