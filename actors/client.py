@@ -94,6 +94,26 @@ class ClientWorker:
         }
         return update, info
 
+    def train_many(
+        self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int]
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """Train several clients in turn (one task, one round trip) and fold their updates here.
+
+        Returns (partial aggregate, one info per client): the server merges one partial per task
+        instead of deserializing and adding every client's update. An algorithm whose server needs
+        each update alone (`partial_aggregator()` is None) gets the list of updates instead."""
+        partial = self.algorithm.partial_aggregator()
+        updates = []
+        infos = []
+        for client_id, version in zip(client_ids, versions):
+            update, info = self.train(client_id, round, message, version)
+            if partial is not None:
+                partial.add(update)
+            else:
+                updates.append(update)
+            infos.append(info)
+        return (partial if partial is not None else updates), infos
+
     def run_setup_client(self, phase_index: int, client_id: int) -> tuple[Any, dict[str, Any]]:
         start = time.perf_counter()
         reset_peak()
@@ -172,20 +192,20 @@ class ClientActor(ClientWorker):
         return True
 
     @ray.method(num_returns=2)
-    def train(self, client_id: int, round: int, message: dict[str, Any], version: int):  # type: ignore[override]
+    def train_many(self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int]):  # type: ignore[override]
         _trace_first_train()
-        return ClientWorker.train(self, client_id, round, message, version)
+        return ClientWorker.train_many(self, client_ids, round, message, versions)
 
     @ray.method(num_returns=2)
     def run_setup_client(self, phase_index: int, client_id: int):  # type: ignore[override]
         return ClientWorker.run_setup_client(self, phase_index, client_id)
 
 
-FIRST_TRAIN_ENV = "WARMFED_SIM_FIRST_TRAIN_FILE"  # benchmarks/startup.py: where the first train call notes its start
+FIRST_TRAIN_ENV = "WARMFED_SIM_FIRST_TRAIN_FILE"  # benchmarks/startup.py: where the first training task notes its start
 
 
 def _trace_first_train() -> None:
-    """If FIRST_TRAIN_ENV names a file, the first `train` call of the run (over all actors) writes the
+    """If FIRST_TRAIN_ENV names a file, the first training task of the run (over all actors) writes the
     wall clock into it: the start-up benchmark's "first client update" mark. Free when unset."""
     import os
 

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import torch
 
-from algorithms.base import Aggregator, Algorithm, RunContext, ServerContext, model_weights
+from algorithms.base import Aggregator, Algorithm, ClientUpdate, RunContext, ServerContext, model_weights
 from sim.memory import peak_rss_mb, reset_peak
 
 
@@ -45,8 +45,13 @@ class ServerWorker:
     def begin_round(self) -> None:
         self.aggregator = self.algorithm.new_aggregator(self.state)
 
-    def fold(self, update: Any) -> None:
-        self.aggregator.add(update)
+    def fold(self, item: Aggregator | list[ClientUpdate]) -> None:
+        """One training task's result: a client actor's partial aggregate, or its updates one by one."""
+        if isinstance(item, Aggregator):
+            self.aggregator.merge(item)
+        else:
+            for update in item:
+                self.aggregator.add(update)
 
     def finish_round(self) -> dict[str, float]:
         self.state = self.algorithm.finish_round(self.state, self.aggregator)

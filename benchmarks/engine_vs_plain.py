@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +46,15 @@ def _pss(process: psutil.Process) -> int:
     return process.memory_info().rss
 
 
+def _process_label(process: psutil.Process) -> str:
+    """A short name for a Ray process: the actor class (ray::ClientActor) or the daemon's script."""
+    name = process.name()
+    if name.startswith("ray::") or name in ("gcs_server", "raylet"):
+        return name
+    script = next((Path(a).stem for a in process.cmdline()[1:] if a.endswith(".py")), name)
+    return f"ray {script}"
+
+
 class PeakRss:
     """Samples the summed RSS (every 50 ms) and, with `pss=True`, the summed PSS (every 250 ms)
     of this process and its children (Ray's workers)."""
@@ -53,6 +62,7 @@ class PeakRss:
     def __init__(self, pss: bool = False) -> None:
         self.peak = 0
         self.peak_pss = 0
+        self.breakdown: dict[str, int] = {}  # process name -> PSS, at the summed-PSS peak
         self._pss = pss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,15 +73,20 @@ class PeakRss:
         while not self._stop.is_set():
             total = total_pss = 0
             want_pss = self._pss and tick % 5 == 0
+            by_name: dict[str, int] = {}
             for p in [me, *me.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
                     if want_pss:
-                        total_pss += _pss(p)
+                        pss = _pss(p)
+                        total_pss += pss
+                        name = "driver" if p.pid == me.pid else _process_label(p)
+                        by_name[name] = by_name.get(name, 0) + pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            self.peak_pss = max(self.peak_pss, total_pss)
+            if total_pss > self.peak_pss:
+                self.peak_pss, self.breakdown = total_pss, by_name
             tick += 1
             time.sleep(0.05)
 
@@ -100,6 +115,7 @@ class Measured:
     rss: int
     pss: int
     eval: float  # of `rounds`, the evaluation of every client after each round
+    breakdown: dict[str, int] = field(default_factory=dict)  # PSS per process at the peak (engine)
 
 
 def run_engine(args: argparse.Namespace, out: str) -> Measured:
@@ -115,7 +131,7 @@ def run_engine(args: argparse.Namespace, out: str) -> Measured:
     df = read_metrics(result.run_dir).to_pandas()
     run = df[(df.client_id == RUN_LEVEL) & (df["round"] > 0)]
     rounds, evals = (float(run[run.metric == m].value.sum()) for m in ("wall_s", "eval_s"))
-    return Measured(wall, rounds, mem.peak, mem.peak_pss, evals)
+    return Measured(wall, rounds, mem.peak, mem.peak_pss, evals, mem.breakdown)
 
 
 def run_plain(args: argparse.Namespace, out: str) -> Measured:
@@ -195,6 +211,8 @@ def main() -> None:
             e = run_engine(args, out)
             print(f"engine: whole run {e.wall:7.1f} s  rounds {e.rounds:6.1f} s (eval {e.eval:5.1f})  "
                   f"peak RSS sum {e.rss / mib:6.0f} MiB  PSS sum {e.pss / mib:6.0f} MiB (driver + Ray processes)")
+            print("        PSS at the peak: " + ", ".join(
+                f"{name} {size / mib:.0f}" for name, size in sorted(e.breakdown.items(), key=lambda kv: -kv[1])))
         if args.only != "engine":
             p = run_plain(args, out)
             print(f"plain : whole run {p.wall:7.1f} s  rounds {p.rounds:6.1f} s (eval {p.eval:5.1f})  "
