@@ -13,13 +13,18 @@ Two wall-time ratios, because they answer different questions:
 - rounds: the training rounds 1..R only, each side timed from its own round clock (what grows
   with the job: rounds, clients, epochs). Round 1 carries each actor's first backward pass.
 Memory: the summed RSS counts the torch libraries once per process; PSS shares those pages
-among the processes that map them, so the engine's PSS is its real footprint.
+among the processes that map them, so the engine's PSS is its real footprint. Each side runs in
+a fresh interpreter (a process's peak RSS is a lifetime maximum). The last line gives the
+engine's extra fixed cost and the job size from which the engine's whole run is the faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402  (a Ray dependency)
 import torch  # noqa: E402
+
+
+JSON_MARK = "MEASURED "
 
 
 def _pss(process: psutil.Process) -> int:
@@ -194,6 +202,40 @@ def run_plain(args: argparse.Namespace, out: str) -> Measured:
     return Measured(end - start, end - rounds_start, peak, peak, eval_seconds[0])
 
 
+def break_even(e: Measured, p: Measured) -> str:
+    """The engine's extra fixed cost (Ray and actor start-up, shutdown) and the job size from which
+    its faster rounds pay for it: whole-run ratio ≤ 1 once the plain rounds take longer than
+    fixed / (1 - rounds ratio), e.g. with more rounds, clients or local epochs."""
+    fixed = (e.wall - e.rounds) - (p.wall - p.rounds)
+    ratio = e.rounds / p.rounds
+    if ratio >= 1:
+        return f"engine fixed cost {fixed:.1f} s; its rounds are not faster here, so no break-even"
+    return (f"engine fixed cost {fixed:.1f} s more than plain; rounds ratio {ratio:.2f}: the whole run is "
+            f"faster through the engine once the plain rounds take over {fixed / (1 - ratio):.0f} s")
+
+
+def measure_in_fresh_process(side: str, argv: list[str]) -> Measured:
+    """Run one side in its own interpreter: a process's peak RSS is a lifetime maximum, so a side
+    measured after the other in the same process would carry the other's leftovers."""
+    done = subprocess.run([sys.executable, __file__, *argv, "--only", side, "--json"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the {side} side failed:\n{done.stderr[-3000:]}")
+    line = next(ln for ln in reversed(done.stdout.splitlines()) if ln.startswith(JSON_MARK))
+    return Measured(**json.loads(line[len(JSON_MARK):]))
+
+
+def describe(side: str, m: Measured) -> str:
+    mib = 2**20
+    if side == "plain":
+        return (f"plain : whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
+                f"peak RSS {m.rss / mib:6.0f} MiB")
+    return (f"engine: whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
+            f"peak RSS sum {m.rss / mib:6.0f} MiB  PSS sum {m.pss / mib:6.0f} MiB (driver + Ray processes)\n"
+            "        PSS at the peak (MiB): " + ", ".join(
+                f"{name} {size / mib:.0f}" for name, size in sorted(m.breakdown.items(), key=lambda kv: -kv[1])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=100)
@@ -201,25 +243,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--copies", type=int, default=1, help="data.copies: more samples per client")
-    parser.add_argument("--only", choices=("engine", "plain"))
+    parser.add_argument("--only", choices=("engine", "plain"), help="measure one side, in this process")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    mib = 2**20
+    if args.only:
+        with tempfile.TemporaryDirectory() as out:
+            m = run_engine(args, out) if args.only == "engine" else run_plain(args, out)
+        print(describe(args.only, m))
+        if args.json:
+            print(JSON_MARK + json.dumps(dataclasses.asdict(m)))
+        return
     print(f"FedAvg, {args.clients} clients, {args.per_round}/round, {args.rounds} rounds, "
-          f"{args.local_epochs} local epoch(s), data.copies={args.copies}")
-    with tempfile.TemporaryDirectory() as out:
-        if args.only != "plain":
-            e = run_engine(args, out)
-            print(f"engine: whole run {e.wall:7.1f} s  rounds {e.rounds:6.1f} s (eval {e.eval:5.1f})  "
-                  f"peak RSS sum {e.rss / mib:6.0f} MiB  PSS sum {e.pss / mib:6.0f} MiB (driver + Ray processes)")
-            print("        PSS at the peak: " + ", ".join(
-                f"{name} {size / mib:.0f}" for name, size in sorted(e.breakdown.items(), key=lambda kv: -kv[1])))
-        if args.only != "engine":
-            p = run_plain(args, out)
-            print(f"plain : whole run {p.wall:7.1f} s  rounds {p.rounds:6.1f} s (eval {p.eval:5.1f})  "
-                  f"peak RSS {p.rss / mib:6.0f} MiB")
-        if args.only is None:
-            print(f"ratio engine/plain: wall {e.wall / p.wall:.2f} (rounds only {e.rounds / p.rounds:.2f})  "
-                  f"memory RSS {e.rss / p.rss:.2f} (PSS {e.pss / p.rss:.2f})")
+          f"{args.local_epochs} local epoch(s), data.copies={args.copies}; each side in a fresh process")
+    argv = [f"--clients={args.clients}", f"--per-round={args.per_round}", f"--rounds={args.rounds}",
+            f"--local-epochs={args.local_epochs}", f"--copies={args.copies}"]
+    e = measure_in_fresh_process("engine", argv)
+    print(describe("engine", e))
+    p = measure_in_fresh_process("plain", argv)
+    print(describe("plain", p))
+    print(f"ratio engine/plain: wall {e.wall / p.wall:.2f} (rounds only {e.rounds / p.rounds:.2f})  "
+          f"memory RSS {e.rss / p.rss:.2f} (PSS {e.pss / p.rss:.2f})")
+    print(break_even(e, p))
 
 
 if __name__ == "__main__":
