@@ -63,12 +63,23 @@ def _process_label(process: psutil.Process) -> str:
     return f"ray {script}"
 
 
+def _is_ray(process: psutil.Process) -> bool:
+    """A process of a running Ray (daemons and workers), for runs attached to it."""
+    try:
+        name = process.name()
+        return name.startswith("ray::") or name in ("gcs_server", "raylet") or any(
+            "site-packages/ray/" in arg for arg in process.cmdline()[1:2])
+    except psutil.Error:
+        return False
+
+
 class PeakRss:
     """Samples the summed RSS (every 100 ms) and, with `pss=True`, the summed PSS (every 500 ms)
     of this process and its children (Ray's workers). The process list is refreshed every
     500 ms: walking /proc that often is what made the sampler cost the run it measures ~10 %."""
 
-    def __init__(self, pss: bool = False) -> None:
+    def __init__(self, pss: bool = False, whole_ray: bool = False) -> None:
+        self._whole_ray = whole_ray  # also every Ray process on the machine (attached to a running Ray)
         self.peak = 0
         self.peak_pss = 0
         self.breakdown: dict[str, int] = {}  # process name -> PSS, at the summed-PSS peak
@@ -84,6 +95,8 @@ class PeakRss:
             slow_tick = tick % 5 == 0
             if slow_tick:
                 processes = [me, *me.children(recursive=True)]
+                if self._whole_ray:
+                    processes += [p for p in psutil.process_iter() if p.pid != me.pid and _is_ray(p)]
             want_pss = self._pss and slow_tick
             total = total_pss = 0
             by_name: dict[str, int] = {}
@@ -118,6 +131,7 @@ def overrides(args: argparse.Namespace, out: str) -> list[str]:
         f"rounds={args.rounds}", "partition.scheme=dirichlet", "partition.alpha=0.5", "partition.min_size=20",
         f"train.local_epochs={args.local_epochs}", f"data.copies={args.copies}",
         "progress=false", f"out={out}", f"cache_dir={out}/cache", "run_id=bench",
+        *([f"ray.address={args.ray_address}"] if args.ray_address else []),
     ]
 
 
@@ -137,7 +151,7 @@ def run_engine(args: argparse.Namespace, out: str) -> Measured:
     from sim.runner import run_comparison
 
     cfg = load_config(None, overrides(args, out))
-    with PeakRss(pss=True) as mem:
+    with PeakRss(pss=True, whole_ray=bool(args.ray_address)) as mem:
         start = time.perf_counter()
         result = run_comparison(cfg)
         wall = time.perf_counter() - start
@@ -248,6 +262,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--copies", type=int, default=1, help="data.copies: more samples per client")
+    parser.add_argument("--ray-address", help="attach the engine to a running Ray (e.g. 'auto' after "
+                        "`ray start --head`): no Ray start-up or shutdown in its whole run")
     parser.add_argument("--only", choices=("engine", "plain"), help="measure one side, in this process")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -259,9 +275,11 @@ def main() -> None:
             print(JSON_MARK + json.dumps(dataclasses.asdict(m)))
         return
     print(f"FedAvg, {args.clients} clients, {args.per_round}/round, {args.rounds} rounds, "
-          f"{args.local_epochs} local epoch(s), data.copies={args.copies}; each side in a fresh process")
+          f"{args.local_epochs} local epoch(s), data.copies={args.copies}; each side in a fresh process"
+          + (f"; engine attached to the Ray at {args.ray_address}" if args.ray_address else ""))
     argv = [f"--clients={args.clients}", f"--per-round={args.per_round}", f"--rounds={args.rounds}",
-            f"--local-epochs={args.local_epochs}", f"--copies={args.copies}"]
+            f"--local-epochs={args.local_epochs}", f"--copies={args.copies}",
+            *([f"--ray-address={args.ray_address}"] if args.ray_address else [])]
     e = measure_in_fresh_process("engine", argv)
     print(describe("engine", e))
     p = measure_in_fresh_process("plain", argv)
