@@ -95,14 +95,16 @@ class ClientWorker:
         return update, info
 
     def train_many(
-        self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int]
+        self, client_ids: list[int], start: int, round: int, message: dict[str, Any], versions: list[int]
     ) -> tuple[Any, list[dict[str, Any]]]:
-        """Train several clients in turn (one task, one round trip) and fold their updates here.
+        """Train a run of the round's clients (positions start, start+1, ...) in one task, and sum
+        their updates here.
 
         Returns (partial aggregate, one info per client): the server merges one partial per task
-        instead of deserializing and adding every client's update. An algorithm whose server needs
-        each update alone (`partial_aggregator()` is None) gets the list of updates instead."""
-        partial = self.algorithm.partial_aggregator()
+        instead of deserializing and adding every client's update (the sum is the same whatever
+        the cut, see algorithms/aggregation.py). An algorithm whose server needs each update alone
+        (`partial_aggregator` returns None) gets the list of updates instead."""
+        partial = self.algorithm.partial_aggregator(start)
         updates = []
         infos = []
         for client_id, version in zip(client_ids, versions):
@@ -192,9 +194,10 @@ class ClientActor(ClientWorker):
         return True
 
     @ray.method(num_returns=2)
-    def train_many(self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int]):  # type: ignore[override]
+    def train_many(self, client_ids: list[int], start: int, round: int, message: dict[str, Any],  # type: ignore[override]
+                   versions: list[int]):
         _trace_first_train()
-        return ClientWorker.train_many(self, client_ids, round, message, versions)
+        return ClientWorker.train_many(self, client_ids, start, round, message, versions)
 
     @ray.method(num_returns=2)
     def run_setup_client(self, phase_index: int, client_id: int):  # type: ignore[override]

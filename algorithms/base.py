@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from algorithms.aggregation import Aggregator
 from sim.config import TrainConfig
 from sim.models import Classifier, ModelSpec, build_model
 
@@ -189,52 +190,6 @@ class ServerContext:
         return self.run.build_model().to(self.device)
 
 
-class Aggregator:
-    """Streaming weighted mean of client payloads, folded in client-id order (reproducible sums).
-
-    Client actors fold the updates of one task into a partial aggregator and send that up
-    instead of each update; the server `merge`s the partials in task order. Fewer, larger
-    messages: the server deserializes and adds one float64 sum per task, not one per client.
-    """
-
-    def __init__(self) -> None:
-        self._sum: Weights = {}
-        self._total = 0.0
-        self.count = 0
-
-    def add(self, update: ClientUpdate) -> None:
-        w = float(update.weight)
-        for key, value in update.payload.items():
-            contrib = value.detach().to(torch.float64) * w
-            if key in self._sum:
-                self._sum[key] += contrib
-            else:
-                self._sum[key] = contrib
-        self._total += w
-        self.count += 1
-
-    def merge(self, other: "Aggregator") -> None:
-        """Fold in a partial aggregate (sums of other clients), as if its updates were added here."""
-        for key, value in other._sum.items():
-            if key in self._sum:
-                self._sum[key] += value
-            else:
-                self._sum[key] = value.clone()
-        self._total += other._total
-        self.count += other.count
-
-    def mean(self, like: Mapping[str, torch.Tensor]) -> Weights:
-        """The weighted mean cast back to the dtypes of `like`; keys nobody sent keep `like`'s value."""
-        out: Weights = {}
-        for key, ref in like.items():
-            if key in self._sum and self._total > 0:
-                avg = self._sum[key] / self._total
-                out[key] = avg.round().to(ref.dtype) if not ref.is_floating_point() else avg.to(ref.dtype)
-            else:
-                out[key] = ref.clone()
-        return out
-
-
 class Algorithm(ABC):
     """Base class: FedAvg's behaviour unless overridden, so a new method states only what differs."""
 
@@ -287,11 +242,12 @@ class Algorithm(ABC):
     def new_aggregator(self, state: dict[str, Any]) -> Aggregator:
         return Aggregator()
 
-    def partial_aggregator(self) -> Aggregator | None:
-        """What a client actor folds one task's updates into before they travel; the server merges it
-        into `new_aggregator`'s result. Return None when `finish_round` needs every update on its
-        own (a coordinate-wise median, say): the updates then travel one by one."""
-        return Aggregator()
+    def partial_aggregator(self, start: int) -> Aggregator | None:
+        """What a client actor folds one task's updates into before they travel (the task's clients
+        begin at position `start` of the round); the server merges it into `new_aggregator`'s
+        result. Return None when `finish_round` needs every update on its own (a coordinate-wise
+        median, say): the updates then travel one by one."""
+        return Aggregator(start)
 
     def finish_round(self, state: dict[str, Any], aggregator: Aggregator) -> dict[str, Any]:
         if aggregator.count == 0:

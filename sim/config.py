@@ -72,10 +72,6 @@ class RayConfig:
     namespace: str | None = None  # None: a namespace per run, so concurrent runs never collide
     num_cpus: int | None = None  # cap for a locally started Ray
     pool_size: int | None = None  # client actors; None: as many as the cluster's free resources allow
-    # clients trained per actor task (their updates are summed in the actor); None: about 16 tasks
-    # a round, at most 16 clients each. Part of the result's identity (float summation order),
-    # independent of pool size; lower it on a pool of more than ~16 actors.
-    clients_per_task: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,8 +197,6 @@ def validate(cfg: RunConfig) -> None:
     _positive("eval.every", cfg.eval.every)
     _positive("eval.new_client_epochs", cfg.eval.new_client_epochs, allow_zero=True)
     _positive("checkpoint_every", cfg.checkpoint_every)
-    if cfg.ray.clients_per_task is not None:
-        _positive("ray.clients_per_task", cfg.ray.clients_per_task)
     _positive("client_resources.num_cpus", cfg.client_resources.num_cpus)
     gpus = cfg.client_resources.num_gpus
     if isinstance(gpus, str) and gpus != "auto":

@@ -2,9 +2,9 @@
 
 Round 0 is the starting point (after any warm-start phases); rounds 1..R train. Every round:
 the server broadcasts once (one object in the store), the round's clients go to the pool in
-fixed chunks (`train_chunks`), largest first; each chunk's updates are summed in its actor and
-the partial sums are folded into the server in client-id order (so sums are identical whatever
-finishes first and whatever the pool size), clients are evaluated, rows are appended, and a
+runs of consecutive clients (`train_chunks`), largest first; each run's updates are summed in
+its actor over a fixed tree of client positions and the partial sums are folded into the server
+in client-id order (so sums are identical whatever finishes first and however the round is cut), clients are evaluated, rows are appended, and a
 checkpoint makes the run resumable.
 """
 
@@ -198,10 +198,10 @@ class Simulation:
         down_each = ray.get(server.message_nbytes.remote())
         server.begin_round.remote()
         tasks = [
-            Task(int(chunk[0]), float(self.train_sizes[chunk].sum()),
-                 lambda actor, chunk=chunk: actor.train_many.remote(
-                     [int(c) for c in chunk], r, message, [int(versions[c]) for c in chunk]))
-            for chunk in train_chunks(selected, self.cfg.ray.clients_per_task)
+            Task(start, float(self.train_sizes[chunk].sum()),
+                 lambda actor, chunk=chunk, start=start: actor.train_many.remote(
+                     [int(c) for c in chunk], start, r, message, [int(versions[c]) for c in chunk]))
+            for start, chunk in train_chunks(selected, self.train_sizes[selected], TASKS_PER_ACTOR * self.pool.size)
         ]
         rows: list[Row] = []
         bytes_up = 0
@@ -255,18 +255,25 @@ class Simulation:
         return rows
 
 
-def train_chunks(clients: np.ndarray, per_task: int | None = None) -> list[np.ndarray]:
-    """A round's training tasks: consecutive runs of the (id-sorted) selected clients.
+TASKS_PER_ACTOR = 4  # training tasks per client actor and round: enough for size-aware dispatch to balance
 
-    A task's clients are trained by one actor and folded there into one partial aggregate, so a
-    round costs one round trip and one server merge per task rather than per client. The chunks
-    depend only on the clients and `per_task` (never on the pool size), so the sums, and every
-    number after them, are the same on 1 actor or 100. `per_task` None: about 16 tasks a round,
-    at most 16 clients each (10 clients a round stay one per task; 100 go 6 per task)."""
-    if len(clients) == 0:
+
+def train_chunks(clients: np.ndarray, costs: np.ndarray, tasks: int) -> list[tuple[int, np.ndarray]]:
+    """A round's training tasks: `tasks` consecutive runs of the id-sorted selected clients, of
+    about equal cost, each with the position of its first client in the round.
+
+    An actor trains a run and sums its updates itself, so a round costs one round trip and one
+    server merge per task rather than per client. The cut may follow the pool size: the sums
+    are taken over a fixed tree of client positions (algorithms/aggregation.py), so any cut
+    gives the same bits."""
+    n = len(clients)
+    if n == 0:
         return []
-    size = per_task if per_task is not None else min(16, max(1, len(clients) // 16))
-    return [clients[i:i + size] for i in range(0, len(clients), size)]
+    tasks = max(1, min(tasks, n))
+    cumulative = np.cumsum(np.asarray(costs, dtype=np.float64) + 1e-9)
+    bounds = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, tasks) / tasks, side="right")
+    edges = np.unique(np.concatenate([[0], np.clip(bounds, 1, n - 1), [n]]))
+    return [(int(a), clients[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def eval_chunks(clients: np.ndarray, tasks: int = 8, max_size: int = 32) -> list[np.ndarray]:

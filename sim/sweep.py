@@ -110,7 +110,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
             raise ConfigError(str(exc).replace("--set", "--grid", 1)) from None
         if key in grid:
             raise ConfigError(f"--grid {key}: given twice; list all its values in one --grid {key}=v1,v2")
-        if key in FIXED_KEYS or (key.startswith("ray.") and key not in ("ray.pool_size", "ray.clients_per_task")):
+        if key in FIXED_KEYS or (key.startswith("ray.") and key != "ray.pool_size"):
             raise ConfigError(
                 f"--grid {key}: cannot vary within a sweep (one results tree, cache and Ray connection); "
                 f"set it with --set {key}=..."

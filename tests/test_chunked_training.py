@@ -1,15 +1,16 @@
 """Several clients per actor task: partial sums in the actor give the server the same aggregate.
 
-A round's clients travel in fixed chunks (`train_chunks`); an actor trains a chunk and folds its
-updates into one partial aggregate, which the server merges. These tests check the parts in
-process (no Ray) and the whole through the engine: chunked results do not depend on the pool
-size, and equal one-client-per-task results up to float64 summation order.
+A round's clients go out in runs (`train_chunks`, cut by the pool size); an actor trains a run
+and sums its updates over the fixed tree of client positions, and the server merges the
+partials. These tests check the parts in process (no Ray) and the whole through the engine:
+however a round is cut, the numbers are the same bits.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from actors.client import ClientWorker
@@ -25,42 +26,70 @@ from sim.runner import run_comparison
 from tests.conftest import small_overrides
 
 
-def test_train_chunks_cover_the_round_in_id_order():
-    for n in (1, 4, 10, 100, 1000, 10_000):
-        clients = np.arange(n) * 7
-        chunks = train_chunks(clients)
-        assert np.array_equal(np.concatenate(chunks), clients)
-        assert max(len(c) for c in chunks) <= 16
-        assert len(chunks) >= min(n, 16)  # enough tasks to balance a small pool
-    assert [len(c) for c in train_chunks(np.arange(10))] == [1] * 10  # small rounds: one client per task
-    assert [len(c) for c in train_chunks(np.arange(100))] == [6] * 16 + [4]
-    assert [c.tolist() for c in train_chunks(np.array([2, 5, 9, 11]), per_task=3)] == [[2, 5, 9], [11]]
+def test_train_chunks_cut_the_round_into_consecutive_runs_of_about_equal_cost():
+    rng = np.random.default_rng(0)
+    for n, tasks in ((1, 8), (4, 8), (10, 8), (100, 8), (1000, 4), (1000, 400), (10_000, 64)):
+        clients = np.sort(rng.choice(20_000, size=n, replace=False))
+        costs = rng.integers(1, 500, size=n).astype(float)
+        chunks = train_chunks(clients, costs, tasks)
+        assert min(n, tasks) // 2 <= len(chunks) <= min(n, tasks)  # fewer only where a client outweighs a share
+        if n >= 10 * tasks:
+            assert len(chunks) == tasks
+        assert np.array_equal(np.concatenate([c for _, c in chunks]), clients)
+        assert [start for start, _ in chunks] == list(np.cumsum([0] + [len(c) for _, c in chunks[:-1]]))
+        share = costs.sum() / len(chunks)
+        position = {int(c): i for i, c in enumerate(clients)}
+        for _, chunk in chunks:  # a run overshoots its share by at most one client
+            assert costs[[position[int(c)] for c in chunk]].sum() <= share + costs.max() + 1e-6
+    assert train_chunks(np.arange(0), np.zeros(0), 8) == []
 
 
 def _update(cid: int, weight: float, seed: int) -> ClientUpdate:
     g = torch.Generator().manual_seed(seed)
-    return ClientUpdate(cid, {"w": torch.randn(50, generator=g), "b": torch.randn(3, generator=g)}, weight)
+    return ClientUpdate(cid, {"w": torch.randn(50, generator=g) * 10 ** (cid % 5), "b": torch.randn(3, generator=g)},
+                        weight)
 
 
-def test_merged_partials_equal_one_aggregator_over_all_updates():
-    updates = [_update(c, float(c + 1), seed=c) for c in range(7)]
-    whole = Aggregator()
-    for u in updates:
-        whole.add(u)
-    merged = Aggregator()
-    for chunk in ([0, 1, 2], [3], [4, 5, 6]):
-        part = Aggregator()
-        for c in chunk:
-            part.add(updates[c])
-        merged.merge(part)
+def _cut_sum(updates: list[ClientUpdate], cuts: list[int]) -> Aggregator:
+    """The server's aggregator after merging one partial per run between consecutive cuts."""
+    server = Aggregator()
+    edges = [0, *cuts, len(updates)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        part = Aggregator(a)
+        for u in updates[a:b]:
+            part.add(u)
+        server.merge(part)
+    return server
+
+
+def test_any_cut_of_the_round_gives_the_same_bits():
+    rng = np.random.default_rng(1)
     like = {"w": torch.zeros(50), "b": torch.zeros(3), "untouched": torch.ones(2)}
-    assert (merged.count, merged._total) == (whole.count, whole._total) == (7, 28.0)
-    a, b = whole.mean(like), merged.mean(like)
-    for key in ("w", "b"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-    assert torch.equal(b["untouched"], like["untouched"])
-    expected_w = sum(u.weight * u.payload["w"].double() for u in updates) / 28.0
-    torch.testing.assert_close(b["w"], expected_w.float(), rtol=0, atol=1e-6)
+    for n in (1, 2, 3, 7, 16, 33, 100):
+        updates = [_update(c, float(rng.integers(1, 90)), seed=c) for c in range(n)]
+        one_by_one = Aggregator()
+        for u in updates:
+            one_by_one.add(u)
+        reference = one_by_one.mean(like)
+        for _ in range(5):
+            k = int(rng.integers(0, n))
+            cuts = sorted(rng.choice(np.arange(1, n), size=min(k, n - 1), replace=False).tolist()) if n > 1 else []
+            cut = _cut_sum(updates, cuts)
+            assert (cut.count, cut.total) == (one_by_one.count, one_by_one.total) == (n, sum(u.weight for u in updates))
+            mean = cut.mean(like)
+            assert all(torch.equal(mean[k], reference[k]) for k in like), (n, cuts)
+        exact = sum(u.weight * u.payload["w"].double() for u in updates) / sum(u.weight for u in updates)
+        torch.testing.assert_close(reference["w"], exact.float(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(reference["untouched"], like["untouched"])
+        assert len(one_by_one._stack) == bin(n).count("1")  # O(log n) pending sums, never one per client
+
+
+def test_partials_out_of_client_order_are_refused():
+    server = Aggregator()
+    late = Aggregator(3)
+    late.add(_update(3, 1.0, seed=3))
+    with pytest.raises(ValueError, match="expected one starting at position 0, got one starting at 3"):
+        server.merge(late)
 
 
 def _worker_and_run(tmp_path) -> tuple[ClientWorker, RunContext]:
@@ -92,7 +121,7 @@ def test_a_chunk_trains_each_client_as_alone_and_the_server_gets_the_same_mean(t
     message = {"weights": model_weights(run.build_model())}
     clients = [0, 2, 3, 5]
     alone = [worker.train(c, 1, message, -1) for c in clients]
-    partial, infos = worker.train_many(clients, 1, message, [-1] * 4)
+    partial, infos = worker.train_many(clients, 0, 1, message, [-1] * 4)
     assert isinstance(partial, Aggregator) and partial.count == 4
     assert [i["client_id"] for i in infos] == clients
     assert [i["train_loss"] for i in infos] == [info["train_loss"] for _, info in alone]
@@ -102,8 +131,8 @@ def test_a_chunk_trains_each_client_as_alone_and_the_server_gets_the_same_mean(t
         assert torch.equal(value, chunked[key]), key  # the same adds in the same order
 
     # An algorithm whose server needs every update alone gets them as a list, unchanged.
-    worker.algorithm.partial_aggregator = lambda: None
-    updates, _ = worker.train_many(clients, 1, message, [-1] * 4)
+    worker.algorithm.partial_aggregator = lambda start: None
+    updates, _ = worker.train_many(clients, 0, 1, message, [-1] * 4)
     assert [u.client_id for u in updates] == clients
     for (u, _), v in zip(alone, updates):
         assert all(torch.equal(u.payload[k], v.payload[k]) for k in u.payload)
@@ -111,15 +140,13 @@ def test_a_chunk_trains_each_client_as_alone_and_the_server_gets_the_same_mean(t
     assert all(torch.equal(listed[k], one_by_one[k]) for k in listed)
 
 
-def test_chunked_rounds_do_not_depend_on_pool_size_and_match_one_client_per_task(ray_local, tmp_path):
-    frames = {}
-    for name, per_task, pool, cpus in (("c3p1", 3, 1, 1.0), ("c3p2", 3, 2, 1.0), ("c1p2", 1, 2, 1.0)):
+def test_results_are_bit_identical_however_the_pool_cuts_the_rounds(ray_local, tmp_path):
+    frames = []
+    for pool, cpus in ((1, 1.0), (2, 1.0), (3, 0.5)):  # 4, 8 and 12 tasks for 12 clients a round
         cfg = load_config(None, small_overrides(
-            tmp_path, "algorithms=fedavg,ditto", f"ray.clients_per_task={per_task}", f"ray.pool_size={pool}",
-            f"client_resources.num_cpus={cpus}", f"run_id={name}"))
-        frames[name] = outcome_frame(run_comparison(cfg).run_dir)
-    pd.testing.assert_frame_equal(frames["c3p1"], frames["c3p2"])  # bit for bit
-    chunked, single = frames["c3p2"], frames["c1p2"]
-    assert set(chunked.metric) >= {"global_acc", "personal_acc", "train_loss", "bytes_up"}
-    pd.testing.assert_frame_equal(chunked.drop(columns="value"), single.drop(columns="value"))
-    np.testing.assert_allclose(chunked.value.to_numpy(), single.value.to_numpy(), rtol=1e-4, atol=1e-4)
+            tmp_path, "algorithms=fedavg,ditto", "num_clients=12", "clients_per_round=12", f"ray.pool_size={pool}",
+            f"client_resources.num_cpus={cpus}", f"run_id=pool{pool}"))
+        frames.append(outcome_frame(run_comparison(cfg).run_dir))
+    assert set(frames[0].metric) >= {"global_acc", "personal_acc", "train_loss", "bytes_up"}
+    for other in frames[1:]:
+        pd.testing.assert_frame_equal(frames[0], other)
