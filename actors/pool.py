@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Task:
-    """One unit of work: `submit(actor)` returns (result_ref, info_ref); `cost` orders dispatch."""
+    """One unit of work: `submit(actor)` returns (result_ref, info_ref); `cost` orders dispatch;
+    `label` names it in errors (e.g. the clients it trains)."""
 
     key: Any
     cost: float
     submit: Callable[[Any], tuple[Any, Any]]
+    label: str = ""
     attempts: int = 0
     tried_on: set[int] = field(default_factory=set)
 
@@ -90,8 +92,9 @@ class ActorPool:
                 info = ray.get(ready[0])
             except RayTaskError as exc:
                 if task.attempts >= 2:
-                    raise ClientTaskError(f"task {task.key} failed twice: {exc}") from exc
-                log.warning("task %s failed (%s); retrying on another actor", task.key, type(exc).__name__)
+                    raise ClientTaskError(f"task {task.label or task.key} failed twice: {exc}") from exc
+                log.warning("task %s failed (%s); retrying on another actor", task.label or task.key,
+                            type(exc).__name__)
                 pending.append(task)
                 dispatch()
                 continue

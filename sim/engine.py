@@ -4,8 +4,8 @@ Round 0 is the starting point (after any warm-start phases); rounds 1..R train. 
 the server broadcasts once (one object in the store), the round's clients go to the pool in
 runs of consecutive clients (`train_chunks`), largest first; each run's updates are summed in
 its actor over a fixed tree of client positions and the partial sums are folded into the server
-in client-id order (so sums are identical whatever finishes first and however the round is cut), clients are evaluated, rows are appended, and a
-checkpoint makes the run resumable.
+in client-id order (so sums are identical whatever finishes first and however the round is
+cut), clients are evaluated, rows are appended, and a checkpoint makes the run resumable.
 """
 
 from __future__ import annotations
@@ -200,7 +200,8 @@ class Simulation:
         tasks = [
             Task(start, float(self.train_sizes[chunk].sum()),
                  lambda actor, chunk=chunk, start=start: actor.train_many.remote(
-                     [int(c) for c in chunk], start, r, message, [int(versions[c]) for c in chunk]))
+                     [int(c) for c in chunk], start, r, message, [int(versions[c]) for c in chunk]),
+                 label=f"round {r}, clients {', '.join(str(int(c)) for c in chunk)}")
             for start, chunk in train_chunks(selected, self.train_sizes[selected], TASKS_PER_ACTOR * self.pool.size)
         ]
         rows: list[Row] = []
