@@ -58,5 +58,5 @@ def test_a_task_that_raises_twice_names_the_client(ray_local):
         list(pool.run(_tasks(5, fail_on=3)))
     labelled = [Task(k, 1.0, lambda a, k=k: a.work.remote(k, -1, 1, ""), label=f"clients {k}, {k + 10}")
                 for k in range(3)]
-    with pytest.raises(ClientTaskError, match=r"task clients 1, 11 failed twice: .*bad client 1"):
+    with pytest.raises(ClientTaskError, match=r"(?s)task clients 1, 11 failed twice: .*bad client 1"):
         list(pool.run(labelled))
