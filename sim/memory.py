@@ -8,6 +8,8 @@ current RSS at the end of the phase is the best cheap stand-in.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 
 import psutil
@@ -33,3 +35,16 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return psutil.Process().memory_info().rss / 2**20
+
+
+def release_free_heap() -> None:
+    """Hand memory the process has freed back to the OS (glibc `malloc_trim`).
+
+    Building a dataset sample by sample leaves its temporaries as freed but still resident
+    heap: 140 MiB of the 360 MiB that `digits-domains` with `data.copies=7` (147 MiB of
+    images) adds to the driver. Without glibc (musl, macOS) this is a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

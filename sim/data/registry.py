@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sim.data.base import ArrayDataset, DatasetError
+from sim.memory import release_free_heap
 from sim.typed import ConfigError, from_mapping
 
 Builder = Callable[[Any], ArrayDataset]
@@ -98,6 +99,7 @@ def load_dataset(name: str, params: Mapping[str, Any] | Any | None = None, *, ca
     ds = builder(typed)
     if not isinstance(ds, ArrayDataset):
         raise TypeError(f"dataset builder for {name!r} returned {type(ds).__name__}, not ArrayDataset")
+    release_free_heap()  # the builder's temporaries would otherwise stay resident for the whole run
     if cache and key is not None:
         with _cache_lock:
             _cache[key] = ds
