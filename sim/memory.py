@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -43,8 +45,14 @@ def release_free_heap() -> None:
     Building a dataset sample by sample leaves its temporaries as freed but still resident
     heap: 140 MiB of the 360 MiB that `digits-domains` with `data.copies=7` (147 MiB of
     images) adds to the driver. Without glibc (musl, macOS) this is a no-op."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
