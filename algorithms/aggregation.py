@@ -61,9 +61,11 @@ class Aggregator:
     @property
     def total(self) -> float:
         """The summed weights, joined like the sums (so the mean does not depend on the cut either)."""
-        total = 0.0
-        for node in reversed(self._stack):
-            total = node.total + total if total else node.total
+        if not self._stack:
+            return 0.0
+        total = self._stack[-1].total
+        for left in reversed(self._stack[:-1]):
+            total = left.total + total
         return total
 
     def _push(self, node: SubtreeSum) -> None:
