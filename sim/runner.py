@@ -28,7 +28,7 @@ from actors.server import ServerActor
 from algorithms.base import RunContext
 from sim.cluster import connect, plan_pool
 from sim.config import RunConfig, algorithm_spec, dump_config, load_config, run_algorithms
-from sim.data import load_dataset
+from sim.data import ArrayDataset, forget_dataset, load_dataset
 from sim.engine import Simulation
 from sim.models import ModelSpec
 from sim.partition_build import partition_for
@@ -37,6 +37,10 @@ from sim.results import ResultsWriter
 from sim.typed import ConfigError, to_mapping
 
 log = logging.getLogger(__name__)
+
+#: Datasets at least this large live once, in Ray's object store: the driver reads that copy
+#: and frees its own (a sweep then rebuilds them per cell; smaller ones stay cached in-process).
+SHARE_ONLY_BYTES = 64 * 2**20
 
 _PACKAGES = ("torch", "ray", "numpy", "pyarrow", "diffusers", "peft", "scikit-learn", "warmfed-sim")
 
@@ -116,6 +120,17 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     return cfg, run_dir
 
 
+def share_dataset(dataset: ArrayDataset) -> tuple[ArrayDataset, Any]:
+    """Put the dataset in the object store, where every actor reads it zero-copy. A large one is
+    then read from there by the driver too, instead of being held twice (the driver's copy and
+    the store's)."""
+    ref = ray.put(dataset)
+    if dataset.nbytes < SHARE_ONLY_BYTES:
+        return dataset, ref
+    forget_dataset(dataset)
+    return ray.get(ref), ref
+
+
 def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
     progress = progress or Progress(cfg.progress)
     names = run_algorithms(cfg)
@@ -137,7 +152,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
         manifest["pool"] = to_mapping(plan)
         manifest["ray_address"] = cfg.ray.address or "local"
         progress.note(f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each)")
-        dataset_ref = ray.put(dataset)
+        dataset, dataset_ref = share_dataset(dataset)
         # Both start in the background (their processes import torch) while partitions are built.
         pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)
         server = ServerActor.options(num_cpus=0).remote()
@@ -176,6 +191,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
         for actor in [*pool.actors, server]:
             ray.kill(actor)
     finally:
+        dataset = None  # may be a view into the object store, which shutdown unmaps
         if started_ray:
             ray.shutdown()
     from sim.report import write_report

@@ -153,3 +153,19 @@ def test_holdout_must_leave_room_for_the_round():
 
     with pytest.raises(ConfigError, match="holdout_clients"):
         load_config(None, ["num_clients=10", "clients_per_round=9", "holdout_clients=2"])
+
+
+def test_a_large_dataset_is_held_once_in_the_object_store(ray_local, tmp_path, monkeypatch):
+    import sim.runner
+    from sim.data import load_dataset
+
+    monkeypatch.setattr(sim.runner, "SHARE_ONLY_BYTES", 0)  # treat the built-in data as large
+    cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg", "rounds=1"))
+    cached = load_dataset(cfg.dataset, cfg.data)
+    shared, ref = sim.runner.share_dataset(cached)
+    assert shared is not cached and not shared.images.flags.owndata  # a view of the store's copy
+    assert np.array_equal(shared.images, cached.images) and shared.fingerprint() == cached.fingerprint()
+    assert load_dataset(cfg.dataset, cfg.data) is not cached  # the driver's own copy left the cache
+    del shared, ref
+    result = run_comparison(cfg)
+    assert (outcome_frame(result.run_dir).metric == "global_acc").any()

@@ -43,6 +43,12 @@ class ArrayDataset:
         for arr in (self.images, self.labels, self.domains):
             arr.setflags(write=False)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all arrays, the public part included."""
+        own = self.images.nbytes + self.labels.nbytes + self.domains.nbytes
+        return own + (self.public.nbytes if self.public is not None else 0)
+
     def _validate(self) -> None:
         where = f"dataset {self.name!r}"
         img, lab, dom = self.images, self.labels, self.domains

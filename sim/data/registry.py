@@ -108,6 +108,14 @@ def load_dataset(name: str, params: Mapping[str, Any] | Any | None = None, *, ca
     return ds
 
 
+def forget_dataset(dataset: ArrayDataset) -> None:
+    """Drop `dataset` from the in-process cache (a caller that keeps one copy elsewhere, such as
+    Ray's object store, frees this one)."""
+    with _cache_lock:
+        for key in [k for k, v in _cache.items() if v is dataset]:
+            del _cache[key]
+
+
 def clear_dataset_cache() -> None:
     with _cache_lock:
         _cache.clear()
