@@ -39,7 +39,7 @@ from sim.typed import ConfigError, to_mapping
 log = logging.getLogger(__name__)
 
 #: Datasets at least this large live once, in Ray's object store: the driver reads that copy
-#: and frees its own (a sweep then rebuilds them per cell; smaller ones stay cached in-process).
+#: and frees its own (smaller ones, and every dataset of a sweep, stay cached in-process).
 SHARE_ONLY_BYTES = 64 * 2**20
 
 _PACKAGES = ("torch", "ray", "numpy", "pyarrow", "diffusers", "peft", "scikit-learn", "warmfed-sim")
@@ -120,18 +120,19 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
     return cfg, run_dir
 
 
-def share_dataset(dataset: ArrayDataset) -> tuple[ArrayDataset, Any]:
+def share_dataset(dataset: ArrayDataset, keep_cached: bool = False) -> tuple[ArrayDataset, Any]:
     """Put the dataset in the object store, where every actor reads it zero-copy. A large one is
     then read from there by the driver too, instead of being held twice (the driver's copy and
-    the store's)."""
+    the store's), unless `keep_cached`: a sweep's next cell reuses the driver's copy rather than
+    building the dataset again."""
     ref = ray.put(dataset)
-    if dataset.nbytes < SHARE_ONLY_BYTES:
+    if keep_cached or dataset.nbytes < SHARE_ONLY_BYTES:
         return dataset, ref
     forget_dataset(dataset)
     return ray.get(ref), ref
 
 
-def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResult:
+def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_dataset_cached: bool = False) -> RunResult:
     progress = progress or Progress(cfg.progress)
     names = run_algorithms(cfg)
     dataset = load_dataset(cfg.dataset, cfg.data)  # bad data fails before anything is written
@@ -152,7 +153,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None) -> RunResul
         manifest["pool"] = to_mapping(plan)
         manifest["ray_address"] = cfg.ray.address or "local"
         progress.note(f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each)")
-        dataset, dataset_ref = share_dataset(dataset)
+        dataset, dataset_ref = share_dataset(dataset, keep_dataset_cached)
         # Both start in the background (their processes import torch) while partitions are built.
         pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)
         server = ServerActor.options(num_cpus=0).remote()

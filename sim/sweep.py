@@ -309,7 +309,7 @@ def run_sweep(
                     continue
                 _wait_for_free_cpus(baseline)
                 began = time.perf_counter()
-                run_comparison(cell.cfg)
+                run_comparison(cell.cfg, keep_dataset_cached=True)  # the next cell reuses it
                 append_results(sweep, cell)
                 _write_json(cell.dir / DONE, {
                     "cell": cell.id, "values": cell.values, "wall_s": time.perf_counter() - began,

@@ -162,6 +162,8 @@ def test_a_large_dataset_is_held_once_in_the_object_store(ray_local, tmp_path, m
     monkeypatch.setattr(sim.runner, "SHARE_ONLY_BYTES", 0)  # treat the built-in data as large
     cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg", "rounds=1"))
     cached = load_dataset(cfg.dataset, cfg.data)
+    kept, _ = sim.runner.share_dataset(cached, keep_cached=True)  # a sweep's cells reuse the driver's copy
+    assert kept is cached and load_dataset(cfg.dataset, cfg.data) is cached
     shared, ref = sim.runner.share_dataset(cached)
     assert shared is not cached and not shared.images.flags.owndata  # a view of the store's copy
     assert np.array_equal(shared.images, cached.images) and shared.fingerprint() == cached.fingerprint()
