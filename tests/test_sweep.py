@@ -102,11 +102,11 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
     real = sim.runner.run_comparison
     calls: list[str] = []
 
-    def interrupted_after_one(cfg, progress=None):
+    def interrupted_after_one(cfg, progress=None, **kwargs):
         if len(calls) == 1:
             raise KeyboardInterrupt  # Ctrl-C between cells
         calls.append(cfg.run_id)
-        return real(cfg, progress)
+        return real(cfg, progress, **kwargs)
 
     monkeypatch.setattr(sim.runner, "run_comparison", interrupted_after_one)
     sets = _base(tmp_path, "num_clients=6")
@@ -120,7 +120,8 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
         assert (sweep_dir / "cells" / cid / "done.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(sim.runner, "run_comparison", lambda cfg, progress=None: (calls.append(cfg.run_id), real(cfg, progress))[1])
+    monkeypatch.setattr(sim.runner, "run_comparison",
+                        lambda cfg, progress=None, **kw: (calls.append(cfg.run_id), real(cfg, progress, **kw))[1])
     code, out, err = _sweep(argv, capsys)
     assert code == 0, err
     assert len(calls) == 1 and not set(calls) & set(first)  # finished cells are skipped, not rerun
