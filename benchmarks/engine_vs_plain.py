@@ -39,7 +39,21 @@ import psutil  # noqa: E402  (a Ray dependency)
 import torch  # noqa: E402
 
 
-JSON_MARK = "MEASURED "
+RESULT_MARK = "RESULT "  # the line a measuring child process prints its figures on (JSON)
+
+
+def emit_result(figures: dict) -> None:
+    print(RESULT_MARK + json.dumps(figures), flush=True)
+
+
+def run_fresh(script: str, argv: list[str]) -> tuple[dict | None, str]:
+    """Run `script argv` in its own interpreter (a process's peak RSS is a lifetime maximum, so
+    each measurement needs a fresh one); its `emit_result` figures, or None and its stderr tail."""
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        return None, done.stderr[-3000:]
+    return json.loads(lines[-1][len(RESULT_MARK):]), ""
 
 
 def _pss(process: psutil.Process) -> int:
@@ -234,14 +248,11 @@ def break_even(e: Measured, p: Measured) -> str:
 
 
 def measure_in_fresh_process(side: str, argv: list[str]) -> Measured:
-    """Run one side in its own interpreter: a process's peak RSS is a lifetime maximum, so a side
-    measured after the other in the same process would carry the other's leftovers."""
-    done = subprocess.run([sys.executable, __file__, *argv, "--only", side, "--json"],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"the {side} side failed:\n{done.stderr[-3000:]}")
-    line = next(ln for ln in reversed(done.stdout.splitlines()) if ln.startswith(JSON_MARK))
-    return Measured(**json.loads(line[len(JSON_MARK):]))
+    """One side in its own interpreter, so it carries none of the other side's leftovers."""
+    figures, error = run_fresh(__file__, [*argv, "--only", side, "--json"])
+    if figures is None:
+        raise SystemExit(f"the {side} side failed:\n{error}")
+    return Measured(**figures)
 
 
 def describe(side: str, m: Measured) -> str:
@@ -272,7 +283,7 @@ def main() -> None:
             m = run_engine(args, out) if args.only == "engine" else run_plain(args, out)
         print(describe(args.only, m))
         if args.json:
-            print(JSON_MARK + json.dumps(dataclasses.asdict(m)))
+            emit_result(dataclasses.asdict(m))
         return
     print(f"FedAvg, {args.clients} clients, {args.per_round}/round, {args.rounds} rounds, "
           f"{args.local_epochs} local epoch(s), data.copies={args.copies}; each side in a fresh process"

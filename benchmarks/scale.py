@@ -11,7 +11,7 @@ subset of `--eval-clients` clients every round. Printed per scale:
 - updates/s: client updates per second of training time (clients hold fewer samples at larger
   scales: 10,000 clients have ~5 samples each, 100 clients ~500, so this is not a like-for-like rate);
 - driver peak RSS (the high-water mark of the driver process itself) and run peak RSS (driver +
-  every Ray process it started, sampled every 50 ms by engine_vs_plain.PeakRss; pages of the shared
+  every Ray process it started, sampled every 100 ms by engine_vs_plain.PeakRss; pages of the shared
   object store count once per process that maps them, so this over-counts);
 - other s: the run's wall time outside rounds 1..R (data, partition, Ray start, actor pool, round-0
   evaluation, report, Ray shutdown); benchmarks/startup.py measures start-up on its own;
@@ -22,9 +22,7 @@ subset of `--eval-clients` clients every round. Printed per scale:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,9 +81,11 @@ def main() -> None:
     parser.add_argument("--algorithm", help=argparse.SUPPRESS)  # internal: the one algorithm of --one
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one scale, print JSON
     args = parser.parse_args()
+    from engine_vs_plain import emit_result, run_fresh
+
     if args.one:
         clients, per_round = map(int, args.one.split(":"))
-        print("RESULT " + json.dumps(one(clients, per_round, args)), flush=True)
+        emit_result(one(clients, per_round, args))
         return
 
     print(f"{args.algorithms}, small_cnn, digits-domains ×{args.copies} copies, {args.rounds} rounds, "
@@ -93,14 +93,11 @@ def main() -> None:
     print(f"{'algorithm':>10} {'clients':>8} {'/round':>6} {'rounds/s':>9} {'updates/s':>10} {'eval s/rnd':>10} "
           f"{'driver MiB':>10} {'run MiB':>8} {'other s':>8} {'wall s':>7} {'state MiB':>9}")
     for algorithm, scale in [(a, s) for a in args.algorithms.split(",") for s in args.scales.split(",")]:
-        cmd = [sys.executable, __file__, "--one", scale, "--algorithm", algorithm, "--rounds", str(args.rounds),
-               "--eval-clients", str(args.eval_clients), "--copies", str(args.copies)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            print(f"{algorithm} {scale}: failed\n{done.stderr[-3000:]}")
+        r, error = run_fresh(__file__, ["--one", scale, "--algorithm", algorithm, "--rounds", str(args.rounds),
+                                        "--eval-clients", str(args.eval_clients), "--copies", str(args.copies)])
+        if r is None:
+            print(f"{algorithm} {scale}: failed\n{error}")
             continue
-        r = json.loads(lines[-1][7:])
         print(f"{r['algorithm']:>10} {r['clients']:>8,} {r['per_round']:>6} {r['rounds_per_s']:>9.2f} {r['updates_per_s']:>10.1f} "
               f"{r['eval_s_per_round']:>10.2f} {r['driver_peak_mib']:>10.0f} {r['run_peak_mib']:>8.0f} "
               f"{r['other_s']:>8.1f} {r['wall_s']:>7.1f} {r['state_mib']:>9.1f}", flush=True)
