@@ -48,6 +48,9 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # One personalization budget for every method that fine-tunes a received model (FedAvg-FT,
+    # FedBABU, Per-FedAvg's adaptation, WarmFed's DSD, new-client evaluation), so budgets are equal.
+    finetune_epochs: int = 5
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.local_epochs", cfg.train.local_epochs)
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.lr", cfg.train.lr)
+    _positive("train.finetune_epochs", cfg.train.finetune_epochs, allow_zero=True)
     _positive("eval.every", cfg.eval.every)
     _positive("eval.new_client_epochs", cfg.eval.new_client_epochs, allow_zero=True)
     _positive("checkpoint_every", cfg.checkpoint_every)
