@@ -1,0 +1,146 @@
+"""The aggregation tree's bits, on inputs where float64 addition is not associative.
+
+`tests/test_chunked_training.py` checks that any cut of a round gives the same mean, but on
+inputs whose sums are exact in float64 any summation order gives the same bits, so a running
+sum or a tree joining the wrong subtrees would pass it. Here the payloads mix 1e16 and 1.0
+(1e16 + 1 rounds back to 1e16), so the order of the additions shows in the result, and the
+expected sums come from an independent statement of the tree: the pairwise sum over the
+positions 0..n-1 padded to a power of two, where a node without a right child is its left
+child. The mean is read as float64 (`like` in float64), since a cast to float32 would hide
+exactly the low bits these tests look at.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms.aggregation import Aggregator
+from algorithms.base import ClientUpdate
+
+BIG = 1e16
+
+
+def tree_sum(values: list[float]) -> float:
+    """The fixed pairwise tree over positions [0, n) padded to the next power of two."""
+
+    def node(lo: int, hi: int) -> float | None:
+        if lo >= len(values):
+            return None
+        if hi - lo == 1:
+            return values[lo]
+        mid = (lo + hi) // 2
+        left, right = node(lo, mid), node(mid, hi)
+        return left if right is None else left + right
+
+    size = 1
+    while size < len(values):
+        size *= 2
+    return node(0, size)
+
+
+def running_sum(values: list[float]) -> float:
+    total = 0.0
+    for v in values:
+        total = total + v
+    return total
+
+
+def inexact_columns(n: int, columns: int, seed: int) -> np.ndarray:
+    """n×columns values drawn from {±1e16, ±1, ±3}: most columns' sums depend on the order of addition."""
+    rng = np.random.default_rng(seed)
+    return rng.choice([BIG, -BIG, 1.0, -1.0, 3.0, 1.0], size=(n, columns)).astype(np.float64)
+
+
+def updates_from(values: np.ndarray) -> list[ClientUpdate]:
+    """Weight 1 per client: the products are exact, so only the summation order decides the bits."""
+    return [ClientUpdate(i, {"w": torch.from_numpy(values[i].copy())}, 1.0) for i in range(len(values))]
+
+
+def tree_mean(values: np.ndarray) -> torch.Tensor:
+    n = len(values)
+    sums = [tree_sum(list(values[:, j])) for j in range(values.shape[1])]
+    return torch.tensor(sums, dtype=torch.float64) / float(n)
+
+
+def cut_aggregate(updates: list[ClientUpdate], cuts: list[int]) -> Aggregator:
+    """The server's aggregator after merging one task's partial per run between consecutive cuts."""
+    server = Aggregator()
+    edges = [0, *cuts, len(updates)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        part = Aggregator(a)
+        for u in updates[a:b]:
+            part.add(u)
+        server.merge(part)
+    return server
+
+
+def test_the_inputs_really_tell_a_tree_from_a_running_sum():
+    # the guard for every test below: on these inputs the order of addition changes the result
+    assert tree_sum([BIG, 1.0, -BIG, 1.0]) == 0.0 and running_sum([BIG, 1.0, -BIG, 1.0]) == 1.0
+    values = inexact_columns(16, 200, seed=0)
+    differ = sum(tree_sum(list(values[:, j])) != running_sum(list(values[:, j])) for j in range(200))
+    assert differ > 20
+
+
+def test_a_small_tree_worked_by_hand():
+    # positions 0..4: ((x0 + x1) + (x2 + x3)) + x4. By hand: 1e16 + 1 = 1e16 and -1e16 + 1 = -1e16
+    # (the 1 is lost twice), so the tree gives 0 + 1 = 1; a running sum gives 1e16, 1e16, 0, 1, 2.
+    values = np.array([[BIG], [1.0], [-BIG], [1.0], [1.0]])
+    assert tree_sum(list(values[:, 0])) == 1.0 and running_sum(list(values[:, 0])) == 2.0
+    agg = Aggregator()
+    for u in updates_from(values):
+        agg.add(u)
+    mean = agg.mean({"w": torch.zeros(1, dtype=torch.float64)})["w"]
+    assert mean.item() == 1.0 / 5.0
+    assert (agg.count, agg.total) == (5, 5.0)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 8, 12, 16, 33])
+def test_one_by_one_gives_the_bits_of_the_pairwise_tree(n):
+    values = inexact_columns(n, 64, seed=n)
+    agg = Aggregator()
+    for u in updates_from(values):
+        agg.add(u)
+    got = agg.mean({"w": torch.zeros(64, dtype=torch.float64)})["w"]
+    assert torch.equal(got, tree_mean(values)), (n, (got - tree_mean(values)).abs().max())
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 11, 16, 33])
+def test_every_cut_gives_the_bits_of_the_pairwise_tree(n):
+    """Partials starting at odd positions hold subtrees that must NOT be joined with their
+    neighbours (they are not siblings): a cut that joins them gives other bits."""
+    values = inexact_columns(n, 64, seed=100 + n)
+    updates = updates_from(values)
+    expected = tree_mean(values)
+    rng = np.random.default_rng(n)
+    cuts_to_try = [[1], [3], [1, 2, 3], list(range(1, n)), [n // 2], [1, n - 2]]
+    cuts_to_try += [sorted(rng.choice(np.arange(1, n), size=int(rng.integers(1, n)), replace=False).tolist())
+                    for _ in range(6)]
+    for cuts in cuts_to_try:
+        cuts = sorted(set(c for c in cuts if 0 < c < n))
+        agg = cut_aggregate(updates, cuts)
+        got = agg.mean({"w": torch.zeros(64, dtype=torch.float64)})["w"]
+        assert agg.count == n and agg.end == n
+        assert torch.equal(got, expected), (n, cuts)
+
+
+def test_weights_are_summed_over_the_same_tree():
+    # large and small positive weights: the total itself depends on the order of addition
+    weights = [BIG, BIG, BIG, BIG, 3.0, 3.0, 1.0]
+    updates = [ClientUpdate(i, {"w": torch.ones(1, dtype=torch.float64)}, w) for i, w in enumerate(weights)]
+    assert tree_sum(weights) != running_sum(weights)
+    for cuts in ([], [1], [3], [1, 4, 5], [2, 3, 6]):
+        agg = cut_aggregate(updates, cuts)
+        assert agg.total == tree_sum(weights), cuts
+        # Σ w·1 over the tree divided by the tree's Σ w: exactly 1 only if both use the same order
+        assert agg.mean({"w": torch.zeros(1, dtype=torch.float64)})["w"].item() == 1.0, cuts
+
+
+def test_the_mean_weighs_each_client_by_its_weight():
+    updates = [ClientUpdate(0, {"w": torch.tensor([1.0, 0.0])}, 3.0), ClientUpdate(1, {"w": torch.tensor([0.0, 1.0])}, 1.0)]
+    agg = Aggregator()
+    for u in updates:
+        agg.add(u)
+    assert torch.equal(agg.mean({"w": torch.zeros(2)})["w"], torch.tensor([0.75, 0.25]))
