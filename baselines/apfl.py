@@ -19,7 +19,7 @@ available with `adaptive=true`, learned with the local learning rate). v starts 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,7 @@ def apfl_loss(local: nn.Module, alpha: torch.Tensor | float) -> LossFn:
 @register("apfl")
 class APFL(CarriesInit):
     Params = APFLParams
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (0.25, 0.5, 0.75)}
     stateful = True
 
     def _local_state(self, message: dict[str, Any], client_state: dict[str, Any] | None) -> tuple[Weights, float]:

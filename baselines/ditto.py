@@ -13,7 +13,7 @@ proximal term is FedProx's `proximal_loss`. The personal model is the one evalua
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from algorithms.base import ClientContext, ClientUpdate, Weights, load_weights, model_weights
 from algorithms.registry import register
@@ -37,6 +37,7 @@ class DittoParams:
 @register("ditto")
 class Ditto(CarriesInit):
     Params = DittoParams
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"lam": (0.01, 0.1, 1.0)}
     stateful = True
 
     @staticmethod

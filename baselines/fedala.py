@@ -8,8 +8,12 @@ previous local model θ_i (paper, Eq. 4–6):
 
 W is learned by minimizing the loss of θ̂ on a random fraction `s` of the local training data,
 W ← clip(W − η ∇_W L(θ̂), 0, 1), starting from W = 1; the first time a client has a local model
-to aggregate, W is trained until the loss settles (std of the last `window` step losses below
-`threshold`, at most `max_init_epochs` passes), afterwards one pass per round; W is client state.
+to aggregate, W is trained until the loss settles, afterwards one pass per round; W is client state.
+"Settles" follows the reference implementation (`convergence="epoch"`, default): after each pass
+the pass's last batch loss is recorded, and training stops once more than `window` are recorded
+and the std of the last `window` is below `threshold` (we also stop after `max_init_epochs`
+passes, so the cost is bounded). `convergence="step"` applies the same test to every step's loss
+(it stops much earlier: step losses of one pass are many, and settle within a pass).
 Then the client trains θ̂ as FedAvg does, uploads it, and keeps it as its local (personal) model.
 
 Paper defaults: s = 80 %, p = 1 (our head), η = 1.0. The W-fitting reuses `local_sgd` on the
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,7 @@ class FedALAParams:
     threshold: float = 0.1  # convergence of the first W fit: std of recent losses
     window: int = 10
     max_init_epochs: int = 20
+    convergence: Literal["epoch", "step"] = "epoch"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.data_fraction <= 1.0:
@@ -66,6 +71,8 @@ class FedALAParams:
             raise ValueError(f"window must be >= 2, got {self.window}")
         if self.max_init_epochs < 1:
             raise ValueError(f"max_init_epochs must be >= 1, got {self.max_init_epochs}")
+        if self.convergence not in ("epoch", "step"):
+            raise ValueError(f"convergence must be 'epoch' or 'step', got {self.convergence!r}")
 
 
 def top_layer_params(names: list[str], layers: int) -> list[str]:
@@ -100,6 +107,7 @@ def ala_loss(glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor], mask
 @register("fedala")
 class FedALA(Algorithm):
     Params = FedALAParams
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.1, 1.0)}
     stateful = True
 
     def __init__(self, params: FedALAParams, run: RunContext) -> None:
@@ -132,15 +140,23 @@ class FedALA(Algorithm):
                 for t in w.values():
                     t.clamp_(0.0, 1.0)
 
-        losses: list[float] = []
+        steps: list[float] = []
+        epochs: list[float] = []  # the last batch loss of each pass (the reference's record)
         for epoch in range(self.params.max_init_epochs if first else 1):
-            local_sgd(sub, ctx.model, loss_fn=ala_loss(g, loc, w, losses), params=list(w.values()),
+            local_sgd(sub, ctx.model, loss_fn=ala_loss(g, loc, w, steps), params=list(w.values()),
                       after_step=clip, purpose=f"fedala/w{epoch}")
-            recent = losses[-self.params.window:]
-            if len(recent) >= self.params.window and statistics.pstdev(recent) < self.params.threshold:
+            if steps:
+                epochs.append(steps[-1])
+            if self._settled(steps if self.params.convergence == "step" else epochs):
                 break
         mask = {n: t.detach().cpu() for n, t in w.items()}
         return ala_combine(glob, local, mask), mask
+
+    def _settled(self, losses: list[float]) -> bool:
+        window = self.params.window
+        # The reference requires more than `window` records; per step, `window` of them suffice.
+        enough = len(losses) > window if self.params.convergence == "epoch" else len(losses) >= window
+        return enough and statistics.pstdev(losses[-window:]) < self.params.threshold
 
     def local_train(
         self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None

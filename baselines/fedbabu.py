@@ -3,14 +3,15 @@
 During federated training the classifier head is frozen at the shared random initialization
 (so it never travels: it is derivable from the run seed) and only the body is updated and
 averaged. Personalization happens at evaluation: each client fine-tunes the whole received
-model (body and head) on its own data for `ft_epochs`, as in the paper's evaluation protocol.
-The global model (for global accuracy) is the averaged body on top of the initial head.
+model (body and head) on its own data, as in the paper's evaluation protocol, for the shared
+`train.finetune_epochs` (the paper's main tables use 5; one knob for every fine-tuning method
+keeps the comparison with FedAvg-FT at equal budgets). The global model (for global accuracy) is
+the averaged body on top of the initial head.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from algorithms.base import (
@@ -24,23 +25,18 @@ from algorithms.base import (
 )
 from algorithms.registry import register
 from baselines.common import trainable_only
+from sim.config import TrainConfig
 from sim.training import local_sgd
-
-
-@dataclass(frozen=True)
-class FedBABUParams:
-    ft_epochs: int = 5  # fine-tuning epochs at evaluation (the paper reports several; 5 in its main tables)
-
-    def __post_init__(self) -> None:
-        if self.ft_epochs < 0:
-            raise ValueError(f"ft_epochs must be >= 0, got {self.ft_epochs}")
 
 
 @register("fedbabu")
 class FedBABU(Algorithm):
-    Params = FedBABUParams
     #: Frozen during federated training; not personal (every client has the same init head).
     frozen_patterns: ClassVar[tuple[str, ...]] = ("head.*",)
+
+    @classmethod
+    def finetune_budget(cls, params: Any, train: TrainConfig) -> str:
+        return f"{train.finetune_epochs} epochs (whole model)"
 
     def is_frozen(self, key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.frozen_patterns)
@@ -66,5 +62,5 @@ class FedBABU(Algorithm):
 
     def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
         load_weights(ctx.model, message["weights"])
-        local_sgd(ctx, ctx.model, epochs=self.params.ft_epochs, purpose="finetune")
+        local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         return model_weights(ctx.model)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ def proximal_loss(anchor: dict[str, torch.Tensor], mu: float):
 @register("fedprox")
 class FedProx(Algorithm):
     Params = FedProxParams
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"mu": (0.001, 0.01, 0.1)}
 
     def local_train(
         self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None

@@ -13,7 +13,7 @@ body gets the shared budget `train.local_epochs` (default 1, the paper's body ep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from algorithms.base import ClientContext, ClientUpdate, load_weights, model_weights
 from algorithms.registry import register
@@ -36,6 +36,7 @@ class FedRepParams:
 @register("fedrep")
 class FedRep(PartialSharing):
     Params = FedRepParams
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"head_epochs": (1, 5)}
     personal_patterns = ("head.*",)
 
     def local_train(

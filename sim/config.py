@@ -58,7 +58,9 @@ class EvalConfig:
     every: int = 1  # evaluate every k rounds (the last round is always evaluated)
     batch_size: int = 512
     max_clients: int | None = None  # evaluate a seeded subset of clients at large scale
-    new_client_epochs: int = 1  # budget for held-out clients to adapt the final model (new-client accuracy)
+    # Epochs a held-out client adapts the final model for (new-client accuracy); None follows
+    # train.finetune_epochs, so newcomers get the same personalization budget as fine-tuning methods.
+    new_client_epochs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class RunConfig:
     dataset: str = "digits-domains"
     data: dict[str, Any] = field(default_factory=dict)
     num_clients: int = 10
-    clients_per_round: int = 10
+    clients_per_round: int | None = None  # None (or "all"): every client that trains, so any num_clients works
     rounds: int = 5
     seed: int | list[int] = 0
     holdout_clients: int = 0  # clients never trained: they report new-client accuracy
@@ -166,8 +168,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if key in _LIST_KEYS and isinstance(value, str):
             value = [value]
         _set_dotted(tree, key, value)
+    if tree.get("clients_per_round") == "all":
+        tree["clients_per_round"] = None
     cfg = from_mapping(RunConfig, tree)
     validate(cfg)
+    return resolve(cfg)
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill the keys whose default follows another key, so a run directory records the numbers used."""
+    if cfg.clients_per_round is None:
+        cfg = dataclasses.replace(cfg, clients_per_round=cfg.num_clients - cfg.holdout_clients)
+    if cfg.eval.new_client_epochs is None:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, new_client_epochs=cfg.train.finetune_epochs))
     return cfg
 
 
@@ -185,11 +198,12 @@ def validate(cfg: RunConfig) -> None:
 
     _positive("rounds", cfg.rounds, allow_zero=True)
     _positive("num_clients", cfg.num_clients)
-    _positive("clients_per_round", cfg.clients_per_round)
+    if cfg.clients_per_round is not None:
+        _positive("clients_per_round", cfg.clients_per_round)
     _positive("holdout_clients", cfg.holdout_clients, allow_zero=True)
     if cfg.holdout_clients >= cfg.num_clients:
         raise ConfigError(f"holdout_clients ({cfg.holdout_clients}) must be below num_clients ({cfg.num_clients})")
-    if cfg.clients_per_round > cfg.num_clients - cfg.holdout_clients:
+    if cfg.clients_per_round is not None and cfg.clients_per_round > cfg.num_clients - cfg.holdout_clients:
         raise ConfigError(
             f"clients_per_round ({cfg.clients_per_round}) exceeds num_clients ({cfg.num_clients})"
             + (f" minus holdout_clients ({cfg.holdout_clients})" if cfg.holdout_clients else "")
@@ -199,7 +213,8 @@ def validate(cfg: RunConfig) -> None:
     _positive("train.lr", cfg.train.lr)
     _positive("train.finetune_epochs", cfg.train.finetune_epochs, allow_zero=True)
     _positive("eval.every", cfg.eval.every)
-    _positive("eval.new_client_epochs", cfg.eval.new_client_epochs, allow_zero=True)
+    if cfg.eval.new_client_epochs is not None:
+        _positive("eval.new_client_epochs", cfg.eval.new_client_epochs, allow_zero=True)
     _positive("checkpoint_every", cfg.checkpoint_every)
     _positive("client_resources.num_cpus", cfg.client_resources.num_cpus)
     gpus = cfg.client_resources.num_gpus

@@ -38,7 +38,8 @@ from baselines.apfl import APFL, APFLParams
 from baselines.ditto import Ditto, DittoParams
 from baselines.fedala import FedALA, FedALAParams
 from baselines.fedavg import FedAvg
-from baselines.fedbabu import FedBABU, FedBABUParams
+from baselines.fedavg_ft import FedAvgFT
+from baselines.fedbabu import FedBABU
 from baselines.fedbn import FedBN
 from baselines.fedper import FedPer
 from baselines.fedrep import FedRep, FedRepParams
@@ -46,8 +47,8 @@ from baselines.fedrod import FedRoD, FedRoDParams, balanced_softmax_loss
 from baselines.lg_fedavg import LGFedAvg
 from baselines.local import LocalOnly
 from baselines.moon import Moon, MoonParams, moon_contrastive
-from baselines.per_fedavg import PerFedAvg, PerFedAvgParams, first_order_maml_loss
-from baselines.pfedme import PFedMe, PFedMeParams
+from baselines.per_fedavg import PerFedAvg, PerFedAvgParams, first_order_maml_loss, hessian_free_maml_loss
+from baselines.pfedme import PFedMe, PFedMeParams, moreau_envelope_loss
 from baselines.scaffold import Scaffold, ScaffoldParams
 from sim.config import TrainConfig
 from sim.models import Classifier, ModelSpec
@@ -159,7 +160,10 @@ def softmax_regression_grad(weights: Weights, x: torch.Tensor, y: torch.Tensor) 
     (DittoParams, {"lam": -0.1}, "lam"),
     (APFLParams, {"alpha": 1.5}, "alpha"),
     (FedRoDParams, {"generic_loss": "focal"}, "generic_loss"),
-    (FedBABUParams, {"ft_epochs": -1}, "ft_epochs"),
+    (MoonParams, {"projection_dim": -1}, "projection_dim"),
+    (FedRoDParams, {"p_head_init": "random"}, "p_head_init"),
+    (FedALAParams, {"convergence": "loss"}, "convergence"),
+    (PerFedAvgParams, {"variant": "so"}, "variant"),
     (FedALAParams, {"data_fraction": 1.2}, "data_fraction"),
     (FedALAParams, {"eta": -1.0}, "eta"),
     (PerFedAvgParams, {"alpha": 0.0}, "alpha"),
@@ -270,15 +274,15 @@ def test_fedrep_fits_the_head_with_the_body_frozen_then_the_body_with_the_head_f
 
 
 def test_fedbabu_head_stays_at_init_and_personalization_fine_tunes():
-    env = make_env(2)
-    algo, state = start(FedBABU, env, FedBABUParams(ft_epochs=1))
+    env = make_env(2, finetune_epochs=1)
+    algo, state = start(FedBABU, env)
     state, updates = fl_round(algo, env, state, {})
     assert not torch.equal(state["weights"]["features.0.weight"], env.init["features.0.weight"])
     message = algo.broadcast(state)
     assert torch.equal(message["weights"]["head.weight"], env.init["head.weight"])  # global model = body + init head
     personal = algo.personal_weights(env.ctx(0, 2), message, None)
     assert not torch.equal(personal["head.weight"], env.init["head.weight"])
-    none = FedBABU(FedBABUParams(ft_epochs=0), env.run).personal_weights(env.ctx(0, 2), message, None)
+    none = FedBABU(None, env.run).personal_weights(make_env(2, finetune_epochs=0).ctx(0, 2), message, None)
     assert_weights_equal(none, message["weights"])
 
 
@@ -353,7 +357,7 @@ def test_moon_with_mu_zero_is_fedavg():
     prev = {"previous": {k: v + 0.1 if v.is_floating_point() else v for k, v in env.init.items()}}
     a, _ = moon.local_train(env.ctx(0), moon.broadcast(state), prev)
     b, _ = fedavg.local_train(env.ctx(0), fedavg.broadcast(state), None)
-    assert_weights_equal(a.payload, b.payload, rtol=0, atol=0)
+    assert_weights_equal({k: a.payload[k] for k in b.payload}, b.payload, rtol=0, atol=0)
 
 
 def test_moon_keeps_the_previous_local_model_and_pulls_toward_the_global():
@@ -446,7 +450,13 @@ def test_fedrod_personal_head_is_local_and_adds_to_the_generic_head():
         torch.testing.assert_close(personal["head.weight"], state["weights"]["head.weight"] + client_states[cid]["p_weight"])
         assert_weights_equal(personal, state["weights"], keys=[k for k in env.init if not k.startswith("head.")])
     assert not torch.equal(client_states[0]["p_weight"], client_states[1]["p_weight"])
-    assert_weights_equal(algo.personal_weights(env.ctx(0, 2), message, None), state["weights"])
+    # A client that never trained: its P-head is a copy of the generic head (the reference's init).
+    fresh = algo.personal_weights(env.ctx(0, 2), message, None)
+    torch.testing.assert_close(fresh["head.weight"], 2 * state["weights"]["head.weight"])
+    zero = FedRoD(FedRoDParams(p_head_init="zero"), env.run).personal_weights(env.ctx(0, 2), message, None)
+    assert_weights_equal(zero, state["weights"])
+    _, first = algo.local_train(env.ctx(0), message, None)
+    assert not torch.equal(first["p_weight"], torch.zeros_like(first["p_weight"]))
 
 
 # ----- FedALA ----------------------------------------------------------------------------------------------
@@ -581,7 +591,7 @@ def test_every_baseline_runs_one_round_through_the_engine(ray_local, tmp_path):
     assert set(NEW_METHODS) <= set(baselines)
     cfg = load_config(None, small_overrides(
         tmp_path, f"algorithms={','.join(baselines)}", "rounds=1", "clients_per_round=6", "model.width=4",
-        "data.domains=[plain]", "partition.scheme=dirichlet", "algo.fedbabu.ft_epochs=1"))
+        "data.domains=[plain]", "partition.scheme=dirichlet", "train.finetune_epochs=1"))
     df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
     for name in baselines:
         rows = df[(df.algorithm == name) & (df["round"] == 1) & (df.split == "test")]
@@ -591,3 +601,153 @@ def test_every_baseline_runs_one_round_through_the_engine(ray_local, tmp_path):
         assert (sorted(set(rows[rows.metric == "global_acc"].client_id)) == list(range(6))) == has_global, name
         up = df[(df.algorithm == name) & (df.metric == "bytes_up") & (df["round"] == 1)].value.sum()
         assert (up > 0) == (name != "local"), name
+
+
+# ----- equal budgets: train.finetune_epochs reaches every method that fine-tunes ---------------------------
+@pytest.mark.parametrize("algo_cls, params", [
+    (FedAvgFT, None), (FedBABU, None), (PerFedAvg, PerFedAvgParams(finetune=True)),
+])
+def test_finetune_epochs_sets_the_personalization_budget(algo_cls, params):
+    personal = {}
+    for epochs in (0, 1, 2):
+        env = make_env(1, finetune_epochs=epochs)
+        algo, state = start(algo_cls, env, params)
+        message = algo.broadcast(state)
+        personal[epochs] = algo.personal_weights(env.ctx(0, 2), message, None)
+    assert_weights_equal(personal[0], message["weights"])  # no budget: the received model
+    assert not torch.equal(personal[1]["head.weight"], personal[2]["head.weight"])
+    assert not torch.equal(personal[1]["head.weight"], message["weights"]["head.weight"])
+    train = make_env(1, finetune_epochs=3).run.train
+    assert "3 epochs" in algo_cls.finetune_budget(params or algo_cls.Params(), train)
+
+
+def test_per_fedavg_default_personalization_is_one_step_whatever_the_budget():
+    one, three = (make_env(1, finetune_epochs=e) for e in (1, 3))
+    algo, state = start(PerFedAvg, one)
+    message = algo.broadcast(state)
+    assert_weights_equal(algo.personal_weights(one.ctx(0, 2), message, None),
+                         PerFedAvg(PerFedAvgParams(), three.run).personal_weights(three.ctx(0, 2), message, None))
+    assert "1 step" in PerFedAvg.finetune_budget(PerFedAvgParams(), one.run.train)
+
+
+# ----- the papers' updates: Per-FedAvg, pFedMe, FedALA, MOON -----------------------------------------------
+def test_per_fedavg_outer_step_is_plain_sgd_unless_asked():
+    """Several outer steps (batch 4 of 24 samples): momentum would change them, the paper's SGD has none."""
+    with_momentum, plain = make_env(1, batch_size=4, momentum=0.9), make_env(1, batch_size=4, momentum=0.0)
+    a, state = start(PerFedAvg, with_momentum)
+    b, _ = start(PerFedAvg, plain)
+    ua, _ = a.local_train(with_momentum.ctx(0), a.broadcast(state), None)
+    ub, _ = b.local_train(plain.ctx(0), b.broadcast(state), None)
+    assert_weights_equal(ua.payload, ub.payload, rtol=0, atol=0)
+    c = PerFedAvg(PerFedAvgParams(outer_momentum=True), with_momentum.run)
+    uc, _ = c.local_train(with_momentum.ctx(0), c.broadcast(state), None)
+    assert not torch.equal(uc.payload["head.weight"], ua.payload["head.weight"])
+
+
+def test_per_fedavg_hessian_free_gradient_by_finite_differences():
+    """HF: ∇ = g − α ∇²f(w; D'') g with g = ∇f(w̃; D'); the Hessian-vector product checked by central
+    differences of the hand-written softmax-regression gradient."""
+    env = linear_env()
+    model = env.build()
+    x, y = env.data[0].x["train"][:9], env.data[0].y["train"][:9]
+    alpha = 0.5
+    loss = hessian_free_maml_loss(alpha)(model, x, y)
+    loss.backward()
+    w = {k: v.double() for k, v in model_weights(model).items()}
+    gw, gb = softmax_regression_grad(w, x[:3].double(), y[:3])
+    adapted = {"head.weight": w["head.weight"] - alpha * gw, "head.bias": w["head.bias"] - alpha * gb}
+    ow, ob = softmax_regression_grad(adapted, x[3:6].double(), y[3:6])
+    xw = F.cross_entropy(x[3:6].flatten(1).double() @ adapted["head.weight"].T + adapted["head.bias"], y[3:6])
+    assert loss.item() == pytest.approx(xw.item(), rel=1e-5)  # the value is the outer loss
+    d = 1e-4
+    plus = softmax_regression_grad({"head.weight": w["head.weight"] + d * ow, "head.bias": w["head.bias"] + d * ob},
+                                   x[6:].double(), y[6:])
+    minus = softmax_regression_grad({"head.weight": w["head.weight"] - d * ow, "head.bias": w["head.bias"] - d * ob},
+                                    x[6:].double(), y[6:])
+    hw, hb = ((p - m) / (2 * d) for p, m in zip(plus, minus))
+    torch.testing.assert_close(model.head.weight.grad.double(), ow - alpha * hw, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.head.bias.grad.double(), ob - alpha * hb, atol=1e-5, rtol=1e-4)
+    fo = env.build()
+    first_order_maml_loss(alpha)(fo, x[:6], y[:6]).backward()
+    assert not torch.allclose(fo.head.weight.grad, model.head.weight.grad)
+
+
+def _prox_by_hand(theta, w, x, y, lam, lr, steps):
+    for _ in range(steps):  # θ ← θ − lr (∇f(θ) + λ(θ − w))
+        gw, gb = softmax_regression_grad(theta, x, y)
+        theta = {"head.weight": theta["head.weight"] - lr * (gw + lam * (theta["head.weight"] - w["head.weight"])),
+                 "head.bias": theta["head.bias"] - lr * (gb + lam * (theta["head.bias"] - w["head.bias"]))}
+    return theta
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_pfedme_inner_solve_is_warm_started_across_batches(warm):
+    lam, lr, steps = 15.0, 0.05, 2
+    env = linear_env()
+    model = env.build()
+    x, y = env.data[0].x["train"], env.data[0].y["train"]
+    loss_fn = moreau_envelope_loss(lam, lr, steps, warm_start=warm)
+    w = {k: v.double() for k, v in model_weights(model).items()}
+    loss_fn(model, x[:5], y[:5])
+    model.zero_grad()
+    loss_fn(model, x[5:], y[5:]).backward()  # w did not move: the gradient is λ(w − θ̂₂)
+    theta1 = _prox_by_hand(dict(w), w, x[:5].double(), y[:5], lam, lr, steps)
+    theta2 = _prox_by_hand(theta1 if warm else dict(w), w, x[5:].double(), y[5:], lam, lr, steps)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), lam * (w[k] - theta2[k]), atol=1e-5, rtol=1e-4)
+
+
+def test_pfedme_outer_step_has_no_momentum_unless_asked():
+    with_momentum, plain = make_env(1, batch_size=4, momentum=0.9), make_env(1, batch_size=4, momentum=0.0)
+    algo, state = start(PFedMe, with_momentum)
+    ua, _ = algo.local_train(with_momentum.ctx(0), algo.broadcast(state), None)
+    ub, _ = PFedMe(PFedMeParams(), plain.run).local_train(plain.ctx(0), algo.broadcast(state), None)
+    assert_weights_equal(ua.payload, ub.payload, rtol=0, atol=0)
+    uc, _ = PFedMe(PFedMeParams(outer_momentum=True), with_momentum.run).local_train(
+        with_momentum.ctx(0), algo.broadcast(state), None)
+    assert not torch.equal(uc.payload["head.weight"], ua.payload["head.weight"])
+
+
+@pytest.mark.parametrize("convergence, passes", [("epoch", 6), ("step", 1)])
+def test_fedala_first_fit_checks_convergence_per_epoch(monkeypatch, convergence, passes):
+    """With an always-met threshold the per-epoch test (the reference's) needs window + 1 passes;
+    the per-step one stops after the first pass (80 % of 24 samples, batch 2: 9 steps per pass)."""
+    import baselines.fedala as fedala
+
+    calls = []
+    real = fedala.local_sgd
+    monkeypatch.setattr(fedala, "local_sgd", lambda *a, **k: calls.append(k["purpose"]) or real(*a, **k))
+    env = make_env(1, batch_size=2)
+    ala = FedALA(FedALAParams(threshold=1e9, window=5, convergence=convergence), env.run)
+    local = {k: v - 0.5 if v.is_floating_point() else v for k, v in env.init.items()}
+    ala.adapt(env.ctx(0, 2), env.init, local, None)
+    assert len(calls) == passes
+    calls.clear()
+    ala.adapt(env.ctx(0, 3), env.init, local, {n: torch.ones_like(env.init[n]) for n in ala.adapted})
+    assert len(calls) == 1  # later rounds: one pass
+
+
+def test_moon_projection_head_is_federated_and_shapes_the_contrastive_loss():
+    env = make_env(2)
+    moon, state = start(Moon, env, MoonParams(mu=5.0, projection_dim=16))
+    assert {k.split(".")[-1] for k in state["projection"]} == {"weight", "bias"}
+    assert state["projection"]["2.weight"].shape[0] == 16
+    message = moon.broadcast(state)
+    assert moon.message_nbytes(message) > weights_nbytes(message["weights"])
+    states: dict = {}
+    state, _ = fl_round(moon, env, state, states)  # round 1: previous = global, ℓ_con is constant
+    assert "projection" in states[0]
+    new, updates = fl_round(moon, env, state, states, round=2)
+    assert all(any(k.startswith("proj/") for k in u.payload) for u in updates.values())
+    mean = (updates[0].payload["proj/2.weight"] * 24 + updates[1].payload["proj/2.weight"] * 24) / 48
+    torch.testing.assert_close(new["projection"]["2.weight"], mean)
+    assert not torch.equal(new["projection"]["2.weight"], state["projection"]["2.weight"])
+    assert set(new["weights"]) == set(state["weights"])
+    plain, plain_state = start(Moon, env, MoonParams(mu=5.0, projection_dim=0))
+    assert "projection" not in plain_state
+    u, _ = plain.local_train(env.ctx(0), plain.broadcast(plain_state), None)
+    assert not any(k.startswith("proj/") for k in u.payload)
+    prev = {"previous": {k: v + 0.3 if v.is_floating_point() else v for k, v in env.init.items()}}
+    with_proj, _ = moon.local_train(env.ctx(0), message, prev)
+    without, _ = plain.local_train(env.ctx(0), plain.broadcast(plain_state), prev)
+    assert not torch.equal(with_proj.payload["features.0.weight"], without.payload["features.0.weight"])
