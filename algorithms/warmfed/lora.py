@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from algorithms.warmfed.diffusion import DiffusionBackbone, _as_images, _as_labels
+from algorithms.warmfed.diffusion.base import DiffusionBackbone, as_images as _as_images, as_labels as _as_labels
 
 __all__ = [
     "LoraConfig",

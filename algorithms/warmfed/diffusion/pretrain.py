@@ -1,0 +1,144 @@
+"""Pretraining of the tiny backbone on the public split (seeded, deterministic on CPU)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from algorithms.warmfed.diffusion.base import (
+    ProgressFn,
+    array_fingerprint,
+    as_images,
+    as_labels,
+    match_channels,
+    resize,
+)
+from algorithms.warmfed.diffusion.tiny import TinyBackbone, TinyBackboneConfig
+
+__all__ = ["pretrain_tiny_backbone", "photometric"]
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
+
+
+def photometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Recolour a batch of [-1, 1] images: a third unchanged, a third inverted, a third in
+    random ink/background colours (ink intensity taken from the mean over channels)."""
+    n, c = x.shape[0], x.shape[1]
+    kind = torch.randint(0, 3, (n,), generator=generator)
+    ink = (x.mean(dim=1, keepdim=True) + 1) / 2  # (n, 1, h, w) in [0, 1]
+    fg = torch.rand((n, c, 1, 1), generator=generator) * 2 - 1
+    bg = torch.rand((n, c, 1, 1), generator=generator) * 2 - 1
+    low = (fg - bg).abs().amax(dim=1, keepdim=True) < 0.8  # too little contrast: oppose the colours
+    bg = torch.where(low, -fg, bg)
+    colored = bg + (fg - bg) * ink
+    out = torch.where((kind == 1)[:, None, None, None], -x, x)
+    return torch.where((kind == 2)[:, None, None, None], colored, out).clamp(-1, 1)
+
+
+class _EMA:
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def pretrain_tiny_backbone(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    cfg: TinyBackboneConfig = TinyBackboneConfig(),
+    progress: ProgressFn | None = None,
+    *,
+    data_fingerprint: str | None = None,
+    show_progress: bool = False,
+) -> TinyBackbone:
+    """DDPM epsilon-prediction training of the tiny UNet; seeded and deterministic on CPU.
+
+    ``progress(step, total, loss)`` is called every step (cheap; throttle in the callback);
+    ``show_progress`` draws a tqdm bar on stderr.
+    """
+    x = match_channels(resize(as_images(images), cfg.image_size), cfg.in_channels).contiguous()
+    y = as_labels(labels, cfg.num_classes)
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need the same non-zero number of images and labels, got {x.shape[0]} and {y.shape[0]}")
+    if data_fingerprint is None:
+        data_fingerprint = array_fingerprint(np.asarray(images), np.asarray(labels))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        unet = cfg.build_unet()
+    bb = TinyBackbone(unet, cfg, data_fingerprint)  # for training_loss; weights change below
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for p in unet.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.train_steps, cfg.warmup_steps))
+    ema = _EMA(unet, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train_steps, desc=f"pretraining tiny backbone {bb.key}", unit="step", mininterval=2.0)
+    n = x.shape[0]
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    unet.train()
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    try:
+        for step in range(cfg.train_steps):
+            # epoch-wise shuffling (every image seen once per epoch)
+            idx_parts = []
+            need = cfg.batch_size
+            while need > 0:
+                if pos >= n:
+                    perm, pos = torch.randperm(n, generator=gen), 0
+                take = min(need, n - pos)
+                idx_parts.append(perm[pos : pos + take])
+                pos += take
+                need -= take
+            idx = torch.cat(idx_parts)
+            xb = photometric(x[idx], gen) if cfg.augment == "photometric" else x[idx]
+            loss = bb.training_loss(xb, y[idx], gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(unet, step)
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, cfg.train_steps, losses[-1])
+            if bar is not None:
+                bar.update(1)
+                if step % 50 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    if ema is not None:
+        unet.load_state_dict(ema.shadow)
+    seconds = time.perf_counter() - t0
+    info = {
+        "train_seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / cfg.train_steps, 4),
+        "final_loss": float(np.mean(losses[-50:])),
+        "num_images": int(n),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return TinyBackbone(unet.eval(), cfg, data_fingerprint, info=info)
