@@ -30,9 +30,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sim.runner import run_comparison
 
     if args.resume:
+        from sim.typed import ConfigError
+
         run_dir = Path(args.resume)
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume {run_dir}: no such directory")
         if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"error: --resume {run_dir}: no config.yaml there (not a run directory)")
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
         cfg = load_config(run_dir / "config.yaml", args.set)
     else:
         cfg = load_config(args.config, args.set)
@@ -120,9 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sim.errors import USER_ERRORS
+    from sim.interrupts import RunInterrupted, catch_signals
 
     try:
-        return args.func(args)
+        with catch_signals():
+            return args.func(args)
+    except RunInterrupted as exc:
+        resume = None
+        if args.command != "run":  # a sweep resumes by running the same command again
+            import shlex
+
+            resume = "run_sim.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        print(exc.line(resume), file=sys.stderr, flush=True)
+        return exc.exit_code
     except USER_ERRORS as exc:
         cause = getattr(exc, "cause", None) or exc  # an error raised inside a Ray actor: show the original
         print(f"error: {cause}", file=sys.stderr)

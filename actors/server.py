@@ -9,6 +9,7 @@ and it overlaps with the client actors' start-up.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -80,10 +81,13 @@ class ServerWorker:
         return metrics
 
     # ----- checkpoints ---------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        torch.save(self.state, tmp)
-        os.replace(tmp, path)
+    def save(self, path: str) -> str:
+        """Write the state atomically (see sim/checkpoints.py); returns its sha256 for the checkpoint's meta."""
+        from sim.checkpoints import write_atomic
+
+        buffer = io.BytesIO()
+        torch.save(self.state, buffer)
+        return write_atomic(Path(path), buffer.getbuffer())
 
     def load(self, path: str) -> None:
         self.state = torch.load(path, map_location="cpu", weights_only=False)

@@ -47,18 +47,15 @@ class ClientStateStore:
         return state
 
     def save(self, client_id: int, version: int, state: Any, previous: int) -> None:
-        """Write atomically, keep `previous` (a resumed run may need it), drop anything older."""
+        """Write atomically; older versions stay: `previous` (the state this one replaces) drops out
+        of the cache, and files go only when no kept checkpoint names them (sim/checkpoints.py)."""
         path = self._path(client_id, version)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, path)
+        self._forget((client_id, previous))
         self._remember((client_id, version), state)
-        for old in path.parent.glob(f"{client_id}_r*.pt"):
-            v = int(old.stem.split("_r")[1])
-            if v < previous:
-                old.unlink(missing_ok=True)
-                self._forget((client_id, v))
 
     def _forget(self, key: tuple[int, int]) -> None:
         if self._cache.pop(key, None) is not None:

@@ -35,17 +35,45 @@ class PoolPlan:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
 
+def starts_local_ray(cfg: RunConfig) -> bool:
+    """True when `connect` will start a private Ray on this machine (no address, none in RAY_ADDRESS)."""
+    return not ray.is_initialized() and not cfg.ray.address and not os.environ.get("RAY_ADDRESS")
+
+
+def local_gpus() -> int:
+    """GPUs a Ray started here would see (torch honours CUDA_VISIBLE_DEVICES as Ray does)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_local_resources(cfg: RunConfig) -> None:
+    """Before Ray starts: a request this machine can never satisfy fails as the live check would."""
+    if not starts_local_ray(cfg):
+        return
+    total = {"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(local_gpus())}
+    plan_pool(cfg, available=total, total=total)
+
+
 def connect(cfg: RunConfig, run_id: str) -> bool:
     """Start a local Ray (address None) or attach to one; returns True if this call started it."""
     if ray.is_initialized():
         return False
+    from sim import interrupts
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     namespace = cfg.ray.namespace or f"warmfed-sim-{run_id}-{uuid.uuid4().hex[:6]}"
     kwargs: dict = {"namespace": namespace, "logging_level": logging.WARNING, "log_to_driver": True}
-    if cfg.ray.address:
+    if not starts_local_ray(cfg):
         ray.init(address=cfg.ray.address, **kwargs)
     else:
+        # A Ray only this process uses: token authentication stays on (Ray's default for a local
+        # start), but asked for explicitly, which is what silences Ray's warning about the default.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+    interrupts.install()  # ray.init replaced the SIGTERM handler
     return True
 
 

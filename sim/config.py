@@ -103,6 +103,7 @@ class RunConfig:
     cache_dir: str | None = None  # None: <out>/cache (partitions, pretrained backbones)
     run_id: str | None = None
     checkpoint_every: int = 1
+    checkpoint_keep: int = 2  # newest checkpoints kept: a corrupt one falls back to the one before
     progress: bool = True
 
     @property
@@ -216,6 +217,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.eval.new_client_epochs is not None:
         _positive("eval.new_client_epochs", cfg.eval.new_client_epochs, allow_zero=True)
     _positive("checkpoint_every", cfg.checkpoint_every)
+    _positive("checkpoint_keep", cfg.checkpoint_keep)
     _positive("client_resources.num_cpus", cfg.client_resources.num_cpus)
     gpus = cfg.client_resources.num_gpus
     if isinstance(gpus, str) and gpus != "auto":

@@ -10,10 +10,8 @@ cut), clients are evaluated, rows are appended, and a checkpoint makes the run r
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,46 +20,12 @@ import ray
 
 from actors.pool import ActorPool, Task
 from algorithms.base import Algorithm, RunContext
+from sim.checkpoints import CheckpointStore
 from sim.config import RunConfig
 from sim.progress import Progress
 from sim.results import RUN_LEVEL, ResultsWriter, Row
 
 CRASH_ENV = "WARMFED_SIM_CRASH_AFTER_ROUND"  # fault injection for the resume test: exit hard after round k
-
-
-@dataclass
-class Checkpoint:
-    round: int
-    versions: np.ndarray
-    server_path: Path
-
-
-class CheckpointStore:
-    """Round-named files plus a `meta.json` written last: a crash mid-write leaves the previous checkpoint valid."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-
-    def save(self, round: int, server: Any, versions: np.ndarray, done: bool) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        server_path = self.dir / f"server_r{round}.pt"
-        ray.get(server.save.remote(str(server_path)))
-        np.save(self.dir / f"versions_r{round}.npy", versions)
-        meta = self.dir / "meta.json"
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round": round, "done": done}))
-        os.replace(tmp, meta)
-        for old in list(self.dir.glob("server_r*.pt")) + list(self.dir.glob("versions_r*.npy")):
-            if int(old.stem.split("_r")[1]) != round:
-                old.unlink(missing_ok=True)
-
-    def load(self) -> tuple[Checkpoint, bool] | None:
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            return None
-        info = json.loads(meta.read_text())
-        r = int(info["round"])
-        return Checkpoint(r, np.load(self.dir / f"versions_r{r}.npy"), self.dir / f"server_r{r}.pt"), bool(info["done"])
 
 
 class Simulation:
@@ -92,8 +56,9 @@ class Simulation:
         self.name = algorithm.name
         self.seed = run.seed
         base = Path(run.run_dir)
-        self.checkpoints = CheckpointStore(base / "checkpoints" / self.name / f"seed{self.seed}")
         self.state_dir = base / "client_state" / self.name / f"seed{self.seed}"
+        self.checkpoints = CheckpointStore(base / "checkpoints" / self.name / f"seed{self.seed}",
+                                           keep=cfg.checkpoint_keep, state_dir=self.state_dir)
         self.train_sizes = partition.sizes("train")
         self.holdout = self._holdout_clients()
         self.train_clients = np.setdiff1d(np.arange(run.num_clients), self.holdout)

@@ -9,13 +9,17 @@ continues from its checkpoint.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
+import socket
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,13 +27,14 @@ from typing import Any
 import ray
 
 from actors.client import ClientActor
-from actors.pool import ActorPool
+from actors.pool import ActorPool, NodeLostError
 from actors.server import ServerActor
 from algorithms.base import RunContext
-from sim.cluster import connect, plan_pool
+from sim.cluster import check_local_resources, connect, plan_pool
 from sim.config import RunConfig, algorithm_spec, dump_config, load_config, run_algorithms
 from sim.data import ArrayDataset, forget_dataset, load_dataset
 from sim.engine import Simulation
+from sim.interrupts import RunInterrupted
 from sim.models import ModelSpec
 from sim.partition_build import partition_for
 from sim.progress import Progress
@@ -41,6 +46,9 @@ log = logging.getLogger(__name__)
 #: Datasets at least this large live once, in Ray's object store: the driver reads that copy
 #: and frees its own (smaller ones, and every dataset of a sweep, stay cached in-process).
 SHARE_ONLY_BYTES = 64 * 2**20
+
+#: Node losses one (algorithm, seed) survives by resuming from its checkpoint before the run gives up.
+MAX_NODE_LOSSES = 3
 
 _PACKAGES = ("torch", "ray", "numpy", "pyarrow", "diffusers", "peft", "scikit-learn", "warmfed-sim")
 
@@ -97,27 +105,121 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path]:
-    """Fix the run id and absolute paths, and write (or check, when resuming) the resolved config."""
-    from dataclasses import replace
+class RunLock:
+    """An exclusive lock on a run directory for as long as a run uses it.
 
+    flock is released by the kernel when the process dies, however it dies (kill -9 included),
+    so a crashed run never leaves a stale lock; NFS (v4, or v3 with lockd) honours it across
+    machines. The file names the holder for the refusal message."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        self.path = run_dir / "run.lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                log.warning("cannot lock %s (%s): concurrent runs of this run_id are not prevented", self.path, exc)
+                return
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ConfigError(f"run directory {run_dir} is in use by a running run ({holder}); "
+                              "wait for it, or choose another run_id") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path, RunLock, bool]:
+    """Fix the run id and absolute paths, lock the directory and write (or check, when resuming)
+    the resolved config. Returns (config, directory, lock, whether this call created the run)."""
     out = str(Path(cfg.out).resolve())
+    cfg_has_id = cfg.run_id is not None
     run_id = cfg.run_id or claim_run_id(Path(out), cfg)
     cache = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None
     cfg = replace(cfg, run_id=run_id, out=out, cache_dir=cache)
     run_dir = Path(out) / run_id
-    config_path = run_dir / "config.yaml"
-    if config_path.exists():
-        previous = load_config(config_path)
-        if dump_config(replace(previous, progress=cfg.progress)) != dump_config(cfg):
-            raise ConfigError(
-                f"run directory {run_dir} holds a run with a different config; "
-                "choose another run_id (or out) or resume it with `run_sim.py run --resume {run_dir}`"
-            )
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(dump_config(cfg))
-    return cfg, run_dir
+    created = True  # claim_run_id made it
+    if cfg_has_id:
+        try:
+            run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+    lock = RunLock(run_dir)
+    try:
+        config_path = run_dir / "config.yaml"
+        if config_path.exists():
+            previous = load_config(config_path)
+            if dump_config(replace(previous, progress=cfg.progress)) != dump_config(cfg):
+                raise ConfigError(
+                    f"run directory {run_dir} holds a run with a different config; "
+                    f"choose another run_id (or out) or resume it with `run_sim.py run --resume {run_dir}`"
+                )
+            return cfg, run_dir, lock, False
+        write_json_text(config_path, dump_config(cfg))
+        return cfg, run_dir, lock, created
+    except BaseException:
+        lock.release()
+        raise
+
+
+def write_json_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """`out` / `cache_dir` must be a directory this process can write: one line, before anything else."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}={directory}: cannot write there ({exc.strerror or exc}); "
+                          f"set {key} to a directory you can write") from None
+
+
+def run_context(cfg: RunConfig, dataset: ArrayDataset, seed: int, run_dir: str) -> RunContext:
+    spec = ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1], cfg.model.width)
+    return RunContext(
+        num_clients=cfg.num_clients,
+        clients_per_round=cfg.clients_per_round,
+        rounds=cfg.rounds,
+        seed=seed,
+        train=cfg.train,
+        model_name=cfg.model.name,
+        model_spec=spec,
+        cache_dir=str(cfg.cache_path),
+        run_dir=run_dir,
+        dataset_fingerprint=dataset.fingerprint(),
+        dataset_name=cfg.dataset,
+        dataset_params=dict(cfg.data),
+        class_names=tuple(dataset.class_names),
+        holdout_clients=cfg.holdout_clients,
+    )
+
+
+def preflight(cfg: RunConfig, dataset: ArrayDataset) -> dict[int, tuple[Any, Path]]:
+    """Everything knowable without Ray, checked before Ray starts or a run folder exists: the
+    partition of every seed (scheme vs clients; built or found in the cache), every algorithm's
+    own checks (e.g. a missing algo.warmfed.sd_model path) and, for a Ray started here, the
+    machine's CPUs and GPUs against client_resources. Returns the partitions."""
+    check_local_resources(cfg)
+    ctx = run_context(cfg, dataset, cfg.seeds[0], str(Path(cfg.out) / "preflight"))
+    for name in run_algorithms(cfg):
+        cls, params = algorithm_spec(cfg, name)
+        cls(params, ctx)
+    return {seed: partition_for(cfg, dataset, seed) for seed in cfg.seeds}
 
 
 def share_dataset(dataset: ArrayDataset, keep_cached: bool = False) -> tuple[ArrayDataset, Any]:
@@ -135,8 +237,12 @@ def share_dataset(dataset: ArrayDataset, keep_cached: bool = False) -> tuple[Arr
 def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_dataset_cached: bool = False) -> RunResult:
     progress = progress or Progress(cfg.progress)
     names = run_algorithms(cfg)
+    check_writable(Path(cfg.out), "out")
+    if cfg.cache_dir:
+        check_writable(Path(cfg.cache_dir), "cache_dir")
     dataset = load_dataset(cfg.dataset, cfg.data)  # bad data fails before anything is written
-    cfg, run_dir = prepare_run_dir(cfg)
+    partitions = preflight(cfg, dataset)
+    cfg, run_dir, lock, created = prepare_run_dir(cfg)
     manifest: dict[str, Any] = {
         "run_id": cfg.run_id,
         "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -147,55 +253,105 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         "host": platform.node(),
     }
     manifest["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(), "samples": int(len(dataset.labels))}
-    started_ray = connect(cfg, cfg.run_id)
+    started_ray = False
+    pool: ActorPool | None = None
+    server: Any = None
+    begun = False  # a run folder made by this call holds nothing worth keeping until the actors exist
     try:
+        started_ray = connect(cfg, cfg.run_id)
         plan = plan_pool(cfg)
         manifest["pool"] = to_mapping(plan)
         manifest["ray_address"] = cfg.ray.address or "local"
         progress.note(f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each)")
         dataset, dataset_ref = share_dataset(dataset, keep_dataset_cached)
-        # Both start in the background (their processes import torch) while partitions are built.
+        # Both start in the background (their processes import torch) while partitions are sent.
         pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)
-        server = ServerActor.options(num_cpus=0).remote()
-        spec = ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1], cfg.model.width)
+        server = ServerActor.options(num_cpus=0, scheduling_strategy=_on_this_node()).remote()
+        begun = True
         manifest["partitions"] = {}
         for seed in cfg.seeds:
-            partition, part_dir = partition_for(cfg, dataset, seed)
+            partition, part_dir = partitions[seed]
             manifest["partitions"][str(seed)] = {"key": partition.key, "path": str(part_dir)}
             write_json(run_dir / "manifest.json", manifest)
             partition_ref = ray.put(partition)
-            run_ctx = RunContext(
-                num_clients=cfg.num_clients,
-                clients_per_round=cfg.clients_per_round,
-                rounds=cfg.rounds,
-                seed=seed,
-                train=cfg.train,
-                model_name=cfg.model.name,
-                model_spec=spec,
-                cache_dir=str(cfg.cache_path),
-                run_dir=str(run_dir),
-                dataset_fingerprint=dataset.fingerprint(),
-                dataset_name=cfg.dataset,
-                dataset_params=dict(cfg.data),
-                class_names=tuple(dataset.class_names),
-                holdout_clients=cfg.holdout_clients,
-            )
+            run_ctx = run_context(cfg, dataset, seed, str(run_dir))
             for name in names:
-                cls, params = algorithm_spec(cfg, name)
-                algorithm = cls(params, run_ctx)
-                algorithm.name = name  # a variant reports under its own name
-                Simulation(
-                    algorithm=algorithm, run=run_ctx, cfg=cfg, partition=partition, partition_ref=partition_ref,
-                    pool=pool, server=server, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,
-                ).execute()
+                _execute(name, cfg, run_ctx, partition, partition_ref, pool, server, run_dir, progress, plan)
         ResultsWriter(run_dir, cfg.run_id).consolidate()
-        for actor in [*pool.actors, server]:
-            ray.kill(actor)
+    except RunInterrupted as exc:
+        exc.run_dir = run_dir
+        raise
+    except BaseException:
+        if created and not begun:
+            shutil.rmtree(run_dir, ignore_errors=True)  # e.g. the attached cluster cannot host the actors
+        raise
     finally:
+        lock.release()
         dataset = None  # may be a view into the object store, which shutdown unmaps
+        if ray.is_initialized():
+            for actor in [*(pool.actors if pool else []), *([server] if server is not None else [])]:
+                try:
+                    ray.kill(actor)
+                except Exception:  # noqa: BLE001 - already gone with its node
+                    pass
         if started_ray:
             ray.shutdown()
     from sim.report import write_report
 
     report = write_report(run_dir)
     return RunResult(run_dir, report)
+
+
+def _on_this_node() -> Any:
+    """The server actor lives on the driver's node: a worker node's death never takes the global state."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _execute(name: str, cfg: RunConfig, run_ctx: RunContext, partition: Any, partition_ref: Any, pool: ActorPool,
+             server: Any, run_dir: Path, progress: Progress, plan: Any) -> None:
+    """One (algorithm, seed); a lost Ray node sends it back to its last checkpoint on the actors left."""
+    from ray.exceptions import ObjectLostError
+
+    from sim.cluster import ResourceError
+
+    losses = 0
+    while True:
+        cls, params = algorithm_spec(cfg, name)
+        algorithm = cls(params, run_ctx)
+        algorithm.name = name  # a variant reports under its own name
+        simulation = Simulation(
+            algorithm=algorithm, run=run_ctx, cfg=cfg, partition=partition, partition_ref=partition_ref,
+            pool=pool, server=server, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,
+        )
+        simulation.checkpoints.guard = pool.check_nodes  # never checkpoint a round a dead node may have cut short
+        try:
+            simulation.execute()
+            return
+        except RunInterrupted as exc:
+            last = simulation.checkpoints.last_round
+            exc.where = (f"round {last} of {name} (seed {run_ctx.seed})" if last is not None
+                         else f"the start of {name} (seed {run_ctx.seed})")
+            raise
+        except (NodeLostError, ObjectLostError) as exc:
+            losses += 1
+            lost = pool.drop_lost()
+            room = _room_for(plan)
+            if room > 0:
+                pool.grow(min(room, plan.size - pool.size))
+            if losses > MAX_NODE_LOSSES or pool.size == 0:
+                raise ResourceError(f"{exc} and no client actor is left to continue {name} (seed {run_ctx.seed}); "
+                                    f"resume with: run_sim.py run --resume {run_dir}") from None
+            last = simulation.checkpoints.last_round
+            log.warning("%s: %d client actors lost with it; %s (seed %d) resumes from its last checkpoint "
+                        "(round %s) on %d actors", exc, lost, name, run_ctx.seed, last, pool.size)
+
+
+def _room_for(plan: Any) -> int:
+    """Client actors of the plan's size that fit in the cluster's free resources now."""
+    free = ray.available_resources()
+    n = int(float(free.get("CPU", 0.0)) // plan.num_cpus + 1e-9) if plan.num_cpus else 0
+    if plan.num_gpus:
+        n = min(n, int(float(free.get("GPU", 0.0)) // plan.num_gpus + 1e-9))
+    return max(0, n)

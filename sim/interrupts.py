@@ -1,0 +1,82 @@
+"""SIGINT (Ctrl-C) and SIGTERM (a scheduler, `ray job stop`) end a run cleanly.
+
+The signal abandons the round in flight: checkpoints are written atomically and last (see
+sim/checkpoints.py), so the newest one on disk is whole and a resume redoes only that round.
+The run then shuts down what it started of Ray and the command prints one line saying where it
+stopped and how to resume, exiting 128 + the signal number (130, 143).
+
+`ray.init` installs its own SIGTERM handler (and Ray's core worker a crash dump for it), so
+`sim.cluster.connect` installs these handlers again once Ray is up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(BaseException):
+    """Raised in the main thread by the signal handler; a BaseException so that no `except Exception`
+    on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_dir: Path | None = None
+        self.where: str | None = None  # e.g. "round 3 of fedavg (seed 0)"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def line(self, resume: str | None = None) -> str:
+        """The one line the command prints; `resume` overrides the resume command (a sweep's own)."""
+        if self.run_dir is None and resume is None:
+            return f"interrupted ({signal.Signals(self.signum).name}) before the run started; nothing to resume"
+        command = resume or f"run_sim.py run --resume {self.run_dir}"
+        where = self.where or "the start of the run"
+        return f"interrupted {'after' if where.startswith('round') else 'at'} {where}; resume with: {command}"
+
+
+_active = False
+_fired = False
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    global _fired
+    if _fired:
+        os._exit(128 + signum)  # a second signal while cleaning up: the user insists
+    _fired = True
+    raise RunInterrupted(signum)
+
+
+def install() -> None:
+    """(Re)install the handlers if `catch_signals` is active in this process (no-op otherwise)."""
+    if _active and threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _handler)
+
+
+@contextmanager
+def catch_signals() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into RunInterrupted inside the block; restores the previous handlers."""
+    global _active, _fired
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    _active, _fired = True, False
+    install()
+    try:
+        yield
+    finally:
+        _active = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
