@@ -125,6 +125,40 @@ class ClientWorker:
                 "peak_rss_mb": peak_rss_mb()}
         return upload, info
 
+    def run_setup_personal(
+        self, phase_index: int, client_id: int, message: dict[str, Any], version: int
+    ) -> tuple[Any, dict[str, Any]]:
+        """A one-shot client step from the server's broadcast; its state is the client's round-0 version."""
+        start = time.perf_counter()
+        reset_peak()
+        algo = self.algorithm
+        phase = algo.setup_phases()[phase_index]
+        ctx = self.context(client_id, 0)
+        state = self.store.load(client_id, version) if algo.stateful else None
+        upload, new_state = phase.personal(ctx, message, state)
+        new_version = version
+        if algo.stateful and new_state is not None:
+            self.store.save(client_id, 0, new_state, previous=version)
+            new_version = 0
+        info = {"client_id": client_id, "version": new_version, "bytes_up": phase.upload_nbytes(upload),
+                "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+        return upload, info
+
+    def run_setup_work(self, phase_index: int, item_index: int, item: Any) -> tuple[Any, dict[str, Any]]:
+        """One item of a server-owned phase fanned out over the pool (e.g. one client's synthesis)."""
+        from algorithms.base import ServerContext
+
+        start = time.perf_counter()
+        reset_peak()
+        phase = self.algorithm.setup_phases()[phase_index]
+        metrics: dict[str, float] = {}
+        ctx = ServerContext(self.run, self.device, lambda name, value: metrics.__setitem__(name, float(value)),
+                            Path(self.run.run_dir) / "artifacts", public=self.dataset.public)
+        result = phase.work(ctx, item)
+        info = {"client_id": item_index, "bytes_up": 0, "seconds": time.perf_counter() - start,
+                "peak_rss_mb": peak_rss_mb(), **metrics}
+        return result, info
+
     def evaluate_new_clients(
         self, client_ids: list[int], round: int, message: dict[str, Any], epochs: int, batch_size: int
     ) -> list[tuple[int, str, str, float]]:
@@ -202,6 +236,15 @@ class ClientActor(ClientWorker):
     @ray.method(num_returns=2)
     def run_setup_client(self, phase_index: int, client_id: int):  # type: ignore[override]
         return ClientWorker.run_setup_client(self, phase_index, client_id)
+
+    @ray.method(num_returns=2)
+    def run_setup_personal(self, phase_index: int, client_id: int, message: dict[str, Any],  # type: ignore[override]
+                           version: int):
+        return ClientWorker.run_setup_personal(self, phase_index, client_id, message, version)
+
+    @ray.method(num_returns=2)
+    def run_setup_work(self, phase_index: int, item_index: int, item: Any):  # type: ignore[override]
+        return ClientWorker.run_setup_work(self, phase_index, item_index, item)
 
 
 FIRST_TRAIN_ENV = "WARMFED_SIM_FIRST_TRAIN_FILE"  # benchmarks/startup.py: where the first training task notes its start

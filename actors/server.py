@@ -35,6 +35,7 @@ class ServerWorker:
         self.state: dict[str, Any] = algorithm.init_server_state(model_weights(run.build_model()))
         self.aggregator: Aggregator | None = None
         self._uploads: list[Any] = []
+        self._work_items: list[Any] = []
         return True
 
     def broadcast(self) -> dict[str, Any]:
@@ -63,6 +64,16 @@ class ServerWorker:
     def collect(self, upload: Any) -> None:
         self._uploads.append(upload)
 
+    def prepare_setup_work(self, phase_index: int) -> list[float]:
+        """A work phase's items from the current state, kept here until each is fetched; returns their costs."""
+        items = self.algorithm.setup_phases()[phase_index].work_items(self.state)
+        self._work_items = [item for _, item in items]
+        return [float(cost) for cost, _ in items]
+
+    def setup_work_item(self, index: int) -> Any:
+        """One work item, fetched by the client actor that runs it (an argument ref, so it never visits the driver)."""
+        return self._work_items[index]
+
     def run_setup_server(self, phase_index: int) -> dict[str, float]:
         phase = self.algorithm.setup_phases()[phase_index]
         metrics: dict[str, float] = {}
@@ -75,7 +86,9 @@ class ServerWorker:
         start = time.perf_counter()
         reset_peak()
         uploads, self._uploads = self._uploads, []
-        self.state = phase.server(ctx, self.state, uploads)
+        self._work_items = []
+        if phase.server is not None:
+            self.state = phase.server(ctx, self.state, uploads)
         metrics.setdefault("server_s", time.perf_counter() - start)
         metrics["server_peak_rss_mb"] = peak_rss_mb()
         return metrics

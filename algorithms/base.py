@@ -165,26 +165,56 @@ class ClientContext:
 
 @dataclass(frozen=True)
 class SetupPhase:
-    """A one-shot step before round 1, e.g. WarmFed's LoRA upload and server synthesis.
+    """A one-shot step before round 1, e.g. WarmFed's LoRA upload, synthesis and one-shot personalization.
 
-    `client` (optional) runs on every client and returns an upload; `server` receives the
-    uploads in client-id order with the server state and returns the new server state.
+    A phase does its per-party work in one of three ways (at most one is set), then `server`
+    (optional) receives the results in client-id (or item) order with the server state and
+    returns the new server state:
+
+    * `client(ctx) -> upload`: every client computes an upload from its own data;
+    * `personal(ctx, message, client_state) -> (upload, new_state)`: every training client starts
+      from the server's broadcast (downloaded once per client, counted) and keeps `new_state` in
+      the state store as its round-0 state, e.g. a one-shot personalized model;
+    * `work(ctx, item) -> result` over `work_items(state) -> [(cost, item), ...]`: server-owned work
+      whose items are independent (one per client, say) fans out over the client actor pool;
+      the server still owns the phase, its inputs and its result. Each item must carry its own
+      seed, so results do not depend on which actor ran it.
     """
 
     name: str
-    client: Callable[[ClientContext], Any] | None
-    server: Callable[["ServerContext", dict[str, Any], Iterable[Any]], dict[str, Any]]
+    client: Callable[[ClientContext], Any] | None = None
+    server: Callable[["ServerContext", dict[str, Any], list[Any]], dict[str, Any]] | None = None
     upload_nbytes: Callable[[Any], int] = lambda upload: 0
+    personal: Callable[[ClientContext, dict[str, Any], dict[str, Any] | None], tuple[Any, dict[str, Any] | None]] | None = None
+    work: Callable[["ServerContext", Any], Any] | None = None
+    work_items: Callable[[dict[str, Any]], list[tuple[float, Any]]] | None = None
+
+    def __post_init__(self) -> None:
+        if sum(f is not None for f in (self.client, self.personal, self.work)) > 1:
+            raise ValueError(f"setup phase {self.name!r}: set at most one of client, personal, work")
+        if (self.work is None) != (self.work_items is None):
+            raise ValueError(f"setup phase {self.name!r}: work and work_items go together")
+
+    @property
+    def kind(self) -> str:
+        """client | personal | work | server (server-only)."""
+        if self.client is not None:
+            return "client"
+        if self.personal is not None:
+            return "personal"
+        return "work" if self.work is not None else "server"
 
 
 @dataclass
 class ServerContext:
-    """What a server phase may use: the run, a fresh model, a device and a progress callback."""
+    """What a server phase (or its fanned-out work) may use: the run, a fresh model, a device, a
+    metric callback; `public` is the dataset's public split where the process holds it."""
 
     run: RunContext
     device: torch.device
     report: Callable[[str, float], None]
     artifacts_dir: Path
+    public: Any = None
 
     def build_model(self) -> Classifier:
         return self.run.build_model().to(self.device)

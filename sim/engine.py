@@ -89,7 +89,7 @@ class Simulation:
             self.results.drop_run(self.name, self.seed)
             versions = np.full(self.run.num_clients, -1, dtype=np.int64)
             began = time.perf_counter()
-            rows = self._setup_phases(server)
+            rows = self._setup_phases(server, versions)
             rows += self._evaluate(server, 0, versions)
             rows.append((RUN_LEVEL, "run", "wall_s", time.perf_counter() - began))
             self.results.write(self.name, self.seed, 0, rows)
@@ -115,33 +115,58 @@ class Simulation:
                 os._exit(17)
 
     # ------------------------------------------------------------------------------------
-    def _setup_phases(self, server: Any) -> list[Row]:
-        """Run the algorithm's one-shot phases; each reports wall time and bytes as round-0 rows."""
+    def _setup_phases(self, server: Any, versions: np.ndarray) -> list[Row]:
+        """Run the algorithm's one-shot phases; each reports wall time and bytes as round-0 rows.
+
+        A client phase runs on every client, a personal phase on every training client from one
+        broadcast (its state becomes the client's round-0 version), a work phase fans the
+        server's items out over the pool; results reach the server in client (item) order."""
         rows: list[Row] = []
         for index, phase in enumerate(self.algorithm.setup_phases()):
             start = time.perf_counter()
             bytes_up = 0
             client_peak = 0.0
-            if phase.client is not None:
-                tasks = [
-                    Task(cid, float(self.train_sizes[cid]),
-                         lambda actor, cid=cid: actor.run_setup_client.remote(index, cid))
-                    for cid in range(self.run.num_clients)
-                ]
+            tasks = self._setup_tasks(server, index, phase.kind)
+            if tasks:
+                down_each = ray.get(server.message_nbytes.remote()) if phase.kind == "personal" else 0
                 bar = self.progress.bar(len(tasks), f"{self.name} · {phase.name}")
                 for _, ref, info in self._in_client_order(tasks, lambda ref: server.collect.remote(ref)):
                     bytes_up += int(info["bytes_up"])
                     client_peak = max(client_peak, float(info["peak_rss_mb"]))
-                    rows.append((info["client_id"], "run", f"{phase.name}/client_s", info["seconds"]))
+                    if "version" in info:
+                        versions[int(info["client_id"])] = int(info["version"])
+                    metric = "work_s" if phase.kind == "work" else "client_s"
+                    rows.append((info["client_id"], "run", f"{phase.name}/{metric}", info["seconds"]))
                     bar.update(1)
                 bar.close()
                 rows.append((RUN_LEVEL, "run", f"{phase.name}/client_peak_rss_mb", client_peak))
+                if phase.kind == "personal":  # each client downloads the broadcast once: counted like a round's
+                    rows.append((RUN_LEVEL, "run", f"{phase.name}/bytes_down", float(down_each * len(tasks))))
+                    rows.append((RUN_LEVEL, "run", "bytes_down", float(down_each * len(tasks))))
             metrics = ray.get(server.run_setup_server.remote(index))
             rows.append((RUN_LEVEL, "run", f"{phase.name}/bytes_up", float(bytes_up)))
             rows.append((RUN_LEVEL, "run", f"{phase.name}/wall_s", time.perf_counter() - start))
             rows += [(RUN_LEVEL, "run", f"{phase.name}/{k}", v) for k, v in metrics.items()]
             self.progress.note(f"{self.name} · {phase.name}: {time.perf_counter() - start:.1f}s")
         return rows
+
+    def _setup_tasks(self, server: Any, index: int, kind: str) -> list[Task]:
+        """The pool tasks of one setup phase (none for a server-only phase)."""
+        if kind == "client":
+            return [Task(cid, float(self.train_sizes[cid]),
+                         lambda actor, cid=cid: actor.run_setup_client.remote(index, cid))
+                    for cid in range(self.run.num_clients)]
+        if kind == "personal":
+            message = server.broadcast.remote()
+            return [Task(int(cid), float(self.train_sizes[cid]),
+                         lambda actor, cid=int(cid): actor.run_setup_personal.remote(index, cid, message, -1))
+                    for cid in self.train_clients]
+        if kind == "work":
+            costs = ray.get(server.prepare_setup_work.remote(index))
+            return [Task(i, float(cost),
+                         lambda actor, i=i: actor.run_setup_work.remote(index, i, server.setup_work_item.remote(i)))
+                    for i, cost in enumerate(costs)]
+        return []
 
     def _in_client_order(self, tasks: list[Task], fold) -> Any:
         """Run tasks; hand each result ref to `fold` strictly in client-id order, as soon as possible."""

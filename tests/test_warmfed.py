@@ -16,8 +16,9 @@ from tests.conftest import small_overrides
 TINY = [
     "algo.warmfed.pretrain_steps=20", "algo.warmfed.lora_steps=3", "algo.warmfed.lora_batch_size=16",
     "algo.warmfed.synth_per_class=3", "algo.warmfed.sampler_steps=3", "algo.warmfed.server_epochs=2",
-    "num_clients=4", "clients_per_round=4", "rounds=1", "data.domains=plain,inverted",
+    "num_clients=4", "clients_per_round=4", "rounds=1", "data.domains=plain,inverted", "train.finetune_epochs=1",
 ]
+PHASES = ("backbone", "lora", "synthesis", "server_finetune", "personalize")
 
 
 @pytest.mark.slow
@@ -32,7 +33,7 @@ def test_warmfed_phases_bytes_and_determinism(ray_local, tmp_path):
 
     df = read_metrics(runs[0]).to_pandas()
     run = df[df.client_id == -1].set_index("metric").value
-    for phase in ("backbone", "lora", "synthesis", "server_finetune"):
+    for phase in PHASES:
         assert f"{phase}/wall_s" in run.index
         assert run[f"{phase}/server_peak_rss_mb"] > 50  # every phase reports its own peak memory
     assert run["lora/client_peak_rss_mb"] > 50
@@ -41,6 +42,9 @@ def test_warmfed_phases_bytes_and_determinism(ray_local, tmp_path):
     # Only LoRA tensors (+ 10 int32 class counts) travel up in the one-shot phase.
     assert run["lora/bytes_up"] == 4 * (lora_bytes + 10 * 4)
     assert run["synthesis/images"] > 0
+    # synthesis ran on the pool, one item per client; the one-shot personalization downloaded the warm start
+    assert sorted(df[df.metric == "synthesis/work_s"].client_id) == [0, 1, 2, 3]
+    assert run["personalize/bytes_down"] == 4 * run["lora/classifier_bytes"]
     grids = list((runs[0] / "artifacts" / "warmfed" / "seed0").glob("client*.png"))
     assert len(grids) == 4
     report = (runs[0] / "report.md").read_text()
@@ -55,27 +59,71 @@ def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
     variants = [
         "variants.warmfed-nolora.algorithm=warmfed", "variants.warmfed-nolora.personalize=false",
         "variants.warmfed-plain.algorithm=warmfed", "variants.warmfed-plain.server_finetune=false",
-        "variants.warmfed-plain.dsd=false", "variants.warmfed-plain.round_lr=0.05",  # = train.lr, as FedAvg
+        "variants.warmfed-plain.round_server_epochs=0", "variants.warmfed-plain.dsd=false",
+        "variants.warmfed-plain.round_lr=0.05",  # = train.lr, as FedAvg
     ]
     cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,warmfed-nolora,warmfed-plain",
                                             *TINY, *variants))
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
-    for variant in ("warmfed-nolora", "warmfed-plain"):  # each variant's sample grids, none overwritten
-        assert len(list((run_dir / "artifacts" / variant / "seed0").glob("client*.png"))) == 4
+    assert len(list((run_dir / "artifacts" / "warmfed-nolora" / "seed0").glob("client*.png"))) == 4
     run = df[df.client_id == -1]
 
     def value(algo, metric):
         return float(run[(run.algorithm == algo) & (run.metric == metric)].value.iloc[0])
 
-    # No personalization: nothing but the class counts is uploaded, samples come from the plain backbone.
+    # No personalization: nothing but the class counts is uploaded, no LoRA trained, plain backbone samples.
     assert value("warmfed-nolora", "lora/bytes_up") == 4 * 10 * 4
-    # No server fine-tune and no DSD: the rounds are exactly FedAvg's from the same init.
+    assert value("warmfed-nolora", "lora/trained") == 0 and value("warmfed-nolora", "synthesis/images") > 0
+    # Nothing reads the synthetic set: no backbone, no LoRA, no sampling, no grids.
+    plain_phases = {m.split("/")[0] for m in run[run.algorithm == "warmfed-plain"].metric if "/" in m}
+    assert plain_phases == {"personalize"}
+    assert not (run_dir / "artifacts" / "warmfed-plain").exists()
+    # No server fine-tune and no DSD: the global model of the rounds is exactly FedAvg's from the same init.
     test = df[(df.split == "test") & (df.metric == "global_acc")]
     for r in (0, 1):
         fed = test[(test.algorithm == "fedavg") & (test["round"] == r)].sort_values("client_id").value.values
         plain = test[(test.algorithm == "warmfed-plain") & (test["round"] == r)].sort_values("client_id").value.values
         assert list(fed) == list(plain)
+
+
+@pytest.mark.slow
+def test_variants_reuse_lora_and_synthesis_and_report_one_shot_personal_models(ray_local, tmp_path):
+    variants = ["variants.warmfed-nodsd.algorithm=warmfed", "variants.warmfed-nodsd.dsd=false",
+                "variants.warmfed-no1shot.algorithm=warmfed", "variants.warmfed-no1shot.oneshot_personal=false",
+                "variants.warmfed-no1shot.round_server_epochs=0"]
+    cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-nodsd,warmfed-no1shot",
+                                            *TINY, *variants))
+    run_dir = run_comparison(cfg).run_dir
+    df = read_metrics(run_dir).to_pandas()
+    run = df[df.client_id == -1]
+
+    def value(algo, metric):
+        return float(run[(run.algorithm == algo) & (run.metric == metric)].value.iloc[0])
+
+    assert value("warmfed", "lora/trained") == 4 and value("warmfed", "lora/reused") == 0
+    for variant in ("warmfed-nodsd", "warmfed-no1shot"):  # same LoRA fields and data: nothing trained or sampled again
+        assert value(variant, "lora/trained") == 0 and value(variant, "lora/reused") == 4
+        assert value(variant, "synthesis/reused") == 4
+        assert value(variant, "lora/bytes_up") == value("warmfed", "lora/bytes_up")
+    assert len(list((run_dir / "cache" / "warmfed" / "lora").glob("*.safetensors"))) == 4
+    assert len(list((run_dir / "cache" / "warmfed" / "synthesis").glob("*.npz"))) == 4
+    # identical uploads and samples -> the identical one-shot global model
+    test = df[df.split == "test"]
+    g0 = {a: g.sort_values("client_id").value.tolist()
+          for a, g in test[(test.metric == "global_acc") & (test["round"] == 0)].groupby("algorithm")}
+    assert g0["warmfed"] == g0["warmfed-nodsd"] == g0["warmfed-no1shot"]
+    # round 0: the one-shot personalized model is reported beside the one-shot global one
+    p0 = {a: g.sort_values("client_id").value.tolist()
+          for a, g in test[(test.metric == "personal_acc") & (test["round"] == 0)].groupby("algorithm")}
+    assert p0["warmfed"] != g0["warmfed"]  # DSD from the warm start moved each client's model
+    assert p0["warmfed-no1shot"] == g0["warmfed-no1shot"]  # no one-shot personal model: the global one
+    assert value("warmfed", "personalize/bytes_down") > 0 and "personalize/wall_s" not in set(
+        run[run.algorithm == "warmfed-no1shot"].metric)
+    # DSD on vs off: different personalized models after the round
+    p1 = {a: g.sort_values("client_id").value.tolist()
+          for a, g in df[(df.metric == "personal_loss") & (df["round"] == 1)].groupby("algorithm")}
+    assert p1["warmfed"] != p1["warmfed-nodsd"]
 
 
 def test_stable_diffusion_backbone_through_the_engine(ray_local, tmp_path):

@@ -1,21 +1,41 @@
-"""WarmFed as an algorithm plug-in: four warm-start phases, then rounds with DSD.
+"""WarmFed as an algorithm plug-in: the one-shot warm start, then rounds of aggregation and DSD.
 
     backbone         (server)  load the committed/cached tiny backbone, pretrain it on public data if
                                missing, or load Stable Diffusion from a local path
     lora             (clients) LoRA-fine-tune the frozen backbone on the client's own data; upload
                                only the LoRA tensors (+ which classes to synthesize), once
-    synthesis        (server)  per client: load its LoRA, sample labelled images, save a grid
-    server_finetune  (server)  train the global classifier on the union of synthetic data
-    rounds 1..R      (clients) dynamic self-distillation from the received global model; each client
-                               keeps its personalized model, the server averages the students
+    synthesis        (server)  per client: load its LoRA, sample labelled images (the server's work,
+                               fanned out over the client actor pool), save a grid
+    server_finetune  (server)  train the global classifier on the union of synthetic data: the
+                               one-shot global model; the synthetic set stays in the server state
+    personalize      (clients) the one-shot personalized model: DSD from the warm start (round 0)
+    rounds 1..R      clients upload a model trained from the global one (`upload`), the server
+                     averages and fine-tunes the average on the synthetic union again
+                     (`round_server_epochs`, FGL's protocol); each client's personalized model is
+                     DSD from the new global model with its own previous personalized model as the
+                     teacher, kept in the client state store between rounds
 
-Each part has an ablation switch: `personalize=false` (no LoRA: plain backbone samples),
-`server_finetune=false` (rounds start from the random init), `dsd=false` (plain local CE).
+What travels: up, once, the LoRA tensors and class counts; every round, the `upload` model
+(`"ce"`: trained from the global model by plain cross-entropy for `train.local_epochs`, the
+global path stays FedAvg's; `"dsd"`: the personalized student itself, as pFedSD). The
+personalized model never leaves the client. Down: the global model (once more at round 0
+for the one-shot personalization).
+
+Each part has a switch: `personalize=false` (no LoRA: plain backbone samples),
+`server_finetune=false` (rounds start from the random init), `round_server_epochs=0`,
+`oneshot_personal=false`, `dsd=false` (plain CE personalization), `dsd_teacher=global`.
+Phases whose output nothing reads are skipped, and LoRA uploads and synthetic sets are reused
+between variants of a run that provably share them (`reuse`, keyed by content).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import json
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +57,13 @@ from algorithms.base import (
     rng_seed,
 )
 from algorithms.registry import register
-from algorithms.warmfed.dsd import DSDConfig, DSDObjective
-from sim.training import cross_entropy, local_sgd
+from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
+from sim.training import cross_entropy, evaluate, local_sgd
 
 BACKBONES = ("tiny", "stable-diffusion")
+SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
+UPLOADS = ("ce", "dsd")
+TEACHERS = ("personal", "global")
 
 
 @dataclass(frozen=True)
@@ -64,7 +87,8 @@ class WarmFedParams:
     dp_noise: float = 0.0
     # server synthesis
     synth_per_class: int = 20  # images per class the client holds
-    sampler_steps: int = 25
+    sampler: str = "dpm++"  # ddim | dpm++ (DPM-Solver++ 2M) | unipc
+    sampler_steps: int = 10
     guidance_scale: float = 2.0
     save_grids: int = 10  # sample grids written for the first k clients
     # server fine-tuning (the warm start)
@@ -73,16 +97,28 @@ class WarmFedParams:
     server_lr: float = 0.05
     server_batch_size: int = 64
     augment_shift: int = 1  # random ±pixels translation of synthetic images during fine-tuning
-    # rounds: dynamic self-distillation
+    # after every round's aggregation: epochs on the synthetic union (FGL's protocol), 0 = off
+    round_server_epochs: int = 1
+    round_server_lr: float = 0.01
+    # rounds
     # Local learning rate in the rounds (None: train.lr). Fine-tuning the warm start at the
     # from-scratch rate (0.05, momentum 0.9) collapsed it in round 1 on all 3 seeds; 0.01 did not.
     round_lr: float | None = 0.01
-    dsd: bool = True
+    upload: str = "ce"  # ce: trained from the global model by plain CE | dsd: the personalized student
+    # personalization: DSD for train.finetune_epochs (the budget every fine-tuning method gets)
+    oneshot_personal: bool = True  # round 0: DSD from the warm start, before any round
+    personal_lr: float | None = None  # None: round_lr
+    dsd: bool = True  # false: plain CE personalization from the global model
+    dsd_teacher: str = "personal"  # personal: the client's own previous personalized model | global
     dsd_tau: float = 2.0
     dsd_lambda0: float = 1.0
     dsd_schedule: str = "linear"
-    dsd_selection: str = "correct"
+    dsd_selection: str = "credibility"
     dsd_threshold: float = 0.5
+    dsd_client_weighting: str = "advantage"
+    dsd_margin: float = 0.1
+    dsd_teacher_mode: str = "batch"
+    reuse: bool = True  # share LoRA uploads and synthetic sets between variants with the same inputs
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -95,7 +131,14 @@ class WarmFedParams:
             raise ValueError(f"round_lr must be > 0, got {self.round_lr}")
         if self.pretrain_steps is not None and self.pretrain_steps < 1:
             raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
-        for name in ("lora_steps", "synth_per_class", "sampler_steps", "server_epochs"):
+        for name, value, allowed in (("sampler", self.sampler, SAMPLERS), ("upload", self.upload, UPLOADS),
+                                     ("dsd_teacher", self.dsd_teacher, TEACHERS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("personal_lr", "round_server_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lora_steps", "synth_per_class", "sampler_steps", "server_epochs", "round_server_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dp_clip < 0 or self.dp_noise < 0:
@@ -105,7 +148,13 @@ class WarmFedParams:
         self.dsd_config()  # validates the DSD fields
 
     def dsd_config(self) -> DSDConfig:
-        return DSDConfig(self.dsd_tau, self.dsd_lambda0, self.dsd_schedule, self.dsd_selection, self.dsd_threshold)
+        return DSDConfig(self.dsd_tau, self.dsd_lambda0, self.dsd_schedule, self.dsd_selection, self.dsd_threshold,
+                         self.dsd_client_weighting, self.dsd_margin, self.dsd_teacher_mode)
+
+    @property
+    def uses_synthetic(self) -> bool:
+        """Whether anything reads the synthetic set (else no LoRA is trained and nothing is sampled)."""
+        return self.server_finetune or self.round_server_epochs > 0
 
 
 # One backbone per process (actor), shared by every client that actor serves.
@@ -165,14 +214,91 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
 
 @dataclass
 class ClientUploadBundle:
-    """What a client sends once: its LoRA (None in the no-personalization ablation) and class counts."""
+    """What a client sends once: its LoRA (None in the no-personalization ablation) and class counts.
+
+    `key` names the upload's content (see `WarmFed._lora_key`) for reuse between variants; it is
+    simulator bookkeeping, not counted as sent."""
 
     lora: Any
     class_counts: np.ndarray
+    key: str = ""
+    reused: bool = False
 
     @property
     def nbytes(self) -> int:
         return (self.lora.num_bytes if self.lora is not None else 0) + int(self.class_counts.nbytes)
+
+
+@dataclass(frozen=True)
+class SynthesisJob:
+    """One client's synthesis: the server's input to a pool actor (the upload it holds, a seed)."""
+
+    client_id: int
+    lora: Any
+    want: np.ndarray
+    seed: int
+    key: str
+
+
+@dataclass
+class SynthesisResult:
+    client_id: int
+    images: np.ndarray
+    labels: np.ndarray
+    seconds: float  # sampling time (0 when reused)
+    reused: bool
+
+
+@dataclass
+class WarmFedServerState:
+    """WarmFed's part of the server state (checkpointed with the weights): the clients' uploads
+    between the lora and synthesis phases, then the synthetic union the rounds fine-tune on, and
+    how many rounds were aggregated (each round's fine-tune draws its own seed from it)."""
+
+    uploads: list[ClientUploadBundle] | None = None
+    synthetic_x: np.ndarray | None = None
+    synthetic_y: np.ndarray | None = None
+    rounds_done: int = 0
+
+    @property
+    def has_synthetic(self) -> bool:
+        return self.synthetic_y is not None and len(self.synthetic_y) > 0
+
+
+def content_key(*parts: Any) -> str:
+    """sha256 over JSON-able parts and arrays/tensors (dtype, shape, bytes): a cache key by content."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().numpy()
+        if isinstance(part, np.ndarray):
+            a = np.ascontiguousarray(part)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()[:32]
+
+
+# Fields that cannot change a client's LoRA upload; every other field (so any LoRA field added
+# later) is part of the upload's key.
+_NOT_LORA = frozenset({
+    "synth_per_class", "sampler", "sampler_steps", "guidance_scale", "save_grids", "server_finetune", "server_epochs",
+    "server_lr", "server_batch_size", "augment_shift", "round_server_epochs", "round_server_lr", "round_lr",
+    "upload", "oneshot_personal", "personal_lr", "dsd", "dsd_teacher", "dsd_tau", "dsd_lambda0",
+    "dsd_schedule", "dsd_selection", "dsd_threshold", "dsd_client_weighting", "dsd_margin", "dsd_teacher_mode",
+    "reuse",
+})
+# Fields that cannot change a client's synthetic set once its LoRA upload is fixed.
+_NOT_SYNTHESIS = _NOT_LORA - {"synth_per_class", "sampler", "sampler_steps", "guidance_scale"}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -205,14 +331,29 @@ class WarmFed(Algorithm):
         if looks_like_path and not path.exists():
             raise BackboneError(f"backbone path does not exist: {path} (algo.warmfed.sd_model)")
 
+    # ----- server state ------------------------------------------------------------------
+    def init_server_state(self, weights: Weights) -> dict[str, Any]:
+        return {"weights": weights, "warmfed": WarmFedServerState()}
+
+    @property
+    def cache_dir(self) -> Path:
+        """Reused uploads and synthetic sets: inside the run directory, so one code version fills it."""
+        return Path(self.run.run_dir) / "cache" / "warmfed"
+
     # ----- warm-start phases ---------------------------------------------------------------
     def setup_phases(self) -> list[SetupPhase]:
-        return [
-            SetupPhase("backbone", None, self._server_backbone),
-            SetupPhase("lora", self._client_lora, self._server_collect, lambda upload: upload.nbytes),
-            SetupPhase("synthesis", None, self._server_synthesis),
-            SetupPhase("server_finetune", None, self._server_finetune),
-        ]
+        phases: list[SetupPhase] = []
+        if self.params.uses_synthetic:
+            phases += [
+                SetupPhase("backbone", None, self._server_backbone),
+                SetupPhase("lora", self._client_lora_reused, self._server_collect, lambda upload: upload.nbytes),
+                SetupPhase("synthesis", server=self._server_synthesis, work=self._synthesize_one,
+                           work_items=self._synthesis_jobs),
+                SetupPhase("server_finetune", None, self._server_finetune),
+            ]
+        if self.params.oneshot_personal and self.run.train.finetune_epochs > 0:
+            phases.append(SetupPhase("personalize", personal=self._oneshot_personal))
+        return phases
 
     def _server_backbone(self, ctx: ServerContext, state: dict[str, Any], uploads: list) -> dict[str, Any]:
         backbone = load_backbone(self.params, self.run, report=ctx.report)
@@ -237,97 +378,206 @@ class WarmFed(Algorithm):
                                       seed=rng_seed(self.run.seed, ctx.client_id, "dp") % (2**31))
         return ClientUploadBundle(upload, counts)
 
+    def _lora_key(self, ctx: ClientContext, backbone: Any) -> str:
+        """Everything that determines a client's upload: backbone, LoRA fields, seed, client, its data."""
+        fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _NOT_LORA}
+        return content_key("lora", backbone.fingerprint(), fields, self.run.seed, ctx.client_id,
+                           ctx.data.x["train"], ctx.data.y["train"])
+
+    def _client_lora_reused(self, ctx: ClientContext) -> ClientUploadBundle:
+        """`_client_lora`, or the upload an earlier variant of this run trained from the same inputs."""
+        if not self.params.personalize or not self.params.reuse:
+            return self._client_lora(ctx)
+        from algorithms.warmfed.lora import LoraUpload
+
+        key = self._lora_key(ctx, load_backbone(self.params, self.run, public=ctx.public))
+        path = self.cache_dir / "lora" / f"{key}.safetensors"
+        if path.exists():
+            counts = np.bincount(ctx.data.y["train"].numpy(), minlength=self.run.model_spec.num_classes)
+            return ClientUploadBundle(LoraUpload.from_bytes(path.read_bytes()), counts.astype(np.int32), key, True)
+        bundle = self._client_lora(ctx)
+        if bundle.lora is not None:
+            _write_atomic(path, bundle.lora.to_bytes())
+        return dataclasses.replace(bundle, key=key)
+
     def _server_collect(self, ctx: ServerContext, state: dict[str, Any], uploads: list) -> dict[str, Any]:
         sizes = [u.lora.num_bytes for u in uploads if u.lora is not None]
         ctx.report("clients", float(len(uploads)))
         ctx.report("lora_bytes_per_client", float(np.mean(sizes)) if sizes else 0.0)
+        ctx.report("trained", float(sum(u.lora is not None and not u.reused for u in uploads)))
+        ctx.report("reused", float(sum(u.reused for u in uploads)))
         ctx.report("classifier_bytes", float(sum(t.numel() * t.element_size() for t in state["weights"].values())))
-        return {**state, "_uploads": uploads}
+        return {**state, "warmfed": dataclasses.replace(state["warmfed"], uploads=list(uploads))}
 
-    def _server_synthesis(self, ctx: ServerContext, state: dict[str, Any], uploads: list) -> dict[str, Any]:
+    def _synthesis_jobs(self, state: dict[str, Any]) -> list[tuple[float, SynthesisJob]]:
+        """One job per client, costed by its image count (the pool dispatches the largest first)."""
+        jobs = []
+        for client_id, upload in enumerate(state["warmfed"].uploads):
+            want = np.where(upload.class_counts > 0, self.params.synth_per_class, 0)
+            seed = rng_seed(self.run.seed, client_id, "synthesis") % (2**31)
+            jobs.append((float(want.sum()), SynthesisJob(client_id, upload.lora, want, seed, upload.key)))
+        return jobs
+
+    def _synthesize_one(self, ctx: ServerContext, job: SynthesisJob) -> SynthesisResult:
+        """Sample one client's images from its personalized backbone (on whichever actor runs it)."""
         import contextlib
         import time
 
         from algorithms.warmfed.lora import apply_lora
-        from algorithms.warmfed.synthesis import save_sample_grid, synthesize
+        from algorithms.warmfed.synthesis import synthesize
 
-        backbone = load_backbone(self.params, self.run)
-        images, labels = [], []
+        backbone = load_backbone(self.params, self.run, public=ctx.public)
+        path = None
+        if self.params.reuse and (job.lora is None or job.key):
+            fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _NOT_SYNTHESIS}
+            source = job.key if job.lora is not None else f"base:{backbone.fingerprint()}"
+            key = content_key("synthesis", source, fields, job.want, job.seed)
+            path = self.cache_dir / "synthesis" / f"{key}.npz"
+            if path.exists():
+                with np.load(path) as cached:
+                    return SynthesisResult(job.client_id, cached["images"], cached["labels"], 0.0, True)
         start = time.perf_counter()
-        grid_dir = ctx.artifacts_dir / self.name / f"seed{self.run.seed}"  # a variant keeps its own grids
-        for client_id, upload in enumerate(state["_uploads"]):
-            want = np.where(upload.class_counts > 0, self.params.synth_per_class, 0)
-            scope = apply_lora(backbone, upload.lora) if upload.lora is not None else contextlib.nullcontext(backbone)
-            with scope as personalized:
-                x, y = synthesize(personalized, want, steps=self.params.sampler_steps,
-                                  guidance_scale=self.params.guidance_scale,
-                                  seed=rng_seed(self.run.seed, client_id, "synthesis") % (2**31))
-            images.append(x)
-            labels.append(y)
-            if client_id < self.params.save_grids and len(y):
-                pick = np.concatenate([np.flatnonzero(y == c)[:4] for c in np.unique(y)])
-                save_sample_grid(x[pick], y[pick], grid_dir / f"client{client_id:03d}.png", nrow=12,
-                                 title=f"client {client_id}")
+        scope = apply_lora(backbone, job.lora) if job.lora is not None else contextlib.nullcontext(backbone)
+        with scope as personalized:
+            x, y = synthesize(personalized, job.want, steps=self.params.sampler_steps,
+                              guidance_scale=self.params.guidance_scale, seed=job.seed, sampler=self.params.sampler)
         seconds = time.perf_counter() - start
-        union_x = np.concatenate(images) if images else np.zeros((0,), np.float32)
-        union_y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+        if path is not None:
+            buffer = io.BytesIO()
+            np.savez(buffer, images=x, labels=y)
+            _write_atomic(path, buffer.getvalue())
+        return SynthesisResult(job.client_id, x, y, seconds, False)
+
+    def _server_synthesis(self, ctx: ServerContext, state: dict[str, Any], results: list) -> dict[str, Any]:
+        from algorithms.warmfed.synthesis import save_sample_grid
+
+        grid_dir = ctx.artifacts_dir / self.name / f"seed{self.run.seed}"  # a variant keeps its own grids
+        for res in results[: self.params.save_grids]:
+            if len(res.labels):
+                pick = np.concatenate([np.flatnonzero(res.labels == c)[:4] for c in np.unique(res.labels)])
+                save_sample_grid(res.images[pick], res.labels[pick], grid_dir / f"client{res.client_id:03d}.png",
+                                 nrow=12, title=f"client {res.client_id}")
+        sampled = [r for r in results if not r.reused]
+        seconds = sum(r.seconds for r in sampled)
+        n_sampled = sum(len(r.labels) for r in sampled)
+        union_x = np.concatenate([r.images for r in results]) if results else np.zeros((0,), np.float32)
+        union_y = np.concatenate([r.labels for r in results]) if results else np.zeros((0,), np.int64)
         ctx.report("images", float(len(union_y)))
-        ctx.report("images_per_s", len(union_y) / seconds if seconds > 0 else math.nan)
-        rest = {k: v for k, v in state.items() if k != "_uploads"}
-        return {**rest, "_synthetic": (union_x, union_y)}
+        ctx.report("images_per_s", n_sampled / seconds if seconds > 0 else math.nan)  # per actor
+        ctx.report("sampling_s", seconds)  # summed over actors
+        ctx.report("reused", float(len(results) - len(sampled)))
+        wf = WarmFedServerState(None, union_x, union_y)
+        return {**state, "warmfed": wf}
 
     def _server_finetune(self, ctx: ServerContext, state: dict[str, Any], uploads: list) -> dict[str, Any]:
-        x_np, y_np = state["_synthetic"]
-        rest = {k: v for k, v in state.items() if k != "_synthetic"}
-        if not self.params.server_finetune or len(y_np) == 0:
-            return rest
-        model = ctx.build_model()
-        load_weights(model, rest["weights"])
+        wf: WarmFedServerState = state["warmfed"]
+        keep = wf if self.params.round_server_epochs > 0 else WarmFedServerState()  # the rounds' input, if they read it
+        state = {**state, "warmfed": keep}
+        if not self.params.server_finetune or not wf.has_synthetic:
+            return state
+        weights, loss = self._train_on_synthetic(
+            state["weights"], wf, self.params.server_epochs, self.params.server_lr,
+            rng_seed(self.run.seed, "server_finetune"), ctx.device)
+        ctx.report("final_loss", loss)
+        return {**state, "weights": weights}
+
+    def _train_on_synthetic(self, weights: Weights, wf: WarmFedServerState, epochs: int, lr: float, seed: int,
+                            device: torch.device) -> tuple[Weights, float]:
+        """Server-side cross-entropy on the synthetic union (shift augmentation, cosine rate): the warm
+        start and every round's fine-tune. Returns the new weights and the mean loss."""
+        model = self.run.build_model().to(device)
+        load_weights(model, weights)
         model.train()
-        x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
-        g = torch.Generator().manual_seed(rng_seed(self.run.seed, "server_finetune"))
-        opt = torch.optim.SGD(model.parameters(), lr=self.params.server_lr, momentum=0.9, weight_decay=5e-4)
-        total_steps = self.params.server_epochs * math.ceil(len(y) / self.params.server_batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, total_steps))
+        x, y = torch.from_numpy(wf.synthetic_x), torch.from_numpy(wf.synthetic_y)
+        g = torch.Generator().manual_seed(seed)
+        bs = self.params.server_batch_size
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * math.ceil(len(y) / bs)))
         loss_sum, steps = 0.0, 0
-        for _ in range(self.params.server_epochs):
+        for _ in range(epochs):
             order = torch.randperm(len(y), generator=g)
-            for s in range(0, len(y), self.params.server_batch_size):
-                idx = order[s:s + self.params.server_batch_size]
+            for s in range(0, len(y), bs):
+                idx = order[s:s + bs]
                 if len(idx) < 2:
-                    continue
-                xb = _shift(x[idx], self.params.augment_shift, g).to(ctx.device)
-                loss = F.cross_entropy(model(xb), y[idx].to(ctx.device))
+                    continue  # BatchNorm cannot train on a single sample
+                xb = _shift(x[idx], self.params.augment_shift, g).to(device)
+                loss = F.cross_entropy(model(xb), y[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 loss_sum += float(loss.detach())
                 steps += 1
-        ctx.report("final_loss", loss_sum / max(1, steps))
-        return {**rest, "weights": model_weights(model)}
+        return model_weights(model), loss_sum / max(1, steps)
+
+    def _oneshot_personal(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> tuple[None, dict[str, Any]]:
+        """The one-shot personalized model: DSD from the warm start, which is also its teacher."""
+        personal, _ = self._personalize(ctx, message["weights"], None)
+        return None, {"personal": personal}
 
     # ----- rounds --------------------------------------------------------------------------
+    def finish_round(self, state: dict[str, Any], aggregator: Any) -> dict[str, Any]:
+        """FedAvg's mean, then (FGL's protocol) a few epochs on the synthetic union."""
+        state = super().finish_round(state, aggregator)
+        wf: WarmFedServerState = state["warmfed"]
+        if self.params.round_server_epochs > 0 and wf.has_synthetic and aggregator.count > 0:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            weights, _ = self._train_on_synthetic(
+                state["weights"], wf, self.params.round_server_epochs, self.params.round_server_lr,
+                rng_seed(self.run.seed, "round_finetune", wf.rounds_done + 1), device)
+            state = {**state, "weights": weights}
+        return {**state, "warmfed": dataclasses.replace(wf, rounds_done=wf.rounds_done + 1)}
+
+    def _personalize(
+        self, ctx: ClientContext, global_weights: Weights, previous: Weights | None
+    ) -> tuple[Weights, dict[str, float]]:
+        """The client's new personalized model: the student starts from the newest global model and
+        trains on the client's data for `train.finetune_epochs`, by DSD with the client's previous
+        personalized model as the teacher (the global model itself when there is none yet)."""
+        p = self.params
+        student = ctx.model
+        load_weights(student, global_weights)
+        epochs = self.run.train.finetune_epochs
+        if epochs == 0:
+            return model_weights(student), {}
+        lr = p.personal_lr if p.personal_lr is not None else p.round_lr
+        if not p.dsd:
+            metrics = local_sgd(ctx, student, loss_fn=cross_entropy, epochs=epochs, lr=lr, purpose="personal")
+            return model_weights(student), {"personal_loss": metrics["train_loss"]}
+        teacher = ctx.scratch_model("teacher")
+        load_weights(teacher, previous if previous is not None and p.dsd_teacher == "personal" else global_weights)
+        cfg = p.dsd_config()
+        weight = 1.0
+        if cfg.client_weighting != "none":
+            x_val, y_val = ctx.data.x["val"], ctx.data.y["val"]
+            weight = client_weight(cfg, evaluate(teacher, x_val, y_val)[0], evaluate(student, x_val, y_val)[0])
+        total = epochs * math.ceil(ctx.data.size("train") / ctx.train_cfg.batch_size)
+        objective = DSDObjective(teacher, cfg, total, weight)
+        metrics = local_sgd(ctx, student, loss_fn=objective, epochs=epochs, lr=lr, purpose="personal")
+        return model_weights(student), {
+            "personal_loss": metrics["train_loss"], "dsd_steps": float(objective.step), "dsd_client_weight": weight,
+            "dsd_kl": float(np.mean(objective.kls)) if objective.kls else 0.0,
+        }
+
     def local_train(
         self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
     ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        load_weights(ctx.model, message["weights"])
-        if self.params.dsd:
-            teacher = ctx.scratch_model("teacher")
-            load_weights(teacher, message["weights"])
-            n, bs = ctx.data.size("train"), ctx.train_cfg.batch_size
-            total = ctx.train_cfg.local_epochs * math.ceil(n / bs)
-            objective = DSDObjective(teacher, self.params.dsd_config(), total)
-            metrics = local_sgd(ctx, ctx.model, loss_fn=objective, lr=self.params.round_lr)
-        else:
+        previous = client_state.get("personal") if client_state else None
+        personal, personal_metrics = self._personalize(ctx, message["weights"], previous)
+        if self.params.upload == "ce":
+            load_weights(ctx.model, message["weights"])
             metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy, lr=self.params.round_lr)
-        trained = model_weights(ctx.model)
-        update = ClientUpdate(ctx.client_id, trained, ctx.data.size("train"), metrics)
-        return update, {"personal": trained}
+            upload = model_weights(ctx.model)
+        else:
+            metrics, upload = {"train_loss": personal_metrics.get("personal_loss", math.nan)}, personal
+        update = ClientUpdate(ctx.client_id, upload, ctx.data.size("train"), {**metrics, **personal_metrics})
+        return update, {"personal": personal}
 
     def personal_weights(
         self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
     ) -> Weights | None:
         if client_state and "personal" in client_state:
             return client_state["personal"]
-        return None  # before its first round a client's model is the warm start itself
+        return None  # no personalized model yet (one-shot personalization off, or a new client): the global one

@@ -1,12 +1,28 @@
-"""Dynamic self-distillation (DSD): WarmFed's local objective during the rounds.
+"""Dynamic self-distillation (DSD): how a WarmFed client turns the newest global model into its own.
 
-    L = CE(s(x), y) + λ_t · τ² · mean_i[ m_i · KL(softmax(t(x_i)/τ) ‖ softmax(s(x_i)/τ)) ]
+    L = CE(s(x), y) + w_c · λ_t · τ² · mean_i[ m_i · KL(softmax(t(x_i)/τ) ‖ softmax(s(x_i)/τ)) ]
 
-The teacher t is the model the client received this round (frozen), the student s the
-client's model. The distillation is *dynamic* twice over: m_i selects the samples on which
-the teacher is reliable (it predicts the true label, or its confidence passes a threshold),
-and λ_t follows a schedule over the local steps, so global knowledge anchors the start and
-personalization takes over by the end. Our reading of the paper; every choice is a parameter.
+*Self*-distillation as in pFedSD (Jin et al., "Personalized Edge Intelligence via Federated
+Self-Knowledge Distillation", IEEE TPDS 2023): the teacher t is the client's own previous
+personalized model (the warm start for the first one), the student s starts from the newest
+global model and trains on the client's real data, so a client keeps what it learned about its
+own distribution while taking in what the federation learned since.
+
+"Dynamic" is the weighting, which we take from FedSSD (He et al., "Learning Critically:
+Selective Self-Distillation in Federated Learning on Non-IID Data", IEEE Trans. Big Data 2022):
+distil more where the teacher is credible.
+
+* per sample, m_i: the teacher's probability of the true label (``selection="credibility"``,
+  FedSSD's sample-level credibility), or a hard mask (teacher right / confident), or 1;
+* per client and round, w_c: how much the teacher beats the new global model on the client's
+  validation split (``client_weighting="advantage"``): 1 at parity, 0 when the teacher is
+  ``margin`` worse (stale knowledge is not distilled), 2 when it is ``margin`` better;
+* per step, λ_t: a schedule over the local steps (decaying: the own past anchors the start,
+  the client's data has the last word).
+
+Teacher and student run in the same normalization mode (``teacher_mode="batch"``: both use
+batch statistics, as the training student does), so the KL is exactly zero at identical
+weights; ``"running"`` runs the teacher in eval mode instead.
 """
 
 from __future__ import annotations
@@ -19,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SCHEDULES = ("constant", "linear", "cosine")
-SELECTIONS = ("all", "correct", "confidence")
+SELECTIONS = ("all", "correct", "confidence", "credibility")
+CLIENT_WEIGHTINGS = ("none", "advantage")
+TEACHER_MODES = ("batch", "running")
 
 
 @dataclass(frozen=True)
@@ -27,18 +45,25 @@ class DSDConfig:
     tau: float = 2.0
     lambda0: float = 1.0
     schedule: str = "linear"  # constant | linear | cosine decay of λ over the local steps
-    selection: str = "correct"  # all | correct (teacher right) | confidence (teacher max prob ≥ threshold)
+    # all | correct (teacher right) | confidence (teacher max prob ≥ threshold) | credibility (teacher's p(true label))
+    selection: str = "credibility"
     threshold: float = 0.5
+    client_weighting: str = "advantage"  # none | advantage (teacher vs new global on the client's val split)
+    margin: float = 0.1  # accuracy gap at which the client weight reaches 0 (teacher worse) or 2 (better)
+    teacher_mode: str = "batch"  # batch: BatchNorm on batch statistics, as the student | running: eval mode
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
             raise ValueError(f"dsd tau must be > 0, got {self.tau}")
         if self.lambda0 < 0:
             raise ValueError(f"dsd lambda0 must be >= 0, got {self.lambda0}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"dsd schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"dsd selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.margin <= 0:
+            raise ValueError(f"dsd margin must be > 0, got {self.margin}")
+        for field, value, allowed in (("schedule", self.schedule, SCHEDULES), ("selection", self.selection, SELECTIONS),
+                                      ("client_weighting", self.client_weighting, CLIENT_WEIGHTINGS),
+                                      ("teacher_mode", self.teacher_mode, TEACHER_MODES)):
+            if value not in allowed:
+                raise ValueError(f"dsd {field} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def dsd_weight(cfg: DSDConfig, step: int, total_steps: int) -> float:
@@ -51,41 +76,71 @@ def dsd_weight(cfg: DSDConfig, step: int, total_steps: int) -> float:
     return cfg.lambda0 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def client_weight(cfg: DSDConfig, teacher_acc: float, global_acc: float) -> float:
+    """w_c from the teacher's and the new global model's accuracy on the client's validation split."""
+    if cfg.client_weighting == "none" or math.isnan(teacher_acc) or math.isnan(global_acc):
+        return 1.0  # no validation data: no evidence either way
+    return min(2.0, max(0.0, 1.0 + (teacher_acc - global_acc) / cfg.margin))
+
+
 def teacher_mask(cfg: DSDConfig, teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """m_i: how much each sample's teacher output is trusted."""
     if cfg.selection == "all":
         return torch.ones_like(y, dtype=teacher_logits.dtype)
     if cfg.selection == "correct":
         return (teacher_logits.argmax(1) == y).to(teacher_logits.dtype)
-    return (teacher_logits.softmax(1).max(1).values >= cfg.threshold).to(teacher_logits.dtype)
+    probs = teacher_logits.softmax(1)
+    if cfg.selection == "credibility":
+        return probs.gather(1, y[:, None]).squeeze(1)
+    return (probs.max(1).values >= cfg.threshold).to(teacher_logits.dtype)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(teacher ‖ student) per sample at temperature τ."""
+    log_s = F.log_softmax(student_logits / tau, dim=1)
+    log_t = F.log_softmax(teacher_logits.detach() / tau, dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(1)
 
 
 def dsd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, cfg: DSDConfig, lam: float
 ) -> torch.Tensor:
-    """The DSD objective for one batch (averaged over the batch, masked samples count as zero)."""
+    """The DSD objective for one batch (averaged over the batch; `lam` already holds w_c · λ_t)."""
     ce = F.cross_entropy(student_logits, y)
     if lam == 0:
         return ce
-    tau = cfg.tau
-    log_s = F.log_softmax(student_logits / tau, dim=1)
-    log_t = F.log_softmax(teacher_logits.detach() / tau, dim=1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # KL(teacher ‖ student) per sample
+    kl = distillation_kl(student_logits, teacher_logits, cfg.tau)
     mask = teacher_mask(cfg, teacher_logits.detach(), y)
-    return ce + lam * tau * tau * (mask * kl).mean()
+    return ce + lam * cfg.tau * cfg.tau * (mask * kl).mean()
 
 
 class DSDObjective:
-    """A loss callback for the shared training loop: tracks the step to drive the λ schedule."""
+    """A loss callback for the shared training loop: steps the λ schedule and runs the frozen teacher.
 
-    def __init__(self, teacher: nn.Module, cfg: DSDConfig, total_steps: int) -> None:
-        self.teacher = teacher.eval()
+    `lambdas` keeps the weight used at every step (w_c · λ_t) and `kls` the batch's mean KL, so a
+    run can show that the schedule advanced and what was distilled."""
+
+    def __init__(self, teacher: nn.Module, cfg: DSDConfig, total_steps: int, client_weight: float = 1.0) -> None:
+        self.teacher = teacher
+        for p in teacher.parameters():
+            p.requires_grad_(False)
         self.cfg = cfg
         self.total_steps = total_steps
+        self.client_weight = client_weight
         self.step = 0
+        self.lambdas: list[float] = []
+        self.kls: list[float] = []
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        self.teacher.train(self.cfg.teacher_mode == "batch")
+        with torch.no_grad():
+            return self.teacher(x)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        lam = dsd_weight(self.cfg, self.step, self.total_steps)
+        teacher_logits = self.teacher_logits(x)
+        lam = self.client_weight * dsd_weight(self.cfg, self.step, self.total_steps)
         self.step += 1
-        return dsd_loss(model(x), teacher_logits, y, self.cfg, lam)
+        student_logits = model(x)
+        self.lambdas.append(lam)
+        self.kls.append(float(distillation_kl(student_logits.detach(), teacher_logits, self.cfg.tau).mean()))
+        return dsd_loss(student_logits, teacher_logits, y, self.cfg, lam)

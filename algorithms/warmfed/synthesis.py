@@ -42,6 +42,7 @@ def synthesize(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     seed: int = 0,
     batch_size: int = 100,
+    sampler: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample exactly ``class_counts[c]`` images of every class ``c``.
 
@@ -51,7 +52,9 @@ def synthesize(
     ``apply_lora(...)`` to sample a client's domain.
     """
     labels = class_counts_to_labels(class_counts, backbone.num_classes)
-    images = backbone.sample(labels, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+    extra = {} if sampler is None else {"sampler": sampler}  # None: the backbone's default solver
+    images = backbone.sample(labels, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                             **extra)
     if images.shape[0] != labels.shape[0]:
         raise RuntimeError(f"backbone returned {images.shape[0]} images for {labels.shape[0]} labels")
     return np.ascontiguousarray(images, dtype=np.float32), labels
