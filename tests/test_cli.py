@@ -106,3 +106,34 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
     pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
     assert "results:" in resumed.stdout and "report:" in resumed.stdout
+
+
+def test_list_shows_every_new_algorithm_with_its_hyper_parameters(capsys, monkeypatch):
+    """A method registered by a user's own module shows up in `list`, with its defaults as written
+    in its Params (the expected text is spelled out here, not produced by the code under test)."""
+    import dataclasses
+
+    from algorithms import registry
+    from algorithms.base import Algorithm
+
+    registry.algorithm_names()  # the built-ins first, so the copy below holds them
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the dummy leaves with the test
+
+    @dataclasses.dataclass(frozen=True)
+    class DummyParams:
+        zeta: float = 0.125
+        inner_steps: int | None = None
+        mode: str = "fast"
+
+    @registry.register("h4-dummy-method")
+    class Dummy(Algorithm):
+        Params = DummyParams
+
+    code, out, _ = _run(["list"], capsys)
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.split("datasets:")[0].splitlines() if line.startswith("  ")}
+    assert lines["h4-dummy-method"].split(None, 1)[1] == "zeta=0.125, inner_steps=None, mode='fast'"
+    for name in ("scaffold", "moon", "fedper", "fedrep", "fedbn", "ditto", "apfl", "lg-fedavg", "fedrod",
+                 "fedbabu", "fedala", "per-fedavg", "pfedme", "fedavg", "fedprox", "local"):
+        assert name in lines, name
+    assert "lam=0.1" in lines["ditto"] and "head_epochs=1," in lines["fedrep"] and "mu=0.01" in lines["fedprox"]

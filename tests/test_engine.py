@@ -17,12 +17,29 @@ def test_same_seed_same_metrics_with_1_and_4_actors(ray_local, tmp_path):
     runs = []
     for pool, cpus in ((1, 1.0), (4, 0.5)):
         cfg = load_config(None, small_overrides(
-            tmp_path, "algorithms=fedavg,local", f"ray.pool_size={pool}",
-            f"client_resources.num_cpus={cpus}", f"run_id=pool{pool}"))
+            tmp_path, "algorithms=fedavg,local", "num_clients=6", "clients_per_round=4", "rounds=2", "seed=0",
+            f"ray.pool_size={pool}", f"client_resources.num_cpus={cpus}", f"run_id=pool{pool}"))
         runs.append(outcome_frame(run_comparison(cfg).run_dir))
     a, b = runs
     assert len(a) > 0 and set(a.metric) >= {"global_acc", "personal_acc", "bytes_up", "bytes_down", "train_loss"}
     pd.testing.assert_frame_equal(a, b)
+    # the clients that trained are the algorithm's seeded pick for each round, and the pick changes with the round
+    from baselines.fedavg import FedAvg
+
+    trained = a[(a.algorithm == "fedavg") & (a.metric == "train_loss")].groupby("round").client_id.apply(sorted)
+    picker = FedAvg(FedAvg.Params(), _run_context(seed=0))
+    assert {r: trained[r] for r in (1, 2)} == {r: picker.select_clients(r, 6, 4).tolist() for r in (1, 2)}
+    assert trained[1] != trained[2]
+
+
+def _run_context(seed: int):
+    """Enough of a RunContext for the server verbs (selection reads only the seed)."""
+    from algorithms.base import RunContext
+    from sim.config import TrainConfig
+    from sim.models import ModelSpec
+
+    return RunContext(num_clients=6, clients_per_round=4, rounds=2, seed=seed, train=TrainConfig(),
+                      model_name="small_cnn", model_spec=ModelSpec(3, 10, 16), cache_dir="", run_dir="")
 
 
 def test_fedprox_with_mu_zero_equals_fedavg(ray_local, tmp_path):

@@ -30,3 +30,70 @@ def test_unknown_model():
     with pytest.raises(ConfigError, match="small_cnn"):
         build_model("vgg", ModelSpec(3, 10, 32))
     assert set(model_names()) >= {"small_cnn", "resnet_bn", "resnet_gn"}
+
+
+MODELS = [("small_cnn", 16), ("resnet_bn", 32), ("resnet_gn", 32)]
+
+
+@pytest.mark.parametrize("name, size", MODELS)
+def test_same_seed_same_output_other_seed_other_output(name, size):
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        model = build_model(name, ModelSpec(3, 5, size, 8)).eval()
+        with torch.no_grad():
+            outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])  # the run seed alone fixes the initial model
+    assert not torch.allclose(outs[0], outs[2])
+    assert torch.isfinite(outs[0]).all() and outs[0].std() > 0
+
+
+@pytest.mark.parametrize("name, size", MODELS)
+def test_every_parameter_gets_a_gradient(name, size):
+    torch.manual_seed(0)
+    model = build_model(name, ModelSpec(3, 5, size, 8)).train()
+    x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.cross_entropy(model(x), torch.arange(6) % 5).backward()
+    for key, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, key
+
+
+@pytest.mark.parametrize("name, size", MODELS)
+def test_width_and_num_classes_are_honoured(name, size):
+    for width, classes in ((4, 3), (8, 10)):
+        model = build_model(name, ModelSpec(3, classes, size, width))
+        convs = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs[0].out_channels == width and convs[0].in_channels == 3
+        assert model.head.out_features == classes and model.head.in_features == model.feature_dim == 4 * width
+    narrow = sum(p.numel() for p in build_model(name, ModelSpec(3, 10, size, 4)).parameters())
+    wide = sum(p.numel() for p in build_model(name, ModelSpec(3, 10, size, 8)).parameters())
+    assert wide > 2 * narrow
+
+
+def test_one_channel_input_and_a_known_output():
+    model = build_model("small_cnn", ModelSpec(in_channels=1, num_classes=2, image_size=8, width=2)).eval()
+    # body weights zero: the features are relu(bias of the hidden layer), whatever the input
+    with torch.no_grad():
+        for p in model.features.parameters():
+            p.zero_()
+        hidden = model.features[9]
+        hidden.bias.copy_(torch.tensor([1.0, -1.0, 2.0, 0.5, 0.0, 3.0, -2.0, 1.5]))
+        model.head.weight.copy_(torch.arange(16, dtype=torch.float32).reshape(2, 8))
+        model.head.bias.copy_(torch.tensor([0.5, -0.5]))
+        out = model(torch.randn(2, 1, 8, 8))
+    relu = torch.tensor([1.0, 0.0, 2.0, 0.5, 0.0, 3.0, 0.0, 1.5])
+    by_hand = torch.tensor([float((torch.arange(8.0) * relu).sum()) + 0.5,
+                            float((torch.arange(8.0, 16.0) * relu).sum()) - 0.5])
+    assert torch.equal(out, by_hand.expand(2, 2))
+
+
+@pytest.mark.parametrize("name, size", MODELS)
+def test_eval_logits_do_not_depend_on_batch_mates(name, size):
+    torch.manual_seed(0)
+    model = build_model(name, ModelSpec(3, 4, size, 4)).eval()
+    x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
