@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""WarmFed-Sim command line: `run`, `list`, `partition`, `sweep`.
+"""WarmFed-Sim command line: `run`, `list`, `partition`, `sweep`, `tune`.
 
     python run_sim.py run                                   # the embedded default comparison
     python run_sim.py run --config cfg.yaml --set rounds=10 --set algorithms=fedavg,warmfed
@@ -8,6 +8,8 @@
     python run_sim.py partition --config cfg.yaml           # build/find the partition, print its stats
     python run_sim.py sweep --config cfg.yaml --grid algorithms=fedavg,warmfed --grid num_clients=10,100 \
         --grid seed=0,1,2 [--name NAME]                     # every cell of the grid; rerun to resume
+    python run_sim.py tune --config configs/benchmark.yaml --search-rounds 3 --search-seeds 0
+                                                            # per-algorithm search on validation, then the seeds
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sim.config import load_config
-    from sim.report import markdown_table, summary_table
+    from sim.report import markdown_table, summary_table, write_report
     from sim.results import read_metrics
     from sim.runner import run_comparison
 
@@ -41,10 +43,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.set)
     result = run_comparison(cfg)
-    table = summary_table(read_metrics(result.run_dir).to_pandas())
+    report = write_report(result.run_dir, reference=args.reference)  # the paired column against --reference
+    table = summary_table(read_metrics(result.run_dir).to_pandas(), reference=args.reference)
     print(markdown_table(table))
     print(f"\nresults: {result.run_dir}")
-    print(f"report:  {result.report_path}")
+    print(f"report:  {report}")
     return 0
 
 
@@ -91,7 +94,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sim.report import markdown_table
     from sim.sweep import run_sweep
 
-    result = run_sweep(args.config, args.set, args.grid, args.name, note=lambda text: print(text, flush=True))
+    result = run_sweep(args.config, args.set, args.grid, args.name, note=lambda text: print(text, flush=True),
+                       reference=args.reference)
     if not result.summary.empty:
         print(markdown_table(result.summary))
     print(f"\nsweep:   {result.sweep.dir}")
@@ -102,12 +106,41 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sim.report import markdown_table
+    from sim.tune import plan_tune, run_tune
+
+    plan = plan_tune(args.config, args.set, args.grid, args.space, args.search_rounds, args.search_seeds,
+                     args.untuned, args.name, args.shared_only)
+    result = run_tune(plan, note=lambda text: print(text, flush=True), reference=args.reference)
+    for algo, point in result.chosen.items():
+        print(f"chosen {algo}: " + (", ".join(f"{k}={v}" for k, v in point.items()) or "(defaults)"))
+    if not result.final.empty:
+        print(markdown_table(result.final))
+    print(f"\nsearch {result.search_s:.0f} s, final {result.final_s:.0f} s")
+    print(f"report: {result.report_path}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _add_reference_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reference", default="fedavg", metavar="NAME",
+                        help="the method every table's paired Δ column compares with (default fedavg)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_sim.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a comparison of algorithms")
     _add_config_args(run)
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this directory")
+    _add_reference_arg(run)
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list algorithms, datasets, partition schemes and models")
     lst.set_defaults(func=cmd_list)

@@ -22,10 +22,20 @@ import pandas as pd  # noqa: E402
 from sim.results import RUN_LEVEL, read_metrics  # noqa: E402
 
 
+#: Fewer evaluated clients than this and "worst 10 %" is one client: the column says "worst client".
+DECILE_MIN_CLIENTS = 10
+#: The method every comparison table is paired against unless `--reference` names another.
+DEFAULT_REFERENCE = "fedavg"
+
+
 def _worst_decile(values: pd.Series) -> float:
     """Mean accuracy of the worst 10 % of clients (at least one client)."""
     k = max(1, int(np.ceil(0.1 * len(values))))
     return float(np.sort(values.to_numpy())[:k].mean())
+
+
+def worst_label(clients: int) -> str:
+    return "worst-10% personal" if clients >= DECILE_MIN_CLIENTS else "worst client personal"
 
 
 def per_round_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -50,6 +60,7 @@ def per_round_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
             row["personal_acc_w"] = float((p * n[p.index]).sum() / n[p.index].sum())
             row["personal_std"] = float(p.std(ddof=0))
             row["personal_worst10"] = _worst_decile(p)
+            row["clients"] = int(len(p))
         out.append(row)
     return pd.DataFrame(out)
 
@@ -88,20 +99,49 @@ def _fmt(values: pd.Series | None, scale: float = 1.0, digits: int = 3, spread: 
     return f"{values.iloc[0]:.{digits}f}"
 
 
-def summary_table(df: pd.DataFrame, at: str = "selected") -> pd.DataFrame:
+def chosen_rounds(df: pd.DataFrame, at: str = "selected", acc: pd.DataFrame | None = None) -> pd.DataFrame:
+    """(algorithm, seed, round) rows: validation-selected, final or round 0 (see `summary_table`)."""
+    acc = per_round_accuracy(df) if acc is None else acc
+    if acc.empty:
+        return pd.DataFrame(columns=["algorithm", "seed", "round"])
+    if at == "final":
+        return acc.loc[acc.groupby(["algorithm", "seed"])["round"].idxmax(), ["algorithm", "seed", "round"]]
+    if at == "start":
+        return acc.loc[acc["round"] == 0, ["algorithm", "seed", "round"]]
+    return selected_rounds(df)
+
+
+def paired_columns(df: pd.DataFrame, chosen: pd.DataFrame, reference: str | None) -> dict[str, dict[str, str]]:
+    """Column name -> {algorithm: "Δ [95 % CI] (seeds won)"} against `reference` (nothing when the
+    reference is not in the run)."""
+    from sim.stats import client_scores, paired_against
+
+    if not reference or reference not in set(df.algorithm):
+        return {}
+    scores = client_scores(df, chosen)
+    columns: dict[str, dict[str, str]] = {}
+    for metric, label in (("personal_acc", "personal"), ("global_acc", "global")):
+        paired = paired_against(scores, reference, metric)
+        if not any(v is not None for v in paired.values()):
+            continue
+        cells = {algo: (v.text() if v is not None else "n/a") for algo, v in paired.items()}
+        cells[reference] = "(reference)"
+        columns[f"Δ {label} vs {reference} [95% CI] (wins)"] = cells
+    return columns
+
+
+def summary_table(df: pd.DataFrame, at: str = "selected", reference: str | None = DEFAULT_REFERENCE) -> pd.DataFrame:
     """One row per algorithm at the validation-selected round (`at="selected"`), the last one
-    (`"final"`) or round 0 (`"start"`: after any one-shot warm start, before the rounds)."""
+    (`"final"`) or round 0 (`"start"`: after any one-shot warm start, before the rounds), with the
+    paired difference to `reference` (sim.stats) when it ran."""
     acc = per_round_accuracy(df)
     if acc.empty:
         return pd.DataFrame()
-    if at == "final":
-        chosen = acc.loc[acc.groupby(["algorithm", "seed"])["round"].idxmax(), ["algorithm", "seed", "round"]]
-    elif at == "start":
-        chosen = acc.loc[acc["round"] == 0, ["algorithm", "seed", "round"]]
-    else:
-        chosen = selected_rounds(df)
+    chosen = chosen_rounds(df, at, acc)
     merged = chosen.merge(acc, on=["algorithm", "seed", "round"], how="left")
     merged = merged.merge(run_totals(df), on=["algorithm", "seed"], how="left")
+    clients = int(merged["clients"].min()) if "clients" in merged and merged["clients"].notna().any() else 0
+    paired = paired_columns(df, chosen, reference)
     rows = []
     for algo in dict.fromkeys(df.algorithm):  # the order the run used
         g = merged[merged.algorithm == algo]
@@ -117,13 +157,38 @@ def summary_table(df: pd.DataFrame, at: str = "selected") -> pd.DataFrame:
                 "personal acc (weighted)": _fmt(g.get("personal_acc_w")),
                 "personal acc (mean ± std)": _fmt(g.get("personal_acc"),
                                                    spread=g["personal_std"].iloc[0] if one and "personal_std" in g else None),
-                "worst-10% personal": _fmt(g.get("personal_worst10")),
+                worst_label(clients): _fmt(g.get("personal_worst10")),
                 "new-client acc": _fmt(g.get("new_client_acc")),
+                **{name: cells.get(algo, "n/a") for name, cells in paired.items()},
                 "MB up": _fmt(g.get("bytes_up"), 1e-6, 2),
                 "MB down": _fmt(g.get("bytes_down"), 1e-6, 2),
                 "wall s": _fmt(g.get("wall_s"), 1.0, 1),
             }
         )
+    return pd.DataFrame(rows)
+
+
+def budget_table(run_dir: Path, names: list[str]) -> pd.DataFrame:
+    """Per algorithm: its local training and its personalization budget (from the run's config), so a
+    reader sees that fine-tuning methods had the same `train.finetune_epochs`."""
+    from sim.config import algorithm_spec, load_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return pd.DataFrame()
+    cfg = load_config(path)
+    rows = []
+    for name in names:
+        try:
+            cls, params = algorithm_spec(cfg, name)
+        except Exception:  # a run of an algorithm this checkout no longer has: no budget to state
+            continue
+        describe = getattr(cls, "finetune_budget", None)
+        rows.append({
+            "algorithm": name,
+            "local training": f"{cfg.train.local_epochs} epoch(s)/round, lr {cfg.train.lr:g}, momentum {cfg.train.momentum:g}",
+            "personalization budget": describe(params, cfg.train) if describe else "none (the trained model)",
+        })
     return pd.DataFrame(rows)
 
 
@@ -167,6 +232,19 @@ def round_cost_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.map(lambda v: f"{v:.3g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v))
 
 
+def paired_note(reference: str | None, df: pd.DataFrame) -> str:
+    from sim.stats import BOOTSTRAP
+
+    if not reference:
+        return ""
+    if reference not in set(df.algorithm):
+        return f"No paired column: the reference `{reference}` is not in this run (`--reference NAME`)."
+    return (f"Δ vs {reference}: the method minus `{reference}` on the same clients and seeds, mean over seeds of the "
+            f"per-seed difference (personal: client mean; global: pooled over test samples), each method at its "
+            f"own reported round; 95 % interval from a seeded bootstrap ({BOOTSTRAP} resamples) over clients within "
+            f"seeds; (wins) = seeds on which the method is ahead.")
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -198,13 +276,13 @@ def plot_accuracy(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, reference: str | None = DEFAULT_REFERENCE) -> Path:
     """Write report.md and plots/ for a run directory and return the report's path."""
     run_dir = Path(run_dir)
     df = read_metrics(run_dir).to_pandas()
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    table = summary_table(df)
+    table = summary_table(df, reference=reference)
     lines = [f"# Run {run_dir.name}", ""]
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -216,15 +294,21 @@ def write_report(run_dir: str | Path) -> Path:
             "",
         ]
     lines += ["## Summary (round chosen on validation accuracy)", "", markdown_table(table), ""]
-    lines += ["## Final round", "", markdown_table(summary_table(df, at="final")), ""]
+    lines += ["## Final round", "", markdown_table(summary_table(df, at="final", reference=reference)), ""]
     lines += [
         "Global accuracy: the global model on the union of all clients' test splits. Personalized accuracy: each "
         "client's own model on its own test split, weighted by test samples or averaged over clients (± over "
-        "clients for one seed, over seeds for several); worst-10%: mean of the worst decile of clients. New-client "
+        "clients for one seed, over seeds for several); worst-10%: mean of the worst decile of clients (with fewer "
+        f"than {DECILE_MIN_CLIENTS} clients: the worst client). New-client "
         "accuracy: held-out clients adapt the final model for `eval.new_client_epochs`. The summary round is the "
         "one with the best validation accuracy, never chosen on test. Bytes include one-shot warm-start uploads.",
         "",
+        paired_note(reference, df),
+        "",
     ]
+    budgets = budget_table(run_dir, list(dict.fromkeys(df.algorithm)))
+    if not budgets.empty:
+        lines += ["## Budgets", "", markdown_table(budgets), ""]
     warm = warm_started(df)
     if warm:
         start = summary_table(df[df.algorithm.isin(warm)], at="start")

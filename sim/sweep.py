@@ -233,7 +233,7 @@ def cell_table(sweep: Sweep, cell: Cell) -> pa.Table:
     n = table.num_rows
     table = table.append_column("cell", pa.array([cell.id] * n, pa.string()))
     for key in sweep.group_keys:
-        table = table.append_column(key, _column(cell.values[key], n))
+        table = table.append_column(key, _column(cell.values.get(key), n))
     return table
 
 
@@ -278,13 +278,22 @@ def run_sweep(
     grid_items: Sequence[str],
     name: str | None = None,
     note: Callable[[str], None] = print,
+    reference: str | None = None,
 ) -> SweepResult:
+    sweep = plan_sweep(config, sets, grid_items, name)
+    return execute_sweep(sweep, note, reference)
+
+
+def execute_sweep(sweep: Sweep, note: Callable[[str], None] = print, reference: str | None = None,
+                  summary: bool = True) -> SweepResult:
+    """Run (or resume) every unfinished cell of a planned sweep on one Ray connection; `summary=False`
+    skips summary.md (a tuning search writes its own, validation-only, tables)."""
     import ray
 
     from sim.cluster import connect
     from sim.runner import run_comparison
 
-    sweep = plan_sweep(config, sets, grid_items, name)
+    config = sweep.config
     check_cells(sweep, note)
     sweep.dir.mkdir(parents=True, exist_ok=True)
     _write_json(sweep.dir / "sweep.json", {
@@ -322,7 +331,11 @@ def run_sweep(
                 ray.shutdown()
     else:
         note(f"sweep {sweep.name}: all {len(sweep.cells)} cells finished earlier")
-    table, path, plots = write_summary(sweep)
+    if not summary:
+        import pandas as pd
+
+        return SweepResult(sweep, pd.DataFrame(), sweep.dir / "summary.md", [], ran)
+    table, path, plots = write_summary(sweep, reference)
     return SweepResult(sweep, table, path, plots, ran)
 
 
@@ -350,7 +363,8 @@ def final_numbers(sweep: Sweep) -> Any:
         cell = wanted[cid]
         merged.insert(0, "cell", cid)
         for key in sweep.group_keys:
-            merged[key] = _text(cell.values[key]) if isinstance(cell.values[key], (list, dict)) else cell.values[key]
+            value = cell.values.get(key)
+            merged[key] = _text(value) if isinstance(value, (list, dict)) else value
         merged["num_clients"] = cell.cfg.num_clients
         out.append(merged)
     if not out:
@@ -362,6 +376,50 @@ def final_numbers(sweep: Sweep) -> Any:
     return finals
 
 
+def client_finals(sweep: Sweep) -> Any:
+    """One row per (cell, algorithm, seed, client) at the final round: personal_acc, global_acc and n
+    on the test split, with the cell's grid values (the input of the paired columns)."""
+    import pandas as pd
+
+    from sim.report import chosen_rounds
+    from sim.stats import client_scores
+
+    wanted = {c.id: c for c in sweep.cells}
+    if not sweep.results_path.exists():
+        return pd.DataFrame()
+    df = pq.read_table(sweep.results_path).to_pandas()
+    df = df[df["cell"].isin(list(wanted))]
+    out = []
+    for cid, rows in df.groupby("cell", sort=False):
+        rows = rows.drop(columns=["cell", *[k for k in sweep.group_keys if k in rows.columns]])
+        scores = client_scores(rows, chosen_rounds(rows, "final"))
+        for key in sweep.group_keys:
+            value = wanted[cid].values.get(key)
+            scores[key] = _text(value) if isinstance(value, (list, dict)) else value
+        out.append(scores)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def paired_cells(sweep: Sweep, clients: Any, reference: str | None) -> dict[tuple, dict[str, str]]:
+    """(algorithm, *other grid values) -> {column: "Δ [CI] (wins)"} against the reference's row with
+    the same other grid values (seeds and clients paired)."""
+    from sim.stats import paired_against
+
+    if not reference or clients.empty or reference not in set(clients["algorithm"]):
+        return {}
+    keys = sweep.group_keys
+    out: dict[tuple, dict[str, str]] = {}
+    groups = clients.groupby(keys, sort=False, dropna=False) if keys else [((), clients)]
+    for values, g in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        for metric, label in (("personal_acc", "personal"), ("global_acc", "global")):
+            for algo, paired in paired_against(g, reference, metric).items():
+                cell = out.setdefault((algo, *values), {})
+                cell[f"Δ {label} vs {reference} [95% CI] (wins)"] = paired.text() if paired else "n/a"
+            out.setdefault((reference, *values), {})[f"Δ {label} vs {reference} [95% CI] (wins)"] = "(reference)"
+    return out
+
+
 def _mean_std(values: Any, digits: int) -> str:
     values = values.dropna()
     if values.empty:
@@ -371,10 +429,12 @@ def _mean_std(values: Any, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
-def summarize(sweep: Sweep, finals: Any) -> tuple[Any, Any]:
-    """(formatted table, numeric table): mean ± std over seeds per (algorithm, other grid values)."""
+def summarize(sweep: Sweep, finals: Any, paired: dict[tuple, dict[str, str]] | None = None) -> tuple[Any, Any]:
+    """(formatted table, numeric table): mean ± std over seeds per (algorithm, other grid values),
+    with the paired columns of `paired_cells` when given."""
     import pandas as pd
 
+    paired = paired or {}
     if finals.empty:
         return pd.DataFrame(), pd.DataFrame()
     keys = ["algorithm", *sweep.group_keys]
@@ -386,7 +446,7 @@ def summarize(sweep: Sweep, finals: Any) -> tuple[Any, Any]:
         head = dict(zip(keys, key))
         rows.append({**head, "seeds": int(g["seed"].nunique()),
                      "global acc": _mean_std(g["global_acc"], 3), "personal acc": _mean_std(g["personal_acc"], 3),
-                     "wall s": _mean_std(g["wall_s"], 1)})
+                     **paired.get(tuple(key), {}), "wall s": _mean_std(g["wall_s"], 1)})
         stats = {**head, "num_clients": int(g["num_clients"].iloc[0]), "seeds": int(g["seed"].nunique())}
         for col in ("global_acc", "personal_acc", "wall_s"):
             stats[f"{col}_mean"] = float(g[col].mean())
@@ -456,11 +516,15 @@ def plot_vs_clients(sweep: Sweep, numeric: Any, plots: Path) -> list[Path]:
     return paths
 
 
-def write_summary(sweep: Sweep) -> tuple[Any, Path, list[Path]]:
-    from sim.report import markdown_table
+def write_summary(sweep: Sweep, reference: str | None = None) -> tuple[Any, Path, list[Path]]:
+    import pandas as pd
 
+    from sim.report import DEFAULT_REFERENCE, markdown_table, paired_note
+
+    reference = DEFAULT_REFERENCE if reference is None else reference
     finals = final_numbers(sweep)
-    table, numeric = summarize(sweep, finals)
+    clients = client_finals(sweep)
+    table, numeric = summarize(sweep, finals, paired_cells(sweep, clients, reference))
     plots = plot_vs_clients(sweep, numeric, sweep.dir / "plots")
     if not finals.empty:
         finals.to_csv(sweep.dir / "finals.csv", index=False)
@@ -477,6 +541,7 @@ def write_summary(sweep: Sweep) -> tuple[Any, Path, list[Path]]:
         "`eval.max_clients` caps them). Personalized accuracy: each client's own model on its own test split, "
         "averaged over clients. Wall time: the whole run of that algorithm (set-up phases, rounds, evaluation). "
         "Per-run numbers: `finals.csv`; every row: `results.parquet` (columns `cell` and the grid values).", "",
+        paired_note(reference, clients if not clients.empty else pd.DataFrame({"algorithm": []})), "",
     ]
     for path in plots:
         lines += [f"![{path.stem}](plots/{path.name})", ""]

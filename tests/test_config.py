@@ -101,3 +101,14 @@ def test_variants_are_named_rows_with_their_own_params():
         load_config(None, ["algorithms=v", "variants.v.mu=1"])
     with pytest.raises(ConfigError, match="variants: prox-strong"):
         load_config(None, ["algorithms=nope", "variants.prox-strong.algorithm=fedprox"])
+
+
+def test_clients_per_round_defaults_to_every_training_client():
+    assert load_config(None, ["num_clients=4"]).clients_per_round == 4
+    assert load_config(None, ["num_clients=8", "holdout_clients=2", "clients_per_round=all"]).clients_per_round == 6
+    assert load_config(None, ["num_clients=8", "clients_per_round=3"]).clients_per_round == 3
+
+
+def test_new_client_budget_follows_the_finetune_budget_unless_set():
+    assert load_config(None, ["train.finetune_epochs=3"]).eval.new_client_epochs == 3
+    assert load_config(None, ["train.finetune_epochs=3", "eval.new_client_epochs=1"]).eval.new_client_epochs == 1
