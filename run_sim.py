@@ -157,18 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sim.errors import USER_ERRORS
-    from sim.interrupts import RunInterrupted, catch_signals
+    from sim.interrupts import RunInterrupted, catch_signals, status
 
     try:
         with catch_signals():
+            if args.command != "run":  # a sweep resumes by running the same command again
+                import shlex
+
+                status.resume = "run_sim.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
             return args.func(args)
     except RunInterrupted as exc:
-        resume = None
-        if args.command != "run":  # a sweep resumes by running the same command again
-            import shlex
-
-            resume = "run_sim.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        print(exc.line(resume), file=sys.stderr, flush=True)
+        if not exc.printed:
+            print(exc.line(), file=sys.stderr, flush=True)
         return exc.exit_code
     except USER_ERRORS as exc:
         cause = getattr(exc, "cause", None) or exc  # an error raised inside a Ray actor: show the original

@@ -57,6 +57,10 @@ def check_local_resources(cfg: RunConfig) -> None:
     plan_pool(cfg, available=total, total=total)
 
 
+def _quiet_default_auth(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
 def connect(cfg: RunConfig, run_id: str) -> bool:
     """Start a local Ray (address None) or attach to one; returns True if this call started it."""
     if ray.is_initialized():
@@ -70,9 +74,13 @@ def connect(cfg: RunConfig, run_id: str) -> bool:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         # A Ray only this process uses: token authentication stays on (Ray's default for a local
-        # start), but asked for explicitly, which is what silences Ray's warning about the default.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+        # start); only Ray's notice that it turned it on is dropped.
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        auth_log.addFilter(_quiet_default_auth)
+        try:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+        finally:
+            auth_log.removeFilter(_quiet_default_auth)
     interrupts.install()  # ray.init replaced the SIGTERM handler
     return True
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -29,22 +30,31 @@ class RunInterrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.run_dir: Path | None = None
-        self.where: str | None = None  # e.g. "round 3 of fedavg (seed 0)"
+        self.printed = False
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
 
-    def line(self, resume: str | None = None) -> str:
-        """The one line the command prints; `resume` overrides the resume command (a sweep's own)."""
-        if self.run_dir is None and resume is None:
+    def line(self) -> str:
+        """The one line the command prints: where the run stopped and how to resume it."""
+        run_dir, where = status.run_dir, status.where() if status.where else None
+        if run_dir is None:
             return f"interrupted ({signal.Signals(self.signum).name}) before the run started; nothing to resume"
-        command = resume or f"run_sim.py run --resume {self.run_dir}"
-        where = self.where or "the start of the run"
+        command = status.resume or f"run_sim.py run --resume {run_dir}"
+        where = where or "the start of the run"
         return f"interrupted {'after' if where.startswith('round') else 'at'} {where}; resume with: {command}"
 
 
+class _Status:
+    """What the line says, kept current by the runner (the handler may have to print it at once)."""
+
+    run_dir: Path | None = None
+    where: Callable[[], str | None] | None = None
+    resume: str | None = None  # a sweep's own resume command
+
+
+status = _Status()
 _active = False
 _fired = False
 
@@ -54,7 +64,12 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _fired:
         os._exit(128 + signum)  # a second signal while cleaning up: the user insists
     _fired = True
-    raise RunInterrupted(signum)
+    exc = RunInterrupted(signum)
+    # Printed now: a SIGTERM sent to the whole process group also stops a Ray started here, and
+    # Ray may end this process before the orderly shutdown below gets to print anything.
+    print(exc.line(), file=sys.stderr, flush=True)
+    exc.printed = True
+    raise exc
 
 
 def install() -> None:
@@ -73,6 +88,7 @@ def catch_signals() -> Iterator[None]:
         return
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     _active, _fired = True, False
+    status.run_dir = status.where = status.resume = None
     install()
     try:
         yield

@@ -34,7 +34,7 @@ from sim.cluster import check_local_resources, connect, plan_pool
 from sim.config import RunConfig, algorithm_spec, dump_config, load_config, run_algorithms
 from sim.data import ArrayDataset, forget_dataset, load_dataset
 from sim.engine import Simulation
-from sim.interrupts import RunInterrupted
+from sim.interrupts import status as interrupt_status
 from sim.models import ModelSpec
 from sim.partition_build import partition_for
 from sim.progress import Progress
@@ -253,6 +253,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         "host": platform.node(),
     }
     manifest["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(), "samples": int(len(dataset.labels))}
+    interrupt_status.run_dir = run_dir
     started_ray = False
     pool: ActorPool | None = None
     server: Any = None
@@ -278,9 +279,6 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
             for name in names:
                 _execute(name, cfg, run_ctx, partition, partition_ref, pool, server, run_dir, progress, plan)
         ResultsWriter(run_dir, cfg.run_id).consolidate()
-    except RunInterrupted as exc:
-        exc.run_dir = run_dir
-        raise
     except BaseException:
         if created and not begun:
             shutil.rmtree(run_dir, ignore_errors=True)  # e.g. the attached cluster cannot host the actors
@@ -326,14 +324,12 @@ def _execute(name: str, cfg: RunConfig, run_ctx: RunContext, partition: Any, par
             pool=pool, server=server, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,
         )
         simulation.checkpoints.guard = pool.check_nodes  # never checkpoint a round a dead node may have cut short
+        interrupt_status.where = lambda store=simulation.checkpoints: (
+            f"round {store.last_round} of {name} (seed {run_ctx.seed})" if store.last_round is not None
+            else f"the start of {name} (seed {run_ctx.seed})")
         try:
             simulation.execute()
             return
-        except RunInterrupted as exc:
-            last = simulation.checkpoints.last_round
-            exc.where = (f"round {last} of {name} (seed {run_ctx.seed})" if last is not None
-                         else f"the start of {name} (seed {run_ctx.seed})")
-            raise
         except (NodeLostError, ObjectLostError) as exc:
             losses += 1
             lost = pool.drop_lost()

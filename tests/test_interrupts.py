@@ -1,0 +1,98 @@
+"""Ctrl-C and SIGTERM end a run with one line and 130 / 143, shut down the Ray it started, and the
+run resumes to the numbers of an undisturbed one. Also: a truncated newest checkpoint falls back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from sim.results import outcome_frame
+from tests.conftest import small_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _cli(args, env_extra=None, timeout=600):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run_sim.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _interrupt(tmp_path, items, sig, after_round, group):
+    """Start a run in its own process group; once round `after_round` is checkpointed send `sig` to
+    the group (a terminal's Ctrl-C) or to the driver alone (what docker, Kubernetes and systemd do)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_sim.py"), "run", *_sets(items)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ck = Path(next(i.split("=", 1)[1] for i in items if i.startswith("out="))) / "sig" / "checkpoints" / "fedavg" / "seed0"
+    deadline = time.monotonic() + 400
+    while not (ck / f"meta_r{after_round}.json").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the round"
+        time.sleep(0.05)
+    ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, out, err, ray_procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+def test_a_signal_ends_the_run_in_one_line_and_it_resumes(tmp_path, sig, code, group):
+    items = small_overrides(tmp_path, "algorithms=fedavg", "rounds=6", "run_id=sig")
+    returncode, _, err, ray_procs = _interrupt(tmp_path, items, sig, after_round=2, group=group)
+    run_dir = tmp_path / "results" / "sig"
+    assert returncode == code, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    last = lines[-1]
+    assert last.startswith("interrupted after round ") and last.endswith(f"resume with: run_sim.py run --resume {run_dir}")
+    k = int(last.split("round ")[1].split()[0])
+    assert k >= 2
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+    # The Ray this run started is gone with it (no daemon or agent left behind).
+    psutil.wait_procs(ray_procs, timeout=30)
+    assert not [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    resumed = _cli(["run", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = _cli(["run", *_sets(small_overrides(tmp_path, "algorithms=fedavg", "rounds=6", "run_id=straight"))])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(tmp_path):
+    """Local-only (per-client state) and FedAvg crash after round 3; the newest checkpoint of each is
+    torn: the resume says so in one line, goes back to round 2, and ends as an undisturbed run."""
+    from sim.engine import CRASH_ENV
+
+    items = small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4")
+    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], {CRASH_ENV: "3"})
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    run_dir = tmp_path / "results" / "crashed"
+    torn = run_dir / "checkpoints" / "local" / "seed0" / "server_r3.pt"
+    data = torn.read_bytes()
+    torn.write_bytes(data[: len(data) // 2])
+
+    resumed = _cli(["run", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    notices = [line for line in resumed.stderr.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 1 and str(torn) in notices[0] and "resuming from round 2" in notices[0], resumed.stderr
+    straight = _cli(["run", *_sets(items + ["run_id=straight"])])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
