@@ -144,3 +144,48 @@ def test_the_mean_weighs_each_client_by_its_weight():
     for u in updates:
         agg.add(u)
     assert torch.equal(agg.mean({"w": torch.zeros(2)})["w"], torch.tensor([0.75, 0.25]))
+
+
+# ----- edge cases of the mean (each written against a mutant that survived `make mutation`) ----------
+def test_one_client_of_weight_one_and_fractional_weights_are_averaged():
+    # SCAFFOLD sends weight 1.0 per client: one client alone is a total of exactly 1
+    one = Aggregator()
+    one.add(ClientUpdate(0, {"w": torch.tensor([2.0, -4.0])}, 1.0))
+    assert torch.equal(one.mean({"w": torch.zeros(2)})["w"], torch.tensor([2.0, -4.0]))
+    halves = Aggregator()
+    for cid, value in enumerate((1.0, 3.0)):
+        halves.add(ClientUpdate(cid, {"w": torch.tensor([value])}, 0.25))
+    assert halves.total == 0.5 and torch.equal(halves.mean({"w": torch.zeros(1)})["w"], torch.tensor([2.0]))
+
+
+def test_nothing_to_average_keeps_the_reference_values():
+    like = {"w": torch.tensor([5.0, 6.0])}
+    empty = Aggregator()
+    assert empty.count == 0 and empty.total == 0.0
+    assert torch.equal(empty.mean(like)["w"], like["w"])
+    silent = Aggregator()  # clients that send weight 0 (Local-only) must not divide by zero
+    silent.add(ClientUpdate(0, {"w": torch.tensor([1.0, 1.0])}, 0.0))
+    out = silent.mean(like)["w"]
+    assert torch.equal(out, like["w"]) and out is not like["w"]
+
+
+def test_clients_sending_different_keys():
+    # a key only some clients send is averaged over the clients that sent it
+    agg = Aggregator()
+    agg.add(ClientUpdate(0, {"w": torch.tensor([1.0]), "extra": torch.tensor([4.0])}, 1.0))
+    agg.add(ClientUpdate(1, {"w": torch.tensor([3.0])}, 1.0))
+    agg.add(ClientUpdate(2, {"w": torch.tensor([5.0]), "late": torch.tensor([7.0])}, 2.0))
+    mean = agg.mean({"w": torch.zeros(1), "extra": torch.zeros(1), "late": torch.zeros(1), "none": torch.ones(1)})
+    assert torch.equal(mean["w"], torch.tensor([(1.0 + 3.0 + 10.0) / 4]))
+    assert torch.equal(mean["extra"], torch.tensor([4.0 / 4])) and torch.equal(mean["late"], torch.tensor([14.0 / 4]))
+    assert torch.equal(mean["none"], torch.ones(1))
+
+
+def test_integer_entries_are_rounded_to_their_dtype():
+    # BatchNorm's num_batches_tracked is int64: the mean of 2 and 3 (weights 2:3) is 2.6, stored as 3
+    agg = Aggregator()
+    agg.add(ClientUpdate(0, {"n": torch.tensor(2), "f": torch.tensor([1.0])}, 2.0))
+    agg.add(ClientUpdate(1, {"n": torch.tensor(3), "f": torch.tensor([2.0])}, 3.0))
+    mean = agg.mean({"n": torch.tensor(0), "f": torch.zeros(1, dtype=torch.float16)})
+    assert mean["n"].dtype == torch.int64 and mean["n"].item() == 3
+    assert mean["f"].dtype == torch.float16 and mean["f"].item() == pytest.approx(1.6, abs=1e-3)
