@@ -153,7 +153,24 @@ def main(argv: list[str] | None = None) -> int:
                        help="a config key and its values; cells are the cartesian product of all --grid keys")
     sweep.add_argument("--name", help="sweep name (default: a hash of --config, --set and --grid); "
                        "the same name resumes, skipping finished cells")
+    _add_reference_arg(sweep)
     sweep.set_defaults(func=cmd_sweep)
+    tune = sub.add_parser("tune", help="search each algorithm's hyper-parameters on validation, then run the "
+                          "chosen settings over the seeds (rerun to resume)")
+    _add_config_args(tune)
+    tune.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                      help="a shared hyper-parameter searched for every algorithm (default: train.lr=0.005,0.01,0.02)")
+    tune.add_argument("--space", action="append", default=[], metavar="ALGO.PARAM=V1,V2,...",
+                      help="replace one axis of an algorithm's own search space, e.g. fedprox.mu=0.01,0.1")
+    tune.add_argument("--search-rounds", type=int, metavar="N", help="rounds of each search run (default: the config's)")
+    tune.add_argument("--search-seeds", type=_int_list, metavar="S1,S2", help="seeds of the search (default: the config's)")
+    tune.add_argument("--untuned", type=lambda t: t.split(","), default=[], metavar="ALGO,...",
+                      help="algorithms run with their defaults (not searched), e.g. warmfed when its cost rules tuning out")
+    tune.add_argument("--shared-only", action="store_true",
+                      help="search only the shared --grid keys (the algorithms' own spaces stay at their defaults)")
+    tune.add_argument("--name", help="tuning name (default: a hash of the command); the same name resumes")
+    _add_reference_arg(tune)
+    tune.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
 
     from sim.errors import USER_ERRORS
