@@ -72,6 +72,7 @@ def test_a_signal_ends_the_run_in_one_line_and_it_resumes(tmp_path, sig, code, g
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = _cli(["run", *_sets(small_overrides(tmp_path, "algorithms=fedavg", "rounds=6", "run_id=straight"))])
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "Token authentication" not in straight.stderr  # a default local run: no Ray warning noise
     pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
 
 
