@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast bench bench-scale bench-startup bench-all clean
+.PHONY: setup run test test-fast bench bench-scale bench-startup bench-all mutation clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -26,6 +26,11 @@ bench-startup: setup  # seconds from `run_sim.py run` to the first client update
 	$(PY) benchmarks/startup.py $(ARGS)
 
 bench-all: bench bench-scale bench-startup
+
+MUTMUT ?= mutmut==3.8.1
+mutation: setup  # mutmut over the aggregation, baselines, DSD and checkpoints with the fast tests (by hand, not in CI; ARGS="--target aggregation")
+	@[ -x $(VENV)/bin/mutmut ] || $(VENV)/bin/pip install -q --disable-pip-version-check "$(MUTMUT)"
+	$(PY) scripts/mutation.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
