@@ -163,3 +163,21 @@ def test_missing_backbone_path_is_one_clear_line(capsys, tmp_path):
                          "--set", f"algo.warmfed.sd_model={missing}", "--set", f"out={tmp_path / 'r'}"])
     err = capsys.readouterr().err
     assert code == 2 and "backbone path does not exist" in err and str(missing) in err
+
+
+@pytest.mark.slow
+def test_killed_warmfed_run_resumes_to_the_same_metrics(tmp_path):
+    """The synthetic set and round counter live in the checkpointed server state and the personalized
+    models in the state store: a run killed after round 1 ends with the numbers of an unbroken one."""
+    from sim.engine import CRASH_ENV
+    from tests.test_cli import _cli, _sets
+
+    items = small_overrides(tmp_path, "algorithms=warmfed", *TINY, "rounds=2")
+    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], {CRASH_ENV: "1"})
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    resumed = _cli(["run", "--resume", str(tmp_path / "results" / "crashed")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = _cli(["run", *_sets(items + ["run_id=straight"])])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    pd.testing.assert_frame_equal(outcome_frame(tmp_path / "results" / "crashed", ignore=("pretrained_now",)),
+                                  outcome_frame(tmp_path / "results" / "straight", ignore=("pretrained_now",)))

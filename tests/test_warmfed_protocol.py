@@ -283,3 +283,37 @@ def test_content_key_changes_with_every_part():
                   content_key("lora", "fp", {"a": 1}, 1, 3, np.arange(4)),
                   content_key("lora", "fp", {"a": 1}, 0, 3, np.arange(1, 5))):
         assert other != base
+
+
+def test_synthesis_differs_per_client_lora_and_is_reused_by_content(tmp_path, monkeypatch):
+    from algorithms.base import ServerContext
+    from algorithms.warmfed.algorithm import SynthesisJob
+    from algorithms.warmfed.diffusion import TinyBackboneConfig, pretrain_tiny_backbone
+    from algorithms.warmfed.lora import LoraConfig, train_client_lora
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (24, 3, 16, 16)).astype(np.float32)
+    y = (np.arange(24) % 10).astype(np.int64)
+    backbone = pretrain_tiny_backbone(x, y, TinyBackboneConfig(block_out_channels=(16, 32), train_steps=3,
+                                                               batch_size=8, warmup_steps=1), data_fingerprint="toy")
+    monkeypatch.setattr(wf_module, "load_backbone", lambda *args, **kwargs: backbone)
+    cfg = LoraConfig(rank=4, steps=3, batch_size=8, lr=1e-2)
+    lora_a = train_client_lora(backbone, x, y, cfg)
+    lora_b = train_client_lora(backbone, -x, y, cfg)  # another client, another domain
+    run = dataclasses.replace(_run(), run_dir=str(tmp_path))
+    algo = WarmFed(WarmFedParams(sampler_steps=2, synth_per_class=2), run)
+    ctx = ServerContext(run, torch.device("cpu"), lambda *a: None, tmp_path)
+    want = np.array([2, 2, 0, 0, 0, 0, 0, 0, 0, 0])
+    a = algo._synthesize_one(ctx, SynthesisJob(0, lora_a, want, 5, "key-a"))
+    b = algo._synthesize_one(ctx, SynthesisJob(1, lora_b, want, 5, "key-b"))
+    base = algo._synthesize_one(ctx, SynthesisJob(2, None, want, 5, ""))
+    assert list(a.labels) == [0, 0, 1, 1] and not a.reused
+    assert not np.allclose(a.images, b.images) and not np.allclose(a.images, base.images)
+    again = algo._synthesize_one(ctx, SynthesisJob(0, lora_a, want, 5, "key-a"))
+    assert again.reused and np.array_equal(again.images, a.images)
+    fresh = WarmFed(WarmFedParams(sampler_steps=2, synth_per_class=2, reuse=False), run)._synthesize_one(
+        ctx, SynthesisJob(0, lora_a, want, 5, "key-a"))
+    assert not fresh.reused and np.array_equal(fresh.images, a.images)  # the cache holds what sampling gives
+    other_steps = WarmFed(WarmFedParams(sampler_steps=3, synth_per_class=2), run)._synthesize_one(
+        ctx, SynthesisJob(0, lora_a, want, 5, "key-a"))
+    assert not other_steps.reused  # a synthesis field is part of the key
