@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast bench bench-scale bench-startup bench-all mutation clean
+.PHONY: setup run test test-fast bench bench-scale bench-startup bench-all mutation leaderboard clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -31,6 +31,12 @@ MUTMUT ?= mutmut==3.8.1
 mutation: setup  # mutmut over the aggregation, baselines, DSD and checkpoints with the fast tests (by hand, not in CI; ARGS="--target aggregation")
 	@[ -x $(VENV)/bin/mutmut ] || $(VENV)/bin/pip install -q --disable-pip-version-check "$(MUTMUT)"
 	$(PY) scripts/mutation.py $(ARGS)
+
+# The README's benchmark table: every baseline tuned on validation (shared lr x momentum, 2-round
+# search on seed 0), then 3 seeds of configs/benchmark.yaml; report under results/tunes/leaderboard/.
+leaderboard: setup
+	$(PY) run_sim.py tune --config configs/benchmark.yaml --grid train.lr=0.01,0.05 --grid train.momentum=0.9,0 \
+	    --shared-only --search-rounds 2 --search-seeds 0 --name leaderboard $(ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

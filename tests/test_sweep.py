@@ -148,7 +148,13 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
     assert df["partition.alpha"].unique().tolist() == [0.5]
 
     summary = (sweep_dir / "summary.md").read_text()
-    assert "| algorithm | partition.alpha | seeds | global acc | personal acc | wall s |" in summary
+    assert ("| algorithm | partition.alpha | seeds | global acc | personal acc | Δ personal vs fedavg [95% CI] (wins) "
+            "| Δ global vs fedavg [95% CI] (wins) | wall s |") in summary
+    # Paired with FedAvg in the same other grid values: Local-only has a personal Δ, no global one.
+    assert "| fedavg | 0.5 | 1 | " in summary and "| (reference) | (reference) |" in summary
+    local_row = next(line for line in summary.splitlines() if line.startswith("| local |"))
+    assert local_row.split(" | ")[5].endswith("(1/1)") or local_row.split(" | ")[5].endswith("(0/1)")
+    assert local_row.split(" | ")[6] == "n/a"
     assert summary.count("| fedavg | 0.5 | 1 |") == 1 and summary.count("| local |") == 1
     assert "| local | 0.5 | 1 | n/a |" in summary  # Local-only has no global model
     for name in ("acc_vs_clients.png", "wall_vs_clients.png"):

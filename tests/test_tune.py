@@ -82,7 +82,7 @@ def test_ties_go_to_the_first_point_in_grid_order(tmp_path):
 @pytest.mark.slow
 def test_a_tuned_run_is_reproducible_and_resumes(tmp_path, capsys):
     def tune(out: str) -> tuple[dict, pd.DataFrame]:
-        argv = ["tune", *[a for s in _sets(tmp_path, "algorithms=fedavg,fedprox", "seed=0,1", f"out={out}")
+        argv = ["tune", *[a for s in _sets(tmp_path, "algorithms=fedavg,fedprox", "seed=0,1", f"out={tmp_path / out}")
                           for a in ("--set", s)],
                 "--grid", "train.lr=0.01,0.05", "--space", "fedprox.mu=0.01", "--search-seeds", "0", "--name", "t"]
         assert run_sim.main(argv) == 0
