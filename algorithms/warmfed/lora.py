@@ -37,11 +37,16 @@ __all__ = [
     "ATTENTION_TARGETS",
     "RESNET_CONV_TARGETS",
     "IO_CONV_TARGETS",
+    "EMBEDDING_TARGETS",
+    "LORA_DEFAULTS",
 ]
 
 ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 RESNET_CONV_TARGETS: tuple[str, ...] = ("conv1", "conv2")
 IO_CONV_TARGETS: tuple[str, ...] = ("conv_in", "conv_out")
+#: The class embedding (a low-rank delta shared by all rows acts as a learned client/domain
+#: token, in the conditional and the null class alike) and each ResNet's time-embedding projection.
+EMBEDDING_TARGETS: tuple[str, ...] = ("class_embedding", "time_emb_proj")
 _ADAPTER = "warmfed_client"
 _FORMAT = "warmfed-lora/1"
 
@@ -69,6 +74,7 @@ class LoraConfig:
     # rank of the conv_in/conv_out LoRA (None: rank). 27 = 3 channels x 3x3 kernel: full rank
     # for a 3-channel pixel-space UNet's conv_in, a few thousand parameters
     io_rank: int | None = 27
+    include_embeddings: bool = False  # also adapt EMBEDDING_TARGETS (modules the backbone lacks are skipped)
     dropout: float = 0.0
     steps: int = 300
     batch_size: int = 64
@@ -100,6 +106,7 @@ class LoraConfig:
     def modules(self) -> tuple[str, ...]:
         mods = self.target_modules + (RESNET_CONV_TARGETS if self.include_resnet_convs else ())
         mods += IO_CONV_TARGETS if self.include_io_convs else ()
+        mods += EMBEDDING_TARGETS if self.include_embeddings else ()
         return tuple(dict.fromkeys(mods))
 
     def peft_config(self):
@@ -134,6 +141,10 @@ class LoraConfig:
         if "target_modules" in d:
             d["target_modules"] = tuple(d["target_modules"])
         return cls(**d)
+
+
+#: The one LoRA default set (WarmFedParams' lora_* fields default to it).
+LORA_DEFAULTS = LoraConfig()
 
 
 @dataclass(frozen=True, eq=False)
@@ -313,46 +324,87 @@ def train_client_lora(
     return LoraUpload(state=state, backbone_fingerprint=backbone.fingerprint(), config=cfg, info=info)
 
 
+#: UNets up to this many parameters are copied and merged for sampling; bigger ones (Stable
+#: Diffusion) get the adapter injected in place, as a copy would cost gigabytes.
+MERGE_MAX_PARAMETERS = 50_000_000
+
+
+def _load_upload(unet: torch.nn.Module, upload: LoraUpload, where: str) -> None:
+    """Inject the upload's adapter into ``unet`` and load its tensors (shapes checked)."""
+    from peft import set_peft_model_state_dict
+
+    _inject(unet, upload.config)
+    expected = {k: tuple(v.shape) for k, v in _lora_state(unet).items()}
+    got = {k: tuple(v.shape) for k, v in upload.state.items()}
+    if expected.keys() != got.keys():
+        missing = sorted(expected.keys() - got.keys())
+        extra = sorted(got.keys() - expected.keys())
+        raise LoraMismatchError(
+            f"LoRA tensors do not fit backbone {where}: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]})"
+        )
+    bad = [k for k in expected if expected[k] != got[k]]
+    if bad:
+        raise LoraMismatchError(
+            f"LoRA tensor shapes do not fit backbone {where}: {bad[0]} is {got[bad[0]]}, expected {expected[bad[0]]}"
+        )
+    dtype = next(unet.parameters()).dtype
+    result = set_peft_model_state_dict(unet, {k: v.to(dtype) for k, v in upload.state.items()}, adapter_name=_ADAPTER)
+    if getattr(result, "unexpected_keys", None):
+        raise LoraMismatchError(f"LoRA tensors not loaded: {result.unexpected_keys[:3]}")
+    for p in unet.parameters():
+        p.requires_grad_(False)
+
+
+def _merged_copy(unet: torch.nn.Module, upload: LoraUpload, where: str) -> torch.nn.Module:
+    """A copy of ``unet`` with the upload's LoRA folded into its weights (plain modules again)."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(unet)
+    try:
+        _load_upload(merged, upload, where)
+        for m in merged.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.merge(adapter_names=[_ADAPTER])
+    finally:
+        _strip(merged)
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged.eval()
+
+
 @contextlib.contextmanager
-def apply_lora(backbone: DiffusionBackbone, upload: LoraUpload) -> Iterator[DiffusionBackbone]:
+def apply_lora(
+    backbone: DiffusionBackbone, upload: LoraUpload, *, merge: bool | None = None
+) -> Iterator[DiffusionBackbone]:
     """``with apply_lora(backbone, upload) as personalized: personalized.sample(...)``.
 
-    Raises LoraMismatchError if the upload was trained on other base weights or its tensors
-    do not fit the modules its config names; the LoRA is removed on exit.
+    ``merge`` (default: for UNets up to ``MERGE_MAX_PARAMETERS``) samples with a copy of the
+    UNet whose weights have the LoRA folded in: no adapter matmuls at every sampler step, and
+    the shared backbone is not touched at all. Otherwise the adapter is injected in place and
+    removed on exit. Raises LoraMismatchError if the upload was trained on other base
+    weights or its tensors do not fit the modules its config names.
     """
     if upload.backbone_fingerprint != backbone.fingerprint():
         raise LoraMismatchError(
             f"LoRA was trained on backbone {upload.backbone_fingerprint}, this is {backbone.fingerprint()} "
             f"({backbone.name})"
         )
-    from peft import set_peft_model_state_dict
-
     unet = backbone.unet
+    can_copy = hasattr(backbone, "with_unet")
+    if merge is None:
+        merge = can_copy and sum(p.numel() for p in unet.parameters()) <= MERGE_MAX_PARAMETERS
+    if merge:
+        if not can_copy:
+            raise ValueError(f"backbone {backbone.name} cannot sample with a merged copy (no with_unet)")
+        personalized = backbone.with_unet(_merged_copy(unet, upload, backbone.name))
+        with personalized.use_domain(upload.config.domain):
+            yield personalized
+        return
     with _preserved(unet):
-        _inject(unet, upload.config)
-        expected = {k: tuple(v.shape) for k, v in _lora_state(unet).items()}
-        got = {k: tuple(v.shape) for k, v in upload.state.items()}
-        if expected.keys() != got.keys():
-            missing = sorted(expected.keys() - got.keys())
-            extra = sorted(got.keys() - expected.keys())
-            raise LoraMismatchError(
-                f"LoRA tensors do not fit backbone {backbone.name}: {len(missing)} missing (e.g. {missing[:2]}), "
-                f"{len(extra)} unexpected (e.g. {extra[:2]})"
-            )
-        bad = [k for k in expected if expected[k] != got[k]]
-        if bad:
-            raise LoraMismatchError(
-                f"LoRA tensor shapes do not fit backbone {backbone.name}: {bad[0]} is {got[bad[0]]}, "
-                f"expected {expected[bad[0]]}"
-            )
-        dtype = next(unet.parameters()).dtype
-        result = set_peft_model_state_dict(
-            unet, {k: v.to(dtype) for k, v in upload.state.items()}, adapter_name=_ADAPTER
-        )
-        if getattr(result, "unexpected_keys", None):
-            raise LoraMismatchError(f"LoRA tensors not loaded: {result.unexpected_keys[:3]}")
-        for p in unet.parameters():
-            p.requires_grad_(False)
+        _load_upload(unet, upload, backbone.name)
         unet.eval()
         with backbone.use_domain(upload.config.domain):
             yield backbone
