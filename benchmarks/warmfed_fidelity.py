@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
     ap.add_argument("--train-per-domain", type=int, default=240, help="real images a client trains its LoRA on")
     ap.add_argument("--clients-per-domain", type=int, default=1)
+    ap.add_argument("--domains", help="comma list: train LoRA clients for these domains only (judges see all)")
     ap.add_argument("--eval-per-domain", type=int, default=300)
     ap.add_argument("--lora-steps", type=int, default=d.steps)
     ap.add_argument("--lora-lr", type=float, default=d.lr)
@@ -112,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     sets: dict[str, dict[str, list]] = {}
     lora_seconds, sample_rate = [], {}
     client = 0
+    only = None if not args.domains else {ds.domain_names.index(n) for n in args.domains.split(",")}
     for dom, (train, _, _) in splits.items():
+        if only is not None and dom not in only:
+            continue
         for part in np.array_split(train, args.clients_per_domain):
             seed = (1000 if args.split == "val" else 2000) + client
             t = time.perf_counter()
