@@ -1,6 +1,11 @@
 """Regenerate the committed default tiny backbone from the public split of the digits.
 
     python -m algorithms.warmfed.pretrain_default [--out DIR] [--threads N]
+    python -m algorithms.warmfed.pretrain_default --dataset font-digits [--cache-dir results/cache] [--steps N]
+
+The second form pretrains the backbone of another dataset's public split into the run cache
+(``<cache>/backbones/<key>``, the entry WarmFed's backbone phase looks up first), with a
+progress bar, so a first run on that dataset does not pretrain.
 
 Writes ``tiny_backbone.safetensors`` (fp16) and ``tiny_backbone.json`` into
 ``algorithms/warmfed/assets/`` (package data). The json records the config, its key
@@ -118,9 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     ap.add_argument("--samples", type=int, default=500, help="samples for the accuracy check")
+    ap.add_argument("--dataset", help="pretrain for this dataset's public split into --cache-dir instead")
+    ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
+    ap.add_argument("--steps", type=int, help="train_steps (WarmFed's algo.warmfed.pretrain_steps; default: the config's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dataset:
+        from algorithms.warmfed.diffusion import get_or_pretrain_tiny_backbone
+        from sim.data import load_dataset
+
+        pub = load_dataset(args.dataset).public
+        if pub is None:
+            raise SystemExit(f"dataset {args.dataset!r} has no public split to pretrain on")
+        cfg = TinyBackboneConfig(**({"train_steps": args.steps} if args.steps else {}))
+        bb, path, trained = get_or_pretrain_tiny_backbone(args.cache_dir, pub.images, pub.labels, cfg, pub.fingerprint(),
+                                                          asset_dir=None)
+        print(f"{'pretrained' if trained else 'already cached'}: {path} ({bb.info.get('train_seconds', '?')} s)")
+        return 0
     images, labels, fp = public_digits()
     cfg = TinyBackboneConfig()
     print(f"public digits: {images.shape} fingerprint {fp}; config key {cfg.key(fp)}", flush=True)
