@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         cause = getattr(exc, "cause", None) or exc  # an error raised inside a Ray actor: show the original
         print(f"error: {cause}", file=sys.stderr)
         return 2
+    except BaseException:
+        if status.signum is not None:  # Ray cut short by the interrupt raised its own error: the line is out
+            return 128 + status.signum
+        raise
 
 
 if __name__ == "__main__":

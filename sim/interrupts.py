@@ -52,6 +52,7 @@ class _Status:
     run_dir: Path | None = None
     where: Callable[[], str | None] | None = None
     resume: str | None = None  # a sweep's own resume command
+    signum: int | None = None  # the signal received, once one has been
 
 
 status = _Status()
@@ -64,6 +65,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _fired:
         os._exit(128 + signum)  # a second signal while cleaning up: the user insists
     _fired = True
+    status.signum = signum
     exc = RunInterrupted(signum)
     # Printed now: a SIGTERM sent to the whole process group also stops a Ray started here, and
     # Ray may end this process before the orderly shutdown below gets to print anything.
@@ -88,7 +90,7 @@ def catch_signals() -> Iterator[None]:
         return
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     _active, _fired = True, False
-    status.run_dir = status.where = status.resume = None
+    status.run_dir = status.where = status.resume = status.signum = None
     install()
     try:
         yield

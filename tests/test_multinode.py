@@ -47,6 +47,7 @@ class TwoNodes:
     head: subprocess.Popen
     worker: subprocess.Popen
     temp: Path
+    dashboard: str  # job-submission address (when started with the dashboard)
 
     def kill_worker(self) -> None:
         """The worker node dies at once: SIGKILL to its raylet, object store, agents and actors."""
@@ -60,21 +61,26 @@ class TwoNodes:
 
 
 @pytest.fixture()
-def two_nodes(monkeypatch):
-    """`ray start --head` plus `ray start --address` on loopback, one CPU each, distinct ports."""
+def two_nodes(monkeypatch, request):
+    """`ray start --head` plus `ray start --address` on loopback, one CPU each, distinct ports
+    (with the dashboard, for `ray job submit`, when parametrized indirectly with True)."""
     from tests.test_cluster_submit import RAY, _free_ports, _stop
+
+    dashboard = bool(getattr(request, "param", False))
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; the drivers below inherit it
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     env = dict(os.environ)
     temp = Path(tempfile.mkdtemp(prefix="wfmn-", dir="/tmp"))
-    gcs, client, agent_head, agent_worker = _free_ports(4)
+    gcs, client, agent_head, agent_worker, dash = _free_ports(5)
+    ui = ([f"--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"] if dashboard
+          else ["--include-dashboard=false"])
     log = open(temp / "nodes.log", "w")
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats",
               "--object-store-memory=150000000"]
     head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={gcs}", "--include-dashboard=false", f"--temp-dir={temp}",
+        [RAY, "start", "--head", f"--port={gcs}", *ui, f"--temp-dir={temp}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_head}",
          f"--system-config={json.dumps(HEALTH)}", *common],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,7 +92,7 @@ def two_nodes(monkeypatch):
             [RAY, "start", f"--address={address}", f"--dashboard-agent-listen-port={agent_worker}", *common],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_nodes(address, 2, head, temp)
-        yield TwoNodes(address, head, worker, temp)
+        yield TwoNodes(address, head, worker, temp, f"http://127.0.0.1:{dash}")
     finally:
         if worker is not None and worker.poll() is None:
             worker.terminate()
@@ -175,3 +181,30 @@ def test_several_runs_at_once_on_one_cluster_each_end_correct(two_nodes, tmp_pat
         run_dir = tmp_path / "results" / f"soak{i}"
         assert set(read_metrics(run_dir).to_pandas().run_id) == {f"soak{i}"}
         pd.testing.assert_frame_equal(outcome_frame(run_dir), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("two_nodes", [True], indirect=True)
+def test_node_loss_under_ray_job_submit(two_nodes, tmp_path):
+    """The same through the Ray Jobs CLI, as a user submits to a cluster."""
+    from tests.test_cluster_submit import RAY
+
+    cluster = two_nodes
+    ck = tmp_path / "results" / "job" / "checkpoints" / "fedavg" / "seed0"
+    sets = _sets(_items(tmp_path, "auto", "job"))
+    proc = subprocess.Popen([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", "wf-node-loss",
+                             "--working-dir", str(ROOT), "--", sys.executable, "run_sim.py", "run", *sets],
+                            cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (ck / "meta_r1.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.05)
+    cluster.kill_worker()
+    log, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0 and "succeeded" in log, log[-4000:]
+    assert "resumes from its last checkpoint" in log, log[-4000:]
+    straight = _driver(_sets(_items(tmp_path, cluster.address, "straight")))
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-4000:]
+    pd.testing.assert_frame_equal(outcome_frame(tmp_path / "results" / "job"),
+                                  outcome_frame(tmp_path / "results" / "straight"))
