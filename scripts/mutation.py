@@ -3,6 +3,7 @@
 
     make mutation                                  # every target below
     make mutation ARGS="--target aggregation"      # one (or a comma list)
+    make mutation ARGS="--target baselines --paths baselines/fedprox.py,baselines/ditto.py"  # some of its files
     .venv/bin/python scripts/mutation.py --target baselines,dsd --max-children 2
 
 mutmut rewrites each target's functions into many small deliberate bugs (mutants) and runs, for
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=",".join(TARGETS),
                         help=f"comma-separated targets among {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--paths", help="comma-separated files to mutate instead of the whole target (one target)")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.target.split(",") if n.strip()]
@@ -139,9 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--target: unknown {', '.join(unknown) or '(none given)'}; choose among {', '.join(TARGETS)}")
     if args.max_children < 1:
         parser.error("--max-children must be >= 1")
+    targets = {name: TARGETS[name] for name in names}
+    if args.paths:
+        if len(names) != 1:
+            parser.error("--paths narrows one target: give a single --target")
+        paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+        missing = [p for p in paths if not (ROOT / p).exists()]
+        if missing or not paths:
+            parser.error(f"--paths: no such file {', '.join(missing) or '(none given)'}")
+        targets[names[0]] = Target(paths, TARGETS[names[0]].tests)
     totals: Counter = Counter()
-    for name in names:
-        totals += run_target(name, TARGETS[name], args.max_children)
+    for name, target in targets.items():
+        totals += run_target(name, target, args.max_children)
     if len(names) > 1:
         print(f"== all: {sum(totals.values())} mutants, {totals.get('killed', 0)} killed, "
               f"{totals.get('survived', 0)} survived")
