@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("val", "test"), default="val")
     ap.add_argument("--backbone", type=Path, help="a saved tiny backbone directory (default: cache/asset/pretrain)")
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
+    ap.add_argument("--pretrain-steps", type=int, help="backbone train_steps (as algo.warmfed.pretrain_steps)")
     ap.add_argument("--train-per-domain", type=int, default=240, help="real images a client trains its LoRA on")
     ap.add_argument("--clients-per-domain", type=int, default=1)
     ap.add_argument("--domains", help="comma list: train LoRA clients for these domains only (judges see all)")
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         pub = ds.public
         if pub is None:
             raise SystemExit(f"dataset {args.dataset} has no public split to pretrain the backbone on")
+        steps = {"train_steps": args.pretrain_steps} if args.pretrain_steps else {}
         bb, where, trained = get_or_pretrain_tiny_backbone(args.cache_dir, pub.images, pub.labels,
-                                                           TinyBackboneConfig(), pub.fingerprint())
+                                                           TinyBackboneConfig(**steps), pub.fingerprint())
         print(f"backbone {bb.name} from {where}{' (pretrained now)' if trained else ''}", flush=True)
     splits = split_domains(ds.domains, args.train_per_domain, args.eval_per_domain, args.seed)
     which = 1 if args.split == "val" else 2
