@@ -10,9 +10,9 @@ Algorithm 1 of the paper, with option II for the client control variate:
 
 With the paper's plain-SGD local solver, option II equals the mean of the raw minibatch gradients
 g_i(y_k) (+ weight decay) seen along the K local steps, and that is what we compute (a gradient hook
-sums them). The two coincide for momentum 0 (tested); with momentum (our default train.momentum
-is 0.9) the literal formula would overestimate the gradient by ≈1/(1−β) and the corrections would
-blow up, while the mean-gradient form stays the quantity option II estimates.
+sums them). The two coincide for momentum 0, the default train.momentum (tested); with momentum β
+the literal formula would overestimate the gradient by ≈1/(1−β) and the corrections would blow
+up, while the mean-gradient form stays the quantity option II estimates.
 
 Control variates exist for parameters only; BatchNorm running statistics are averaged as in
 FedAvg. Means are unweighted over the clients of the round, as in the paper (the server's c is

@@ -45,8 +45,10 @@ class TrainConfig:
 
     local_epochs: int = 1
     batch_size: int = 32
+    # Plain SGD at 0.05: of {0.01, 0.05} x {0, 0.9}, the setting whose worst baseline is closest to its
+    # own best on validation (README, "Shared defaults", has the measurement).
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.0
     weight_decay: float = 0.0
     # One personalization budget for every method that fine-tunes a received model (FedAvg-FT,
     # FedBABU, Per-FedAvg's adaptation, WarmFed's DSD, new-client evaluation), so budgets are equal.
