@@ -78,7 +78,8 @@ def connect(cfg: RunConfig, run_id: str) -> bool:
         auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
         auth_log.addFilter(_quiet_default_auth)
         try:
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+            # "local": a new Ray even when `ray start` left one on this machine (ray.init would attach)
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
         finally:
             auth_log.removeFilter(_quiet_default_auth)
     interrupts.install()  # ray.init replaced the SIGTERM handler
