@@ -30,7 +30,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,6 +340,17 @@ def execute_sweep(sweep: Sweep, note: Callable[[str], None] = print, reference: 
 
 
 # ----------------------------------------------------------------------------------- summary
+def _cell_rows(sweep: Sweep) -> Iterator[tuple[str, Cell, Any]]:
+    """(cell id, cell, its rows without the cell and grid columns) for every finished cell of this sweep."""
+    if not sweep.results_path.exists():
+        return
+    wanted = {c.id: c for c in sweep.cells}
+    df = pq.read_table(sweep.results_path).to_pandas()
+    df = df[df["cell"].isin(list(wanted))]
+    for cid, rows in df.groupby("cell", sort=False):
+        yield cid, wanted[cid], rows.drop(columns=["cell", *[k for k in sweep.group_keys if k in rows.columns]])
+
+
 def final_numbers(sweep: Sweep) -> Any:
     """One row per (cell, algorithm, seed): final-round global and personal test accuracy, wall time
     and bytes (sim.report's per-run numbers), with the cell's grid values and client count."""
@@ -347,20 +358,13 @@ def final_numbers(sweep: Sweep) -> Any:
 
     from sim.report import per_round_accuracy, run_totals
 
-    wanted = {c.id: c for c in sweep.cells}
-    if not sweep.results_path.exists():
-        return pd.DataFrame()
-    df = pq.read_table(sweep.results_path).to_pandas()
-    df = df[df["cell"].isin(list(wanted))]
     out = []
-    for cid, rows in df.groupby("cell", sort=False):
-        rows = rows.drop(columns=["cell", *[k for k in sweep.group_keys if k in rows.columns]])
+    for cid, cell, rows in _cell_rows(sweep):
         acc = per_round_accuracy(rows)
         if acc.empty:
             continue
         final = acc.loc[acc.groupby(["algorithm", "seed"])["round"].idxmax()]
         merged = final.merge(run_totals(rows), on=["algorithm", "seed"], how="left")
-        cell = wanted[cid]
         merged.insert(0, "cell", cid)
         for key in sweep.group_keys:
             value = cell.values.get(key)
@@ -384,17 +388,11 @@ def client_finals(sweep: Sweep) -> Any:
     from sim.report import chosen_rounds
     from sim.stats import client_scores
 
-    wanted = {c.id: c for c in sweep.cells}
-    if not sweep.results_path.exists():
-        return pd.DataFrame()
-    df = pq.read_table(sweep.results_path).to_pandas()
-    df = df[df["cell"].isin(list(wanted))]
     out = []
-    for cid, rows in df.groupby("cell", sort=False):
-        rows = rows.drop(columns=["cell", *[k for k in sweep.group_keys if k in rows.columns]])
+    for cid, cell, rows in _cell_rows(sweep):
         scores = client_scores(rows, chosen_rounds(rows, "final"))
         for key in sweep.group_keys:
-            value = wanted[cid].values.get(key)
+            value = cell.values.get(key)
             scores[key] = _text(value) if isinstance(value, (list, dict)) else value
         out.append(scores)
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()

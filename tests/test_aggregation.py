@@ -18,6 +18,7 @@ import torch
 
 from algorithms.aggregation import Aggregator
 from algorithms.base import ClientUpdate
+from tests.test_chunked_training import _cut_sum as cut_aggregate
 
 BIG = 1e16
 
@@ -62,18 +63,6 @@ def tree_mean(values: np.ndarray) -> torch.Tensor:
     n = len(values)
     sums = [tree_sum(list(values[:, j])) for j in range(values.shape[1])]
     return torch.tensor(sums, dtype=torch.float64) / float(n)
-
-
-def cut_aggregate(updates: list[ClientUpdate], cuts: list[int]) -> Aggregator:
-    """The server's aggregator after merging one task's partial per run between consecutive cuts."""
-    server = Aggregator()
-    edges = [0, *cuts, len(updates)]
-    for a, b in zip(edges[:-1], edges[1:]):
-        part = Aggregator(a)
-        for u in updates[a:b]:
-            part.add(u)
-        server.merge(part)
-    return server
 
 
 def test_the_inputs_really_tell_a_tree_from_a_running_sum():
