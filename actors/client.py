@@ -163,13 +163,14 @@ class ClientWorker:
         self, client_ids: list[int], round: int, message: dict[str, Any], epochs: int, batch_size: int
     ) -> list[tuple[int, str, str, float]]:
         """New-client accuracy: a never-trained client takes what the method gives a newcomer (its
-        personalized model without state) and adapts it for a fixed budget of local epochs."""
+        personalized model without state) and adapts it for a fixed budget of local epochs, unless
+        the method's personalization is that adaptation already (one budget, not two)."""
         rows: list[tuple[int, str, str, float]] = []
         for client_id in client_ids:
             ctx = self.context(client_id, round)
             start = self.algorithm.personal_weights(ctx, message, None)
             load_weights(ctx.model, start if start is not None else message["weights"])
-            if epochs > 0:
+            if epochs > 0 and not self.algorithm.adapts_at_evaluation:
                 local_sgd(ctx, ctx.model, epochs=epochs, purpose="new-client")
             for split in ("val", "test"):
                 acc, loss, n = evaluate(ctx.model, ctx.data.x[split], ctx.data.y[split], batch_size)

@@ -231,6 +231,9 @@ class Algorithm(ABC):
     has_global_model: ClassVar[bool] = True
     #: True when client verbs read or write per-client state (kept in the actors' state store).
     stateful: ClassVar[bool] = False
+    #: True when `personal_weights` already adapts the received model to the client (fine-tuning
+    #: methods): a new client then takes that model as it is, not another budget on top of it.
+    adapts_at_evaluation: ClassVar[bool] = False
     #: `run_sim.py tune`'s grid over the method's own hyper-parameters (Params field -> candidate
     #: values), searched beside the shared ones (train.lr); empty: only the shared ones are tuned.
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {}

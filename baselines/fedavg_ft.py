@@ -16,6 +16,8 @@ from sim.training import local_sgd
 
 @register("fedavg-ft")
 class FedAvgFT(Algorithm):
+    adapts_at_evaluation = True
+
     @classmethod
     def finetune_budget(cls, params: Any, train: TrainConfig) -> str:
         return f"{train.finetune_epochs} epochs (whole model)"

@@ -31,6 +31,7 @@ from sim.training import local_sgd
 
 @register("fedbabu")
 class FedBABU(Algorithm):
+    adapts_at_evaluation = True
     #: Frozen during federated training; not personal (every client has the same init head).
     frozen_patterns: ClassVar[tuple[str, ...]] = ("head.*",)
 

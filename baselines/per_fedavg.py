@@ -98,6 +98,7 @@ def hessian_free_maml_loss(alpha: float) -> LossFn:
 
 @register("per-fedavg")
 class PerFedAvg(Algorithm):
+    adapts_at_evaluation = True
     Params = PerFedAvgParams
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (0.01, 0.03), "finetune": (False, True)}
 

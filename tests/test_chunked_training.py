@@ -150,3 +150,23 @@ def test_results_are_bit_identical_however_the_pool_cuts_the_rounds(ray_local, t
     assert set(frames[0].metric) >= {"global_acc", "personal_acc", "train_loss", "bytes_up"}
     for other in frames[1:]:
         pd.testing.assert_frame_equal(frames[0], other)
+
+
+def test_a_new_client_gets_one_personalization_budget_not_two(tmp_path):
+    """FedAvg-FT's newcomer is its fine-tuned model as is; FedAvg's newcomer adapts the global model."""
+    worker, run = _worker_and_run(tmp_path)
+    torch.manual_seed(0)
+    message = {"weights": model_weights(run.build_model())}
+    cfg = load_config(None, [f"out={tmp_path}", "num_clients=6"])
+    fedavg_rows = worker.evaluate_new_clients([1], 1, message, 2, 512)
+    fedavg_personal = worker.evaluate([1], 1, message, [-1], 512)
+    cls, params = algorithm_spec(cfg, "fedavg-ft")
+    worker.configure(cls(params, run), worker.partition, run, str(tmp_path / "state_ft"))
+    ft_new = dict(((s, m), v) for _, s, m, v in worker.evaluate_new_clients([1], 1, message, 2, 512))
+    ft_personal = dict(((s, m), v) for _, s, m, v in worker.evaluate([1], 1, message, [-1], 512))
+    for split in ("val", "test"):
+        assert ft_new[split, "new_client_acc"] == ft_personal[split, "personal_acc"]
+    # FedAvg's newcomer did adapt: its scores are not the global model's
+    fedavg_new = dict(((s, m), v) for _, s, m, v in fedavg_rows)
+    fedavg_global = dict(((s, m), v) for _, s, m, v in fedavg_personal)
+    assert any(fedavg_new[s, "new_client_acc"] != fedavg_global[s, "global_acc"] for s in ("val", "test"))
