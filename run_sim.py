@@ -21,8 +21,13 @@ from pathlib import Path
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (defaults apply to every key it leaves out)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set partition.alpha=0.1 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set partition.alpha=0.1 (repeatable)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -94,8 +99,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sim.report import markdown_table
     from sim.sweep import run_sweep
 
-    result = run_sweep(args.config, args.set, args.grid, args.name, note=lambda text: print(text, flush=True),
-                       reference=args.reference)
+    result = run_sweep(
+        args.config, args.set, args.grid, args.name, note=lambda text: print(text, flush=True), reference=args.reference
+    )
     if not result.summary.empty:
         print(markdown_table(result.summary))
     print(f"\nsweep:   {result.sweep.dir}")
@@ -110,8 +116,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from sim.report import markdown_table
     from sim.tune import plan_tune, run_tune
 
-    plan = plan_tune(args.config, args.set, args.grid, args.space, args.search_rounds, args.search_seeds,
-                     args.untuned, args.name, args.shared_only)
+    plan = plan_tune(
+        args.config,
+        args.set,
+        args.grid,
+        args.space,
+        args.search_rounds,
+        args.search_seeds,
+        args.untuned,
+        args.name,
+        args.shared_only,
+    )
     result = run_tune(plan, note=lambda text: print(text, flush=True), reference=args.reference)
     for algo, point in result.chosen.items():
         print(f"chosen {algo}: " + (", ".join(f"{k}={v}" for k, v in point.items()) or "(defaults)"))
@@ -130,12 +145,18 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_reference_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reference", default="fedavg", metavar="NAME",
-                        help="the method every table's paired Δ column compares with (default fedavg)")
+    parser.add_argument(
+        "--reference",
+        default="fedavg",
+        metavar="NAME",
+        help="the method every table's paired Δ column compares with (default fedavg)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="run_sim.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="run_sim.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a comparison of algorithms")
     _add_config_args(run)
@@ -149,25 +170,58 @@ def main(argv: list[str] | None = None) -> int:
     part.set_defaults(func=cmd_partition)
     sweep = sub.add_parser("sweep", help="run every cell of a grid of config values (rerun to resume)")
     _add_config_args(sweep)
-    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                       help="a config key and its values; cells are the cartesian product of all --grid keys")
-    sweep.add_argument("--name", help="sweep name (default: a hash of --config, --set and --grid); "
-                       "the same name resumes, skipping finished cells")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a config key and its values; cells are the cartesian product of all --grid keys",
+    )
+    sweep.add_argument(
+        "--name",
+        help="sweep name (default: a hash of --config, --set and --grid); "
+        "the same name resumes, skipping finished cells",
+    )
     _add_reference_arg(sweep)
     sweep.set_defaults(func=cmd_sweep)
-    tune = sub.add_parser("tune", help="search each algorithm's hyper-parameters on validation, then run the "
-                          "chosen settings over the seeds (rerun to resume)")
+    tune = sub.add_parser(
+        "tune",
+        help="search each algorithm's hyper-parameters on validation, then run the "
+        "chosen settings over the seeds (rerun to resume)",
+    )
     _add_config_args(tune)
-    tune.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                      help="a shared hyper-parameter searched for every algorithm (default: train.lr=0.005,0.01,0.02)")
-    tune.add_argument("--space", action="append", default=[], metavar="ALGO.PARAM=V1,V2,...",
-                      help="replace one axis of an algorithm's own search space, e.g. fedprox.mu=0.01,0.1")
-    tune.add_argument("--search-rounds", type=int, metavar="N", help="rounds of each search run (default: the config's)")
-    tune.add_argument("--search-seeds", type=_int_list, metavar="S1,S2", help="seeds of the search (default: the config's)")
-    tune.add_argument("--untuned", type=lambda t: t.split(","), default=[], metavar="ALGO,...",
-                      help="algorithms run with their defaults (not searched), e.g. warmfed when its cost rules tuning out")
-    tune.add_argument("--shared-only", action="store_true",
-                      help="search only the shared --grid keys (the algorithms' own spaces stay at their defaults)")
+    tune.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a shared hyper-parameter searched for every algorithm (default: train.lr=0.005,0.01,0.02)",
+    )
+    tune.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="ALGO.PARAM=V1,V2,...",
+        help="replace one axis of an algorithm's own search space, e.g. fedprox.mu=0.01,0.1",
+    )
+    tune.add_argument(
+        "--search-rounds", type=int, metavar="N", help="rounds of each search run (default: the config's)"
+    )
+    tune.add_argument(
+        "--search-seeds", type=_int_list, metavar="S1,S2", help="seeds of the search (default: the config's)"
+    )
+    tune.add_argument(
+        "--untuned",
+        type=lambda t: t.split(","),
+        default=[],
+        metavar="ALGO,...",
+        help="algorithms run with their defaults (not searched), e.g. warmfed when its cost rules tuning out",
+    )
+    tune.add_argument(
+        "--shared-only",
+        action="store_true",
+        help="search only the shared --grid keys (the algorithms' own spaces stay at their defaults)",
+    )
     tune.add_argument("--name", help="tuning name (default: a hash of the command); the same name resumes")
     _add_reference_arg(tune)
     tune.set_defaults(func=cmd_tune)
@@ -181,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.command != "run":  # a sweep resumes by running the same command again
                 import shlex
 
-                status.resume = "run_sim.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+                status.resume = "run_sim.py " + " ".join(
+                    shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+                )
             return args.func(args)
     except RunInterrupted as exc:
         if not exc.printed:

@@ -69,8 +69,14 @@ class ClientWorker:
         for model in self._scratch.values():
             load_weights(model, self.init_weights)
         return ClientContext(
-            client_id, round, self.run, data if data is not None else self.client_data(client_id), self.model,
-            self._scratch_model, self.device, public=self.dataset.public,
+            client_id,
+            round,
+            self.run,
+            data if data is not None else self.client_data(client_id),
+            self.model,
+            self._scratch_model,
+            self.device,
+            public=self.dataset.public,
         )
 
     def train(self, client_id: int, round: int, message: dict[str, Any], version: int) -> tuple[Any, dict[str, Any]]:
@@ -121,8 +127,12 @@ class ClientWorker:
         reset_peak()
         phase = self.algorithm.setup_phases()[phase_index]
         upload = phase.client(self.context(client_id, -1))
-        info = {"client_id": client_id, "bytes_up": phase.upload_nbytes(upload), "seconds": time.perf_counter() - start,
-                "peak_rss_mb": peak_rss_mb()}
+        info = {
+            "client_id": client_id,
+            "bytes_up": phase.upload_nbytes(upload),
+            "seconds": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb(),
+        }
         return upload, info
 
     def run_setup_personal(
@@ -140,8 +150,13 @@ class ClientWorker:
         if algo.stateful and new_state is not None:
             self.store.save(client_id, 0, new_state, previous=version)
             new_version = 0
-        info = {"client_id": client_id, "version": new_version, "bytes_up": phase.upload_nbytes(upload),
-                "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+        info = {
+            "client_id": client_id,
+            "version": new_version,
+            "bytes_up": phase.upload_nbytes(upload),
+            "seconds": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb(),
+        }
         return upload, info
 
     def run_setup_work(self, phase_index: int, item_index: int, item: Any) -> tuple[Any, dict[str, Any]]:
@@ -152,11 +167,21 @@ class ClientWorker:
         reset_peak()
         phase = self.algorithm.setup_phases()[phase_index]
         metrics: dict[str, float] = {}
-        ctx = ServerContext(self.run, self.device, lambda name, value: metrics.__setitem__(name, float(value)),
-                            Path(self.run.run_dir) / "artifacts", public=self.dataset.public)
+        ctx = ServerContext(
+            self.run,
+            self.device,
+            lambda name, value: metrics.__setitem__(name, float(value)),
+            Path(self.run.run_dir) / "artifacts",
+            public=self.dataset.public,
+        )
         result = phase.work(ctx, item)
-        info = {"client_id": item_index, "bytes_up": 0, "seconds": time.perf_counter() - start,
-                "peak_rss_mb": peak_rss_mb(), **metrics}
+        info = {
+            "client_id": item_index,
+            "bytes_up": 0,
+            "seconds": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb(),
+            **metrics,
+        }
         return result, info
 
     def evaluate_new_clients(
@@ -200,8 +225,11 @@ class ClientWorker:
                     acc, loss, _ = global_scores[client_id, split]
                     rows += [(client_id, split, "global_acc", acc), (client_id, split, "global_loss", loss)]
                 acc, loss, n = personal_scores[client_id, split]
-                rows += [(client_id, split, "personal_acc", acc), (client_id, split, "personal_loss", loss),
-                         (client_id, split, "n", float(n))]
+                rows += [
+                    (client_id, split, "personal_acc", acc),
+                    (client_id, split, "personal_loss", loss),
+                    (client_id, split, "n", float(n)),
+                ]
         return rows
 
     def _score(self, weights: Any, data: dict[int, ClientData], batch_size: int) -> dict[tuple[int, str], Any]:
@@ -229,8 +257,14 @@ class ClientActor(ClientWorker):
         return True
 
     @ray.method(num_returns=2)
-    def train_many(self, client_ids: list[int], start: int, round: int, message: dict[str, Any],  # type: ignore[override]
-                   versions: list[int]):
+    def train_many(
+        self,
+        client_ids: list[int],
+        start: int,
+        round: int,
+        message: dict[str, Any],  # type: ignore[override]
+        versions: list[int],
+    ):
         _trace_first_train()
         return ClientWorker.train_many(self, client_ids, start, round, message, versions)
 
@@ -239,8 +273,13 @@ class ClientActor(ClientWorker):
         return ClientWorker.run_setup_client(self, phase_index, client_id)
 
     @ray.method(num_returns=2)
-    def run_setup_personal(self, phase_index: int, client_id: int, message: dict[str, Any],  # type: ignore[override]
-                           version: int):
+    def run_setup_personal(
+        self,
+        phase_index: int,
+        client_id: int,
+        message: dict[str, Any],  # type: ignore[override]
+        version: int,
+    ):
         return ClientWorker.run_setup_personal(self, phase_index, client_id, message, version)
 
     @ray.method(num_returns=2)

@@ -131,8 +131,10 @@ class ActorPool:
                 from sim.cluster import ResourceError
 
                 ray.kill(actor)
-                raise ResourceError(f"a replacement for a dead client actor found no room on the Ray cluster "
-                                    f"in {REPLACEMENT_TIMEOUT_S:.0f}s; resume the run when the cluster has room")
+                raise ResourceError(
+                    f"a replacement for a dead client actor found no room on the Ray cluster "
+                    f"in {REPLACEMENT_TIMEOUT_S:.0f}s; resume the run when the cluster has room"
+                )
         ray.get(ready)
         self._nodes.pop(self.actors[slot], None)
         self._node_refs.pop(self.actors[slot], None)
@@ -171,8 +173,9 @@ class ActorPool:
             except RayTaskError as exc:
                 if task.attempts >= 2:
                     raise ClientTaskError(f"task {task.label or task.key} failed twice: {exc}") from exc
-                log.warning("task %s failed (%s); retrying on another actor", task.label or task.key,
-                            type(exc).__name__)
+                log.warning(
+                    "task %s failed (%s); retrying on another actor", task.label or task.key, type(exc).__name__
+                )
                 pending.append(task)
                 dispatch()
                 continue

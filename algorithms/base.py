@@ -101,7 +101,9 @@ class RunContext:
 
 def rng_seed(*parts: int | str) -> int:
     """A 63-bit seed derived from (seed, round, client, purpose): one RNG stream per use, whatever runs where."""
-    words = [p if isinstance(p, int) else int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little") for p in parts]
+    words = [
+        p if isinstance(p, int) else int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little") for p in parts
+    ]
     return int(np.random.SeedSequence([abs(w) for w in words]).generate_state(1, np.uint64)[0]) >> 1
 
 
@@ -152,14 +154,21 @@ class ClientContext:
         """An extra resident model of the same architecture (teacher, personal copy, previous model)."""
         return self._scratch(key)
 
-    def batches(self, split: str = "train", *, shuffle: bool = True, batch_size: int | None = None,
-                purpose: str = "train", epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self,
+        split: str = "train",
+        *,
+        shuffle: bool = True,
+        batch_size: int | None = None,
+        purpose: str = "train",
+        epoch: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x, y = self.data.x[split], self.data.y[split]
         n = int(y.shape[0])
         bs = batch_size or self.run.train.batch_size
         order = torch.randperm(n, generator=self.generator(f"{purpose}/{epoch}")) if shuffle else torch.arange(n)
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             yield x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
 
 
@@ -185,7 +194,9 @@ class SetupPhase:
     client: Callable[[ClientContext], Any] | None = None
     server: Callable[["ServerContext", dict[str, Any], list[Any]], dict[str, Any]] | None = None
     upload_nbytes: Callable[[Any], int] = lambda upload: 0
-    personal: Callable[[ClientContext, dict[str, Any], dict[str, Any] | None], tuple[Any, dict[str, Any] | None]] | None = None
+    personal: (
+        Callable[[ClientContext, dict[str, Any], dict[str, Any] | None], tuple[Any, dict[str, Any] | None]] | None
+    ) = None
     work: Callable[["ServerContext", Any], Any] | None = None
     work_items: Callable[[dict[str, Any]], list[tuple[float, Any]]] | None = None
 
@@ -291,7 +302,9 @@ class Algorithm(ABC):
         return {**state, "weights": {**state["weights"], **aggregator.mean(self.shared_part(state["weights"]))}}
 
     # ----- client verbs ------------------------------------------------------------------
-    def start_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def start_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         """The weights a client trains from: the broadcast, with its own personal part if it has one."""
         weights = dict(message["weights"])
         if client_state and "personal" in client_state:

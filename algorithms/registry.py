@@ -21,7 +21,9 @@ def register(name: str) -> Callable[[type], type]:
 
     def decorate(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"algorithm name {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+            raise ValueError(
+                f"algorithm name {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -90,10 +90,13 @@ class APFL(CarriesInit):
 
         metrics = local_sgd(ctx, ctx.model, loss_fn=apfl_loss(local, alpha), params=trainable, after_step=after_step)
         new_alpha = float(alpha.detach()) if isinstance(alpha, torch.Tensor) else float(alpha)
-        update = ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"),
-                              {**metrics, "alpha": new_alpha})
+        update = ClientUpdate(
+            ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), {**metrics, "alpha": new_alpha}
+        )
         return update, {"local": model_weights(local), "alpha": new_alpha}
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         v_weights, alpha = self._local_state(message, client_state)
         return mix_weights(alpha, v_weights, message["weights"])

@@ -43,13 +43,17 @@ class PartialSharing(CarriesInit):
     stateful = True
     has_global_model = False
 
-    def start_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def start_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         weights = dict(message["weights"])
         personal = client_state["personal"] if client_state and "personal" in client_state else None
         weights.update(personal if personal is not None else self.personal_part(message["init"]))
         return weights
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         return self.start_weights(ctx, message, client_state)
 
 
@@ -58,8 +62,16 @@ def derived_context(ctx: ClientContext, *, data: ClientData | None = None, **tra
     run = ctx.run
     if train_changes:
         run = dataclasses.replace(run, train=dataclasses.replace(run.train, **train_changes))
-    return ClientContext(ctx.client_id, ctx.round, run, data if data is not None else ctx.data, ctx.model,
-                         ctx.scratch_model, ctx.device, ctx.public)
+    return ClientContext(
+        ctx.client_id,
+        ctx.round,
+        run,
+        data if data is not None else ctx.data,
+        ctx.model,
+        ctx.scratch_model,
+        ctx.device,
+        ctx.public,
+    )
 
 
 @contextmanager

@@ -31,7 +31,9 @@ class DittoParams:
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.personal_epochs is not None and self.personal_epochs < 1:
-            raise ValueError(f"personal_epochs must be >= 1 (or null for train.local_epochs), got {self.personal_epochs}")
+            raise ValueError(
+                f"personal_epochs must be >= 1 (or null for train.local_epochs), got {self.personal_epochs}"
+            )
 
 
 @register("ditto")
@@ -51,12 +53,19 @@ class Ditto(CarriesInit):
         personal = ctx.scratch_model("ditto/personal")
         load_weights(personal, self._personal_start(message, client_state))
         anchor = {k: v.to(ctx.device) for k, v in global_w.items()}
-        local_sgd(ctx, personal, loss_fn=proximal_loss(anchor, self.params.lam),
-                  epochs=self.params.personal_epochs, purpose="train")
+        local_sgd(
+            ctx,
+            personal,
+            loss_fn=proximal_loss(anchor, self.params.lam),
+            epochs=self.params.personal_epochs,
+            purpose="train",
+        )
         load_weights(ctx.model, global_w)
         metrics = local_sgd(ctx, ctx.model, purpose="ditto/global")
         update = ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics)
         return update, {"personal": model_weights(personal)}
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         return self._personal_start(message, client_state)

@@ -82,7 +82,7 @@ def top_layer_params(names: list[str], layers: int) -> list[str]:
         module = name.rsplit(".", 1)[0]
         if module not in modules:
             modules.append(module)
-    chosen = set(modules[len(modules) - layers:]) if layers > 0 else set()
+    chosen = set(modules[len(modules) - layers :]) if layers > 0 else set()
     return [n for n in names if n.rsplit(".", 1)[0] in chosen]
 
 
@@ -94,8 +94,9 @@ def ala_combine(glob: Weights, local: Weights, mask: dict[str, torch.Tensor]) ->
     return out
 
 
-def ala_loss(glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor], mask: dict[str, torch.Tensor],
-             record: list[float]) -> LossFn:
+def ala_loss(
+    glob: dict[str, torch.Tensor], local: dict[str, torch.Tensor], mask: dict[str, torch.Tensor], record: list[float]
+) -> LossFn:
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(functional_call(model, ala_combine(glob, local, mask), (x,)), y)
         record.append(float(loss.detach()))
@@ -120,8 +121,9 @@ class FedALA(Algorithm):
         idx = torch.randperm(n, generator=ctx.generator("fedala/sample"))[:k]
         return ClientData({"train": ctx.data.x["train"][idx]}, {"train": ctx.data.y["train"][idx]})
 
-    def adapt(self, ctx: ClientContext, glob: Weights, local: Weights,
-              mask: dict[str, torch.Tensor] | None) -> tuple[Weights, dict[str, torch.Tensor]]:
+    def adapt(
+        self, ctx: ClientContext, glob: Weights, local: Weights, mask: dict[str, torch.Tensor] | None
+    ) -> tuple[Weights, dict[str, torch.Tensor]]:
         """ALA: learn W on the data sample, return (θ̂, W)."""
         first = mask is None
         mask = {n: torch.ones_like(glob[n]) for n in self.adapted} if first else {n: w.clone() for n, w in mask.items()}
@@ -143,8 +145,14 @@ class FedALA(Algorithm):
         steps: list[float] = []
         epochs: list[float] = []  # the last batch loss of each pass (the reference's record)
         for epoch in range(self.params.max_init_epochs if first else 1):
-            local_sgd(sub, ctx.model, loss_fn=ala_loss(g, loc, w, steps), params=list(w.values()),
-                      after_step=clip, purpose=f"fedala/w{epoch}")
+            local_sgd(
+                sub,
+                ctx.model,
+                loss_fn=ala_loss(g, loc, w, steps),
+                params=list(w.values()),
+                after_step=clip,
+                purpose=f"fedala/w{epoch}",
+            )
             if steps:
                 epochs.append(steps[-1])
             if self._settled(steps if self.params.convergence == "step" else epochs):
@@ -172,5 +180,7 @@ class FedALA(Algorithm):
         state = {"local": trained, **({"mask": mask} if mask is not None else {})}
         return ClientUpdate(ctx.client_id, trained, ctx.data.size("train"), metrics), state
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights | None:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights | None:
         return client_state["local"] if client_state else None

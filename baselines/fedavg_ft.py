@@ -22,7 +22,9 @@ class FedAvgFT(Algorithm):
     def finetune_budget(cls, params: Any, train: TrainConfig) -> str:
         return f"{train.finetune_epochs} epochs (whole model)"
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         load_weights(ctx.model, message["weights"])
         local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         return model_weights(ctx.model)

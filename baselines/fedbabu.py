@@ -61,7 +61,9 @@ class FedBABU(Algorithm):
         body = self.trained_part(model_weights(ctx.model))
         return ClientUpdate(ctx.client_id, body, ctx.data.size("train"), metrics), client_state
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         load_weights(ctx.model, message["weights"])
         local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         return model_weights(ctx.model)

@@ -51,8 +51,11 @@ class FedRoDParams:
 
 def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, class_counts: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of −log(n_y e^{η_y} / Σ_c n_c e^{η_c})."""
-    log_prior = torch.where(class_counts > 0, class_counts.to(logits.dtype).log(),
-                            torch.full_like(class_counts, float("-inf"), dtype=logits.dtype))
+    log_prior = torch.where(
+        class_counts > 0,
+        class_counts.to(logits.dtype).log(),
+        torch.full_like(class_counts, float("-inf"), dtype=logits.dtype),
+    )
     return F.cross_entropy(logits + log_prior, y)
 
 
@@ -62,7 +65,9 @@ def fedrod_loss(p_weight: torch.Tensor, p_bias: torch.Tensor, class_counts: torc
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = model.features(x)
         generic = model.head(z)
-        g_loss = F.cross_entropy(generic, y) if class_counts is None else balanced_softmax_loss(generic, y, class_counts)
+        g_loss = (
+            F.cross_entropy(generic, y) if class_counts is None else balanced_softmax_loss(generic, y, class_counts)
+        )
         personal = generic.detach() + F.linear(z.detach(), p_weight, p_bias)
         return g_loss + F.cross_entropy(personal, y)
 
@@ -74,7 +79,9 @@ class FedRoD(Algorithm):
     Params = FedRoDParams
     stateful = True
 
-    def _personal_head(self, message: dict[str, Any], client_state: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _personal_head(
+        self, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if client_state:
             return client_state["p_weight"].clone(), client_state["p_bias"].clone()
         weight, bias = message["weights"]["head.weight"], message["weights"]["head.bias"]
@@ -91,12 +98,18 @@ class FedRoD(Algorithm):
         if self.params.generic_loss == "bsm":
             num_classes = ctx.model.head.out_features
             counts = torch.bincount(ctx.data.y["train"], minlength=num_classes).to(ctx.device)
-        metrics = local_sgd(ctx, ctx.model, loss_fn=fedrod_loss(p_weight, p_bias, counts),
-                            params=[*ctx.model.parameters(), p_weight, p_bias])
+        metrics = local_sgd(
+            ctx,
+            ctx.model,
+            loss_fn=fedrod_loss(p_weight, p_bias, counts),
+            params=[*ctx.model.parameters(), p_weight, p_bias],
+        )
         update = ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics)
         return update, {"p_weight": p_weight.detach().cpu(), "p_bias": p_bias.detach().cpu()}
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         p_weight, p_bias = self._personal_head(message, client_state)
         weights = dict(message["weights"])
         weights["head.weight"] = weights["head.weight"] + p_weight

@@ -21,7 +21,9 @@ class LocalOnly(Algorithm):
         # Nothing travels after the shared initialization, which clients take only once.
         return {"weights": {}, "init": state["weights"]}
 
-    def start_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def start_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         if client_state and "personal" in client_state:
             return client_state["personal"]
         return message["init"]

@@ -83,9 +83,15 @@ def _identity(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def moon_loss(global_model: nn.Module, previous_model: nn.Module, mu: float, tau: float,
-              project: Project = _identity, project_glob: Project = _identity,
-              project_prev: Project = _identity) -> LossFn:
+def moon_loss(
+    global_model: nn.Module,
+    previous_model: nn.Module,
+    mu: float,
+    tau: float,
+    project: Project = _identity,
+    project_glob: Project = _identity,
+    project_prev: Project = _identity,
+) -> LossFn:
     """CE + μ·ℓ_con on the projected representations; with μ = 0 it is exactly CE (no extra passes)."""
     if mu == 0:
         return cross_entropy
@@ -152,15 +158,19 @@ class Moon(Algorithm):
         heads: dict[str, nn.Module] = {}
         if "projection" in message:
             own = client_state.get("projection") if client_state else None
-            for key, weights in (("train", message["projection"]), ("glob", message["projection"]),
-                                 ("prev", own or message["projection"])):
+            for key, weights in (
+                ("train", message["projection"]),
+                ("glob", message["projection"]),
+                ("prev", own or message["projection"]),
+            ):
                 heads[key] = self._projection().to(ctx.device)
                 load_weights(heads[key], weights)
             for key in ("glob", "prev"):
                 heads[key].requires_grad_(False)
             params += list(heads["train"].parameters())
-        loss = moon_loss(glob, prev, self.params.mu, self.params.tau,
-                         *(heads[k] for k in ("train", "glob", "prev")) if heads else ())
+        loss = moon_loss(
+            glob, prev, self.params.mu, self.params.tau, *(heads[k] for k in ("train", "glob", "prev")) if heads else ()
+        )
         metrics = local_sgd(ctx, ctx.model, loss_fn=loss, params=params)
         trained = model_weights(ctx.model)
         payload, state = dict(trained), {"previous": trained}

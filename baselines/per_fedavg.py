@@ -117,7 +117,9 @@ class PerFedAvg(Algorithm):
         metrics = local_sgd(outer, ctx.model, loss_fn=loss, lr=self.params.beta)
         return ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics), client_state
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         load_weights(ctx.model, message["weights"])
         if self.params.finetune:  # exactly FedAvg-FT's fine-tuning, from Per-FedAvg's model
             local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")

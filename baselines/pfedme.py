@@ -63,9 +63,16 @@ class PFedMeParams:
             raise ValueError(f"beta must be in (0, 2], got {self.beta}")
 
 
-def moreau_prox(model: nn.Module, anchor: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                lam: float, lr: float, steps: int,
-                start: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def moreau_prox(
+    model: nn.Module,
+    anchor: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lam: float,
+    lr: float,
+    steps: int,
+    start: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """K gradient steps on f(θ; x, y) + λ/2‖θ − anchor‖² from θ = start (default: the anchor);
     parameters only, detached."""
     anchor = {n: a.detach() for n, a in anchor.items()}
@@ -118,7 +125,9 @@ class PFedMe(Algorithm):
         mixed = {k: (1 - beta) * old[k] + beta * v if v.is_floating_point() else v for k, v in mean.items()}
         return {**state, "weights": mixed}
 
-    def personal_weights(self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
+    def personal_weights(
+        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+    ) -> Weights:
         p = self.params
         load_weights(ctx.model, message["weights"])
         x, y = ctx.data.x["train"].to(ctx.device), ctx.data.y["train"].to(ctx.device)

@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.copies < 1:
         parser.error("--repeats and --copies must be >= 1")
     times = measure(args.repeats, args.copies)
-    print(f"digits-domains build (copies={args.copies}): median {statistics.median(times):.3f} s "
-          f"over {len(times)} (min {min(times):.3f}, max {max(times):.3f})")
+    print(
+        f"digits-domains build (copies={args.copies}): median {statistics.median(times):.3f} s "
+        f"over {len(times)} (min {min(times):.3f}, max {max(times):.3f})"
+    )
     return 0
 
 

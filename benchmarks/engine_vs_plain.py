@@ -53,7 +53,7 @@ def run_fresh(script: str, argv: list[str]) -> tuple[dict | None, str]:
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:
         return None, done.stderr[-3000:]
-    return json.loads(lines[-1][len(RESULT_MARK):]), ""
+    return json.loads(lines[-1][len(RESULT_MARK) :]), ""
 
 
 def _pss(process: psutil.Process) -> int:
@@ -81,8 +81,11 @@ def _is_ray(process: psutil.Process) -> bool:
     """A process of a running Ray (daemons and workers), for runs attached to it."""
     try:
         name = process.name()
-        return name.startswith("ray::") or name in ("gcs_server", "raylet") or any(
-            "site-packages/ray/" in arg for arg in process.cmdline()[1:2])
+        return (
+            name.startswith("ray::")
+            or name in ("gcs_server", "raylet")
+            or any("site-packages/ray/" in arg for arg in process.cmdline()[1:2])
+        )
     except psutil.Error:
         return False
 
@@ -141,10 +144,19 @@ class PeakRss:
 
 def overrides(args: argparse.Namespace, out: str) -> list[str]:
     return [
-        "algorithms=fedavg", f"num_clients={args.clients}", f"clients_per_round={args.per_round}",
-        f"rounds={args.rounds}", "partition.scheme=dirichlet", "partition.alpha=0.5", "partition.min_size=20",
-        f"train.local_epochs={args.local_epochs}", f"data.copies={args.copies}",
-        "progress=false", f"out={out}", f"cache_dir={out}/cache", "run_id=bench",
+        "algorithms=fedavg",
+        f"num_clients={args.clients}",
+        f"clients_per_round={args.per_round}",
+        f"rounds={args.rounds}",
+        "partition.scheme=dirichlet",
+        "partition.alpha=0.5",
+        "partition.min_size=20",
+        f"train.local_epochs={args.local_epochs}",
+        f"data.copies={args.copies}",
+        "progress=false",
+        f"out={out}",
+        f"cache_dir={out}/cache",
+        "run_id=bench",
         *([f"ray.address={args.ray_address}"] if args.ray_address else []),
     ]
 
@@ -223,7 +235,7 @@ def run_plain(args: argparse.Namespace, out: str) -> Measured:
             for _ in range(cfg.train.local_epochs):
                 order = torch.randperm(len(y))
                 for s in range(0, len(y), cfg.train.batch_size):
-                    idx = order[s:s + cfg.train.batch_size]
+                    idx = order[s : s + cfg.train.batch_size]
                     opt.zero_grad()
                     F.cross_entropy(model(x[idx]), y[idx]).backward()
                     opt.step()
@@ -243,8 +255,10 @@ def break_even(e: Measured, p: Measured) -> str:
     ratio = e.rounds / p.rounds
     if ratio >= 1:
         return f"engine fixed cost {fixed:.1f} s; its rounds are not faster here, so no break-even"
-    return (f"engine fixed cost {fixed:.1f} s more than plain; rounds ratio {ratio:.2f}: the whole run is "
-            f"faster through the engine once the plain rounds take over {fixed / (1 - ratio):.0f} s")
+    return (
+        f"engine fixed cost {fixed:.1f} s more than plain; rounds ratio {ratio:.2f}: the whole run is "
+        f"faster through the engine once the plain rounds take over {fixed / (1 - ratio):.0f} s"
+    )
 
 
 def measure_in_fresh_process(side: str, argv: list[str]) -> Measured:
@@ -258,12 +272,16 @@ def measure_in_fresh_process(side: str, argv: list[str]) -> Measured:
 def describe(side: str, m: Measured) -> str:
     mib = 2**20
     if side == "plain":
-        return (f"plain : whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
-                f"peak RSS {m.rss / mib:6.0f} MiB")
-    return (f"engine: whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
-            f"peak RSS sum {m.rss / mib:6.0f} MiB  PSS sum {m.pss / mib:6.0f} MiB (driver + Ray processes)\n"
-            "        PSS at the peak (MiB): " + ", ".join(
-                f"{name} {size / mib:.0f}" for name, size in sorted(m.breakdown.items(), key=lambda kv: -kv[1])))
+        return (
+            f"plain : whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
+            f"peak RSS {m.rss / mib:6.0f} MiB"
+        )
+    return (
+        f"engine: whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
+        f"peak RSS sum {m.rss / mib:6.0f} MiB  PSS sum {m.pss / mib:6.0f} MiB (driver + Ray processes)\n"
+        "        PSS at the peak (MiB): "
+        + ", ".join(f"{name} {size / mib:.0f}" for name, size in sorted(m.breakdown.items(), key=lambda kv: -kv[1]))
+    )
 
 
 def main() -> None:
@@ -273,8 +291,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--copies", type=int, default=1, help="data.copies: more samples per client")
-    parser.add_argument("--ray-address", help="attach the engine to a running Ray (e.g. 'auto' after "
-                        "`ray start --head`): no Ray start-up or shutdown in its whole run")
+    parser.add_argument(
+        "--ray-address",
+        help="attach the engine to a running Ray (e.g. 'auto' after "
+        "`ray start --head`): no Ray start-up or shutdown in its whole run",
+    )
     parser.add_argument("--only", choices=("engine", "plain"), help="measure one side, in this process")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -285,18 +306,27 @@ def main() -> None:
         if args.json:
             emit_result(dataclasses.asdict(m))
         return
-    print(f"FedAvg, {args.clients} clients, {args.per_round}/round, {args.rounds} rounds, "
-          f"{args.local_epochs} local epoch(s), data.copies={args.copies}; each side in a fresh process"
-          + (f"; engine attached to the Ray at {args.ray_address}" if args.ray_address else ""))
-    argv = [f"--clients={args.clients}", f"--per-round={args.per_round}", f"--rounds={args.rounds}",
-            f"--local-epochs={args.local_epochs}", f"--copies={args.copies}",
-            *([f"--ray-address={args.ray_address}"] if args.ray_address else [])]
+    print(
+        f"FedAvg, {args.clients} clients, {args.per_round}/round, {args.rounds} rounds, "
+        f"{args.local_epochs} local epoch(s), data.copies={args.copies}; each side in a fresh process"
+        + (f"; engine attached to the Ray at {args.ray_address}" if args.ray_address else "")
+    )
+    argv = [
+        f"--clients={args.clients}",
+        f"--per-round={args.per_round}",
+        f"--rounds={args.rounds}",
+        f"--local-epochs={args.local_epochs}",
+        f"--copies={args.copies}",
+        *([f"--ray-address={args.ray_address}"] if args.ray_address else []),
+    ]
     e = measure_in_fresh_process("engine", argv)
     print(describe("engine", e))
     p = measure_in_fresh_process("plain", argv)
     print(describe("plain", p))
-    print(f"ratio engine/plain: wall {e.wall / p.wall:.2f} (rounds only {e.rounds / p.rounds:.2f})  "
-          f"memory RSS {e.rss / p.rss:.2f} (PSS {e.pss / p.rss:.2f})")
+    print(
+        f"ratio engine/plain: wall {e.wall / p.wall:.2f} (rounds only {e.rounds / p.rounds:.2f})  "
+        f"memory RSS {e.rss / p.rss:.2f} (PSS {e.pss / p.rss:.2f})"
+    )
     print(break_even(e, p))
 
 

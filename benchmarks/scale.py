@@ -35,9 +35,17 @@ sys.path.insert(0, str(HERE))
 
 def overrides(clients: int, per_round: int, args: argparse.Namespace, out: str) -> list[str]:
     return [
-        f"algorithms={args.algorithm}", f"num_clients={clients}", f"clients_per_round={per_round}", f"rounds={args.rounds}",
-        "partition.min_size=3", f"data.copies={args.copies}", f"eval.max_clients={args.eval_clients}",
-        "progress=false", f"out={out}", f"cache_dir={out}/cache", "run_id=scale",
+        f"algorithms={args.algorithm}",
+        f"num_clients={clients}",
+        f"clients_per_round={per_round}",
+        f"rounds={args.rounds}",
+        "partition.min_size=3",
+        f"data.copies={args.copies}",
+        f"eval.max_clients={args.eval_clients}",
+        "progress=false",
+        f"out={out}",
+        f"cache_dir={out}/cache",
+        "run_id=scale",
     ]
 
 
@@ -58,15 +66,23 @@ def one(clients: int, per_round: int, args: argparse.Namespace) -> dict:
             wall = time.perf_counter() - start
         df = read_metrics(run_dir).to_pandas()
         state_bytes = sum(f.stat().st_size for f in (run_dir / "client_state").rglob("*") if f.is_file())
-    run = df[(df.client_id == RUN_LEVEL) & (df["round"] >= 1)].pivot_table(index="round", columns="metric", values="value")
+    run = df[(df.client_id == RUN_LEVEL) & (df["round"] >= 1)].pivot_table(
+        index="round", columns="metric", values="value"
+    )
     round_s = float(run["wall_s"].sum())
     updates = float(run["clients"].sum())
     return {
-        "algorithm": args.algorithm, "clients": clients, "per_round": per_round, "rounds": args.rounds,
-        "rounds_per_s": args.rounds / round_s, "updates_per_s": updates / float(run["train_s"].sum()),
+        "algorithm": args.algorithm,
+        "clients": clients,
+        "per_round": per_round,
+        "rounds": args.rounds,
+        "rounds_per_s": args.rounds / round_s,
+        "updates_per_s": updates / float(run["train_s"].sum()),
         "eval_s_per_round": float(run["eval_s"].mean()),
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "run_peak_mib": mem.peak / 2**20, "wall_s": wall, "other_s": wall - round_s,
+        "run_peak_mib": mem.peak / 2**20,
+        "wall_s": wall,
+        "other_s": wall - round_s,
         "state_mib": state_bytes / 2**20,
     }
 
@@ -88,19 +104,39 @@ def main() -> None:
         emit_result(one(clients, per_round, args))
         return
 
-    print(f"{args.algorithms}, small_cnn, digits-domains ×{args.copies} copies, {args.rounds} rounds, "
-          f"evaluation on {args.eval_clients} clients per round; {os.cpu_count()} CPUs")
-    print(f"{'algorithm':>10} {'clients':>8} {'/round':>6} {'rounds/s':>9} {'updates/s':>10} {'eval s/rnd':>10} "
-          f"{'driver MiB':>10} {'run MiB':>8} {'other s':>8} {'wall s':>7} {'state MiB':>9}")
+    print(
+        f"{args.algorithms}, small_cnn, digits-domains ×{args.copies} copies, {args.rounds} rounds, "
+        f"evaluation on {args.eval_clients} clients per round; {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'algorithm':>10} {'clients':>8} {'/round':>6} {'rounds/s':>9} {'updates/s':>10} {'eval s/rnd':>10} "
+        f"{'driver MiB':>10} {'run MiB':>8} {'other s':>8} {'wall s':>7} {'state MiB':>9}"
+    )
     for algorithm, scale in [(a, s) for a in args.algorithms.split(",") for s in args.scales.split(",")]:
-        r, error = run_fresh(__file__, ["--one", scale, "--algorithm", algorithm, "--rounds", str(args.rounds),
-                                        "--eval-clients", str(args.eval_clients), "--copies", str(args.copies)])
+        r, error = run_fresh(
+            __file__,
+            [
+                "--one",
+                scale,
+                "--algorithm",
+                algorithm,
+                "--rounds",
+                str(args.rounds),
+                "--eval-clients",
+                str(args.eval_clients),
+                "--copies",
+                str(args.copies),
+            ],
+        )
         if r is None:
             print(f"{algorithm} {scale}: failed\n{error}")
             continue
-        print(f"{r['algorithm']:>10} {r['clients']:>8,} {r['per_round']:>6} {r['rounds_per_s']:>9.2f} {r['updates_per_s']:>10.1f} "
-              f"{r['eval_s_per_round']:>10.2f} {r['driver_peak_mib']:>10.0f} {r['run_peak_mib']:>8.0f} "
-              f"{r['other_s']:>8.1f} {r['wall_s']:>7.1f} {r['state_mib']:>9.1f}", flush=True)
+        print(
+            f"{r['algorithm']:>10} {r['clients']:>8,} {r['per_round']:>6} {r['rounds_per_s']:>9.2f} {r['updates_per_s']:>10.1f} "
+            f"{r['eval_s_per_round']:>10.2f} {r['driver_peak_mib']:>10.0f} {r['run_peak_mib']:>8.0f} "
+            f"{r['other_s']:>8.1f} {r['wall_s']:>7.1f} {r['state_mib']:>9.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

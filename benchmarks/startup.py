@@ -43,8 +43,16 @@ def imports_time() -> float:
 def one_run(address: str | None, out: str) -> dict[str, float]:
     first = Path(out) / "first_train"
     first.unlink(missing_ok=True)
-    sets = ["algorithms=fedavg", "num_clients=10", "clients_per_round=10", "rounds=1", "partition.scheme=iid",
-            "progress=true", f"out={out}", f"cache_dir={out}/cache"]
+    sets = [
+        "algorithms=fedavg",
+        "num_clients=10",
+        "clients_per_round=10",
+        "rounds=1",
+        "partition.scheme=iid",
+        "progress=true",
+        f"out={out}",
+        f"cache_dir={out}/cache",
+    ]
     if address:
         sets.append(f"ray.address={address}")
     cmd = [sys.executable, str(ROOT / "run_sim.py"), "run", *[a for s in sets for a in ("--set", s)]]

@@ -33,10 +33,15 @@ def split_domains(domains: np.ndarray, train_per_domain: int, eval_per_domain: i
     for d in np.unique(domains):
         idx = rng.permutation(np.flatnonzero(domains == d))
         if idx.size < train_per_domain + 2 * eval_per_domain:
-            raise SystemExit(f"domain {d} has {idx.size} images, fewer than train + 2 x eval "
-                             f"({train_per_domain} + 2 x {eval_per_domain})")
-        out[int(d)] = (idx[:train_per_domain], idx[train_per_domain:train_per_domain + eval_per_domain],
-                       idx[train_per_domain + eval_per_domain:train_per_domain + 2 * eval_per_domain])
+            raise SystemExit(
+                f"domain {d} has {idx.size} images, fewer than train + 2 x eval "
+                f"({train_per_domain} + 2 x {eval_per_domain})"
+            )
+        out[int(d)] = (
+            idx[:train_per_domain],
+            idx[train_per_domain : train_per_domain + eval_per_domain],
+            idx[train_per_domain + eval_per_domain : train_per_domain + 2 * eval_per_domain],
+        )
     return out
 
 
@@ -70,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=d.include_embeddings)
     ap.add_argument("--resnet-convs", action=argparse.BooleanOptionalAction, default=d.include_resnet_convs)
     ap.add_argument("--io-convs", action=argparse.BooleanOptionalAction, default=d.include_io_convs)
-    ap.add_argument("--samplers", default="dpm++:10", help=f"comma list of sampler:steps ({', '.join(SAMPLERS)}); "
-                    "every one is scored, the first is the main row")
+    ap.add_argument(
+        "--samplers",
+        default="dpm++:10",
+        help=f"comma list of sampler:steps ({', '.join(SAMPLERS)}); every one is scored, the first is the main row",
+    )
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--per-class", type=int, default=10, help="synthetic images per class and client")
     ap.add_argument("--judge", choices=("cnn", "logreg"), default="cnn")
@@ -95,22 +103,37 @@ def main(argv: list[str] | None = None) -> int:
         if pub is None:
             raise SystemExit(f"dataset {args.dataset} has no public split to pretrain the backbone on")
         steps = {"train_steps": args.pretrain_steps} if args.pretrain_steps else {}
-        bb, where, trained = get_or_pretrain_tiny_backbone(args.cache_dir, pub.images, pub.labels,
-                                                           TinyBackboneConfig(**steps), pub.fingerprint())
+        bb, where, trained = get_or_pretrain_tiny_backbone(
+            args.cache_dir, pub.images, pub.labels, TinyBackboneConfig(**steps), pub.fingerprint()
+        )
         print(f"backbone {bb.name} from {where}{' (pretrained now)' if trained else ''}", flush=True)
     splits = split_domains(ds.domains, args.train_per_domain, args.eval_per_domain, args.seed)
     which = 1 if args.split == "val" else 2
     real = np.concatenate([s[which] for s in splits.values()])
     t0 = time.perf_counter()
-    judges = FidelityJudges(ds.images[real], ds.labels[real], ds.domains[real], JudgeConfig(kind=args.judge, seed=args.seed),
-                            num_classes=ds.num_classes, num_domains=ds.num_domains)
-    print(f"judges ({args.judge}) on {len(real)} real {args.split} images: {time.perf_counter() - t0:.1f} s; "
-          f"held-out real accuracy class {judges.judge_class_accuracy:.3f} domain {judges.judge_domain_accuracy:.3f}",
-          flush=True)
+    judges = FidelityJudges(
+        ds.images[real],
+        ds.labels[real],
+        ds.domains[real],
+        JudgeConfig(kind=args.judge, seed=args.seed),
+        num_classes=ds.num_classes,
+        num_domains=ds.num_domains,
+    )
+    print(
+        f"judges ({args.judge}) on {len(real)} real {args.split} images: {time.perf_counter() - t0:.1f} s; "
+        f"held-out real accuracy class {judges.judge_class_accuracy:.3f} domain {judges.judge_domain_accuracy:.3f}",
+        flush=True,
+    )
 
-    cfg = LoraConfig(rank=args.rank, steps=args.lora_steps, lr=args.lora_lr, batch_size=args.lora_batch,
-                     include_embeddings=args.embeddings, include_resnet_convs=args.resnet_convs,
-                     include_io_convs=args.io_convs)
+    cfg = LoraConfig(
+        rank=args.rank,
+        steps=args.lora_steps,
+        lr=args.lora_lr,
+        batch_size=args.lora_batch,
+        include_embeddings=args.embeddings,
+        include_resnet_convs=args.resnet_convs,
+        include_io_convs=args.io_convs,
+    )
     want = np.full(ds.num_classes, args.per_class)
     sets: dict[str, dict[str, list]] = {}
     lora_seconds, sample_rate = [], {}
@@ -122,42 +145,74 @@ def main(argv: list[str] | None = None) -> int:
         for part in np.array_split(train, args.clients_per_domain):
             seed = (1000 if args.split == "val" else 2000) + client
             t = time.perf_counter()
-            up = train_client_lora(bb, ds.images[part], ds.labels[part], LoraConfig(**{**cfg.to_dict(), "seed": client}))
+            up = train_client_lora(
+                bb, ds.images[part], ds.labels[part], LoraConfig(**{**cfg.to_dict(), "seed": client})
+            )
             lora_seconds.append(time.perf_counter() - t)
             for name, steps in samplers:
                 tag = f"{name}:{steps}"
                 with apply_lora(bb, up) as personalized:
                     t = time.perf_counter()
-                    x, y = synthesize(personalized, want, steps=steps, guidance_scale=args.guidance, seed=seed,
-                                      sampler=name)
+                    x, y = synthesize(
+                        personalized, want, steps=steps, guidance_scale=args.guidance, seed=seed, sampler=name
+                    )
                     sample_rate.setdefault(tag, []).append(len(y) / (time.perf_counter() - t))
                 xb, yb = synthesize(bb, want, steps=steps, guidance_scale=args.guidance, seed=seed, sampler=name)
                 for label, (xs, ys) in ((f"LoRA {tag}", (x, y)), (f"base {tag}", (xb, yb))):
                     s = sets.setdefault(label, {"x": [], "y": [], "d": [], "c": []})
-                    s["x"].append(xs), s["y"].append(ys), s["d"].append(np.full(len(ys), dom)), s["c"].append(np.full(len(ys), client))
+                    (
+                        s["x"].append(xs),
+                        s["y"].append(ys),
+                        s["d"].append(np.full(len(ys), dom)),
+                        s["c"].append(np.full(len(ys), client)),
+                    )
                 if args.grids and (name, steps) == samplers[0]:
                     pick = np.concatenate([np.flatnonzero(y == c)[:3] for c in range(ds.num_classes)])
-                    save_sample_grid(np.concatenate([ds.images[part][:30], x[pick], xb[pick]]), None,
-                                     args.grids / f"client{client}_{ds.domain_names[dom]}.png", nrow=30,
-                                     title=f"client {client} ({ds.domain_names[dom]}): real / LoRA / base")
-            print(f"client {client} ({ds.domain_names[dom]}): LoRA {lora_seconds[-1]:.1f} s, "
-                  f"loss {up.info['first_loss']:.3f} -> {up.info['final_loss']:.3f}", flush=True)
+                    save_sample_grid(
+                        np.concatenate([ds.images[part][:30], x[pick], xb[pick]]),
+                        None,
+                        args.grids / f"client{client}_{ds.domain_names[dom]}.png",
+                        nrow=30,
+                        title=f"client {client} ({ds.domain_names[dom]}): real / LoRA / base",
+                    )
+            print(
+                f"client {client} ({ds.domain_names[dom]}): LoRA {lora_seconds[-1]:.1f} s, "
+                f"loss {up.info['first_loss']:.3f} -> {up.info['final_loss']:.3f}",
+                flush=True,
+            )
             client += 1
     reports = {}
     for label, s in sets.items():
-        reports[label] = judges.report(np.concatenate(s["x"]), np.concatenate(s["y"]), np.concatenate(s["d"]),
-                                       synth_client=np.concatenate(s["c"]), domain_names=ds.domain_names)
+        reports[label] = judges.report(
+            np.concatenate(s["x"]),
+            np.concatenate(s["y"]),
+            np.concatenate(s["d"]),
+            synth_client=np.concatenate(s["c"]),
+            domain_names=ds.domain_names,
+        )
     print(f"\n## {args.dataset}, split {args.split}; LoRA {cfg.to_dict()}; guidance {args.guidance}\n")
     print(format_table(reports))
     rates = {k: float(np.mean(v)) for k, v in sample_rate.items()}
-    print(f"\nLoRA seconds per client: {np.mean(lora_seconds):.1f} ± {np.std(lora_seconds):.1f} "
-          f"({args.lora_steps} steps x {args.lora_batch}, {torch.get_num_threads()} torch threads); "
-          + "; ".join(f"sampler {k}: {v:.1f} images/s" for k, v in rates.items()))
+    print(
+        f"\nLoRA seconds per client: {np.mean(lora_seconds):.1f} ± {np.std(lora_seconds):.1f} "
+        f"({args.lora_steps} steps x {args.lora_batch}, {torch.get_num_threads()} torch threads); "
+        + "; ".join(f"sampler {k}: {v:.1f} images/s" for k, v in rates.items())
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "lora": cfg.to_dict(),
-                                         "lora_seconds": lora_seconds, "images_per_s": rates, "reports": reports},
-                                        indent=1, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "lora": cfg.to_dict(),
+                    "lora_seconds": lora_seconds,
+                    "images_per_s": rates,
+                    "reports": reports,
+                },
+                indent=1,
+                default=str,
+            )
+        )
     return 0
 
 

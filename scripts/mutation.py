@@ -44,11 +44,18 @@ class Target:
 TARGETS: dict[str, Target] = {
     "aggregation": Target(
         ("algorithms/aggregation.py",),
-        ("tests/test_aggregation.py", "tests/test_chunked_training.py", "-m", "not slow",
-         "-k", "not bit_identical_however")),  # that one needs Ray
+        (
+            "tests/test_aggregation.py",
+            "tests/test_chunked_training.py",
+            "-m",
+            "not slow",
+            "-k",
+            "not bit_identical_however",
+        ),
+    ),  # that one needs Ray
     "baselines": Target(
-        ("baselines/",),
-        ("tests/test_baselines.py", "tests/test_mutation_guards.py", "-m", "not slow")),
+        ("baselines/",), ("tests/test_baselines.py", "tests/test_mutation_guards.py", "-m", "not slow")
+    ),
     "dsd": Target(("algorithms/warmfed/dsd.py",), ("tests/test_dsd.py", "-m", "not slow")),
     "checkpoints": Target(("sim/checkpoints.py",), ("tests/test_checkpoints.py", "-m", "not slow")),
 }
@@ -84,8 +91,10 @@ def prepare(name: str, target: Target) -> Path:
 def mutmut_command() -> list[str]:
     exe = Path(sys.executable).with_name("mutmut")
     if not exe.exists():
-        raise SystemExit(f"error: mutmut is not installed next to {sys.executable}; run `make mutation` "
-                         f"(it installs it) or `{Path(sys.executable).with_name('pip')} install mutmut`")
+        raise SystemExit(
+            f"error: mutmut is not installed next to {sys.executable}; run `make mutation` "
+            f"(it installs it) or `{Path(sys.executable).with_name('pip')} install mutmut`"
+        )
     return [str(exe)]
 
 
@@ -102,36 +111,48 @@ def statuses(work: Path) -> dict[str, str]:
 
 def diff(work: Path, mutant: str) -> str:
     out = subprocess.run([*mutmut_command(), "show", mutant], cwd=work, capture_output=True, text=True)
-    return "\n".join(line for line in out.stdout.splitlines()
-                     if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+    return "\n".join(
+        line for line in out.stdout.splitlines() if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))
+    )
 
 
 def run_target(name: str, target: Target, max_children: int) -> Counter:
     work = prepare(name, target)
     print(f"== {name}: mutating {', '.join(target.paths)} with pytest {' '.join(target.tests)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run([*mutmut_command(), "run", "--max-children", str(max_children)], cwd=work, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [*mutmut_command(), "run", "--max-children", str(max_children)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     (work / "mutmut-run.log").write_text(done.stdout + done.stderr)
     found = statuses(work)
     if done.returncode != 0 and not found:
         tail = (done.stdout + done.stderr)[-3000:]
-        raise SystemExit(f"error: mutmut failed on {name} (exit {done.returncode}); log: {work / 'mutmut-run.log'}\n{tail}")
+        raise SystemExit(
+            f"error: mutmut failed on {name} (exit {done.returncode}); log: {work / 'mutmut-run.log'}\n{tail}"
+        )
     counts = Counter(found.values())
     for mutant, status in sorted(found.items()):
         if status != "killed":
             print(f"-- {status}: {mutant}\n{diff(work, mutant)}")
     total = sum(counts.values())
-    print(f"== {name}: {total} mutants, {counts.get('killed', 0)} killed, {counts.get('survived', 0)} survived"
-          + "".join(f", {n} {s}" for s, n in sorted(counts.items()) if s not in ("killed", "survived"))
-          + f" (log and mutants: {work})", flush=True)
+    print(
+        f"== {name}: {total} mutants, {counts.get('killed', 0)} killed, {counts.get('survived', 0)} survived"
+        + "".join(f", {n} {s}" for s, n in sorted(counts.items()) if s not in ("killed", "survived"))
+        + f" (log and mutants: {work})",
+        flush=True,
+    )
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=",".join(TARGETS),
-                        help=f"comma-separated targets among {', '.join(TARGETS)} (default: all)")
+    parser.add_argument(
+        "--target", default=",".join(TARGETS), help=f"comma-separated targets among {', '.join(TARGETS)} (default: all)"
+    )
     parser.add_argument("--paths", help="comma-separated files to mutate instead of the whole target (one target)")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     args = parser.parse_args(argv)
@@ -154,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, target in targets.items():
         totals += run_target(name, target, args.max_children)
     if len(names) > 1:
-        print(f"== all: {sum(totals.values())} mutants, {totals.get('killed', 0)} killed, "
-              f"{totals.get('survived', 0)} survived")
+        print(
+            f"== all: {sum(totals.values())} mutants, {totals.get('killed', 0)} killed, "
+            f"{totals.get('survived', 0)} survived"
+        )
     return 0
 
 

@@ -116,8 +116,12 @@ class CheckpointStore:
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(versions, dtype=np.int64))
         versions_digest = write_atomic(self.dir / versions_name, buffer.getvalue())
-        meta = {"format": FORMAT, "round": round, "done": done,
-                "sha256": {server_name: server_digest, versions_name: versions_digest}}
+        meta = {
+            "format": FORMAT,
+            "round": round,
+            "done": done,
+            "sha256": {server_name: server_digest, versions_name: versions_digest},
+        }
         write_atomic(self.dir / f"meta_r{round}.json", json.dumps(meta, indent=1).encode())
         _fsync_dir(self.dir)
         self.last_round = round
@@ -131,9 +135,9 @@ class CheckpointStore:
     def _prune(self, newest: int) -> None:
         """Keep the newest `keep` checkpoints; then drop client states none of them can need."""
         rounds = [r for r in self._rounds() if r <= newest]
-        kept = rounds[-self.keep:]
+        kept = rounds[-self.keep :]
         (self.dir / "meta.json").unlink(missing_ok=True)  # a checkpoint of the older format, now superseded
-        for r in rounds[:-self.keep]:
+        for r in rounds[: -self.keep]:
             (self.dir / f"meta_r{r}.json").unlink(missing_ok=True)  # first: a half-pruned checkpoint is never offered
         for path in self.dir.iterdir():
             r = _file_round(path.name)
@@ -187,8 +191,7 @@ class CheckpointStore:
                 self._set_aside(r)
                 continue
             if problems:
-                self.notice(f"notice: {'; '.join(problems)}; resuming from round {r} "
-                            f"({checkpoint.server_path})")
+                self.notice(f"notice: {'; '.join(problems)}; resuming from round {r} ({checkpoint.server_path})")
             self.last_round = r
             self._restore_states(checkpoint)
             return checkpoint, checkpoint.done
@@ -223,7 +226,7 @@ class CheckpointStore:
     def _restore_states(self, checkpoint: Checkpoint) -> None:
         """States from rounds after the checkpoint are redone by the resumed run: drop them, with
         anything older than every kept checkpoint needs."""
-        rounds = [r for r in self._rounds() if r <= checkpoint.round][-self.keep:]
+        rounds = [r for r in self._rounds() if r <= checkpoint.round][-self.keep :]
         floor = np.load(self.dir / f"versions_r{rounds[0]}.npy") if rounds else checkpoint.versions
         self._floor = floor
         self._drop_states(floor, newer_than=checkpoint.round)
@@ -236,8 +239,9 @@ class CheckpointStore:
         info = json.loads(meta.read_text())
         r = int(info["round"])
         self.last_round = r
-        checkpoint = Checkpoint(r, np.load(self.dir / f"versions_r{r}.npy"), self.dir / f"server_r{r}.pt",
-                                bool(info["done"]))
+        checkpoint = Checkpoint(
+            r, np.load(self.dir / f"versions_r{r}.npy"), self.dir / f"server_r{r}.pt", bool(info["done"])
+        )
         return checkpoint, checkpoint.done
 
 

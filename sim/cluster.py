@@ -86,7 +86,9 @@ def connect(cfg: RunConfig, run_id: str) -> bool:
     return True
 
 
-def plan_pool(cfg: RunConfig, available: dict[str, float] | None = None, total: dict[str, float] | None = None) -> PoolPlan:
+def plan_pool(
+    cfg: RunConfig, available: dict[str, float] | None = None, total: dict[str, float] | None = None
+) -> PoolPlan:
     """How many client actors of the configured size fit now; refuses impossible requests."""
     available = dict(ray.available_resources() if available is None else available)
     total = dict(ray.cluster_resources() if total is None else total)
@@ -133,6 +135,7 @@ def plan_pool(cfg: RunConfig, available: dict[str, float] | None = None, total: 
     if size > free_now:
         # Placeable, but other work (another run on a shared cluster) holds the resources now:
         # the actors wait for them instead of failing the run.
-        log.warning("%d of %d client actors wait for resources held by other work on the Ray cluster",
-                    size - free_now, size)
+        log.warning(
+            "%d of %d client actors wait for resources held by other work on the Ray cluster", size - free_now, size
+        )
     return PoolPlan(size=size, num_cpus=res.num_cpus, num_gpus=gpus_each)

@@ -57,8 +57,9 @@ class Simulation:
         self.seed = run.seed
         base = Path(run.run_dir)
         self.state_dir = base / "client_state" / self.name / f"seed{self.seed}"
-        self.checkpoints = CheckpointStore(base / "checkpoints" / self.name / f"seed{self.seed}",
-                                           keep=cfg.checkpoint_keep, state_dir=self.state_dir)
+        self.checkpoints = CheckpointStore(
+            base / "checkpoints" / self.name / f"seed{self.seed}", keep=cfg.checkpoint_keep, state_dir=self.state_dir
+        )
         self.train_sizes = partition.sizes("train")
         self.holdout = self._holdout_clients()
         self.train_clients = np.setdiff1d(np.arange(run.num_clients), self.holdout)
@@ -153,19 +154,32 @@ class Simulation:
     def _setup_tasks(self, server: Any, index: int, kind: str) -> list[Task]:
         """The pool tasks of one setup phase (none for a server-only phase)."""
         if kind == "client":
-            return [Task(cid, float(self.train_sizes[cid]),
-                         lambda actor, cid=cid: actor.run_setup_client.remote(index, cid))
-                    for cid in range(self.run.num_clients)]
+            return [
+                Task(
+                    cid, float(self.train_sizes[cid]), lambda actor, cid=cid: actor.run_setup_client.remote(index, cid)
+                )
+                for cid in range(self.run.num_clients)
+            ]
         if kind == "personal":
             message = server.broadcast.remote()
-            return [Task(int(cid), float(self.train_sizes[cid]),
-                         lambda actor, cid=int(cid): actor.run_setup_personal.remote(index, cid, message, -1))
-                    for cid in self.train_clients]
+            return [
+                Task(
+                    int(cid),
+                    float(self.train_sizes[cid]),
+                    lambda actor, cid=int(cid): actor.run_setup_personal.remote(index, cid, message, -1),
+                )
+                for cid in self.train_clients
+            ]
         if kind == "work":
             costs = ray.get(server.prepare_setup_work.remote(index))
-            return [Task(i, float(cost),
-                         lambda actor, i=i: actor.run_setup_work.remote(index, i, server.setup_work_item.remote(i)))
-                    for i, cost in enumerate(costs)]
+            return [
+                Task(
+                    i,
+                    float(cost),
+                    lambda actor, i=i: actor.run_setup_work.remote(index, i, server.setup_work_item.remote(i)),
+                )
+                for i, cost in enumerate(costs)
+            ]
         return []
 
     def _in_client_order(self, tasks: list[Task], fold) -> Any:
@@ -188,10 +202,14 @@ class Simulation:
         down_each = ray.get(server.message_nbytes.remote())
         server.begin_round.remote()
         tasks = [
-            Task(start, float(self.train_sizes[chunk].sum()),
-                 lambda actor, chunk=chunk, start=start: actor.train_many.remote(
-                     [int(c) for c in chunk], start, r, message, [int(versions[c]) for c in chunk]),
-                 label=f"round {r}, clients {', '.join(str(int(c)) for c in chunk)}")
+            Task(
+                start,
+                float(self.train_sizes[chunk].sum()),
+                lambda actor, chunk=chunk, start=start: actor.train_many.remote(
+                    [int(c) for c in chunk], start, r, message, [int(versions[c]) for c in chunk]
+                ),
+                label=f"round {r}, clients {', '.join(str(int(c)) for c in chunk)}",
+            )
             for start, chunk in train_chunks(selected, self.train_sizes[selected], TASKS_PER_ACTOR * self.pool.size)
         ]
         rows: list[Row] = []
@@ -225,15 +243,22 @@ class Simulation:
         chunks = eval_chunks(clients)
         test_sizes = self.partition.sizes("test") + self.partition.sizes("val")
         tasks = [
-            Task(int(chunk[0]), float(test_sizes[chunk].sum()),
-                 lambda actor, chunk=chunk: _submit_eval(actor, chunk, r, message, versions, self.cfg.eval.batch_size))
-            for chunk in chunks if len(chunk)
+            Task(
+                int(chunk[0]),
+                float(test_sizes[chunk].sum()),
+                lambda actor, chunk=chunk: _submit_eval(actor, chunk, r, message, versions, self.cfg.eval.batch_size),
+            )
+            for chunk in chunks
+            if len(chunk)
         ]
         batch = self.cfg.eval.batch_size
         epochs = self.cfg.eval.new_client_epochs
         tasks += [
-            Task(("new", int(cid)), float(self.train_sizes[cid] * max(epochs, 1)),
-                 lambda actor, cid=int(cid): _twice(actor.evaluate_new_clients.remote([cid], r, message, epochs, batch)))
+            Task(
+                ("new", int(cid)),
+                float(self.train_sizes[cid] * max(epochs, 1)),
+                lambda actor, cid=int(cid): _twice(actor.evaluate_new_clients.remote([cid], r, message, epochs, batch)),
+            )
             for cid in self.holdout
         ]
         rows: list[Row] = []
@@ -274,7 +299,7 @@ def eval_chunks(clients: np.ndarray, tasks: int = 8, max_size: int = 32) -> list
     if len(clients) == 0:
         return []
     size = min(max_size, max(1, len(clients) // tasks))
-    return [clients[i:i + size] for i in range(0, len(clients), size)]
+    return [clients[i : i + size] for i in range(0, len(clients), size)]
 
 
 def _twice(ref: Any) -> tuple[Any, Any]:

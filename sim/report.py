@@ -83,7 +83,9 @@ def run_totals(df: pd.DataFrame) -> pd.DataFrame:
     run = df[(df.client_id == RUN_LEVEL)]
     totals = run[run.metric.isin(["bytes_up", "bytes_down", "wall_s"]) | run.metric.str.endswith("/bytes_up")]
     totals = totals.assign(metric=totals.metric.where(~totals.metric.str.endswith("/bytes_up"), "bytes_up"))
-    return totals.pivot_table(index=["algorithm", "seed"], columns="metric", values="value", aggfunc="sum").reset_index()
+    return totals.pivot_table(
+        index=["algorithm", "seed"], columns="metric", values="value", aggfunc="sum"
+    ).reset_index()
 
 
 def _fmt(values: pd.Series | None, scale: float = 1.0, digits: int = 3, spread: float | None = None) -> str:
@@ -155,8 +157,9 @@ def summary_table(df: pd.DataFrame, at: str = "selected", reference: str | None 
                 "seeds": int(g.seed.nunique()),
                 "global acc": _fmt(g.get("global_acc")),
                 "personal acc (weighted)": _fmt(g.get("personal_acc_w")),
-                "personal acc (mean ± std)": _fmt(g.get("personal_acc"),
-                                                   spread=g["personal_std"].iloc[0] if one and "personal_std" in g else None),
+                "personal acc (mean ± std)": _fmt(
+                    g.get("personal_acc"), spread=g["personal_std"].iloc[0] if one and "personal_std" in g else None
+                ),
                 worst_label(clients): _fmt(g.get("personal_worst10")),
                 "new-client acc": _fmt(g.get("new_client_acc")),
                 **{name: cells.get(algo, "n/a") for name, cells in paired.items()},
@@ -184,11 +187,13 @@ def budget_table(run_dir: Path, names: list[str]) -> pd.DataFrame:
         except Exception:  # a run of an algorithm this checkout no longer has: no budget to state
             continue
         describe = getattr(cls, "finetune_budget", None)
-        rows.append({
-            "algorithm": name,
-            "local training": f"{cfg.train.local_epochs} epoch(s)/round, lr {cfg.train.lr:g}, momentum {cfg.train.momentum:g}",
-            "personalization budget": describe(params, cfg.train) if describe else "none (the trained model)",
-        })
+        rows.append(
+            {
+                "algorithm": name,
+                "local training": f"{cfg.train.local_epochs} epoch(s)/round, lr {cfg.train.lr:g}, momentum {cfg.train.momentum:g}",
+                "personalization budget": describe(params, cfg.train) if describe else "none (the trained model)",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -206,8 +211,12 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = rows.assign(phase=split[0], what=split[1])
     table = rows.pivot_table(index=["algorithm", "phase"], columns="what", values="value", aggfunc="mean")
     order = {name: i for i, name in enumerate(dict.fromkeys(rows.phase))}
-    table = table.reset_index().sort_values(["algorithm", "phase"], key=lambda c: c.map(order) if c.name == "phase" else c)
-    return table.map(lambda v: f"{v:.4g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v))
+    table = table.reset_index().sort_values(
+        ["algorithm", "phase"], key=lambda c: c.map(order) if c.name == "phase" else c
+    )
+    return table.map(
+        lambda v: f"{v:.4g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v)
+    )
 
 
 def warm_started(df: pd.DataFrame) -> list[str]:
@@ -219,8 +228,13 @@ def round_cost_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per algorithm, one training round's cost (rounds 1..R, mean over rounds and seeds): wall,
     training and evaluation seconds, the largest client task's peak memory, MB up."""
     run = df[(df.client_id == RUN_LEVEL) & (df["round"] >= 1)]
-    wanted = {"wall_s": "round s", "train_s": "train s", "eval_s": "eval s",
-              "client_peak_rss_mb": "client peak MiB", "bytes_up": "MB up"}
+    wanted = {
+        "wall_s": "round s",
+        "train_s": "train s",
+        "eval_s": "eval s",
+        "client_peak_rss_mb": "client peak MiB",
+        "bytes_up": "MB up",
+    }
     run = run[run.metric.isin(list(wanted))]
     if run.empty:
         return pd.DataFrame()
@@ -229,7 +243,9 @@ def round_cost_table(df: pd.DataFrame) -> pd.DataFrame:
         table["bytes_up"] = table["bytes_up"] / 1e6
     table = table.reindex(index=list(dict.fromkeys(run.algorithm)), columns=[c for c in wanted if c in table])
     table = table.rename(columns=wanted).reset_index()
-    return table.map(lambda v: f"{v:.3g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v))
+    return table.map(
+        lambda v: f"{v:.3g}" if isinstance(v, float) and not np.isnan(v) else ("" if isinstance(v, float) else v)
+    )
 
 
 def paired_note(reference: str | None, df: pd.DataFrame) -> str:
@@ -239,10 +255,12 @@ def paired_note(reference: str | None, df: pd.DataFrame) -> str:
         return ""
     if reference not in set(df.algorithm):
         return f"No paired column: the reference `{reference}` is not in this run (`--reference NAME`)."
-    return (f"Δ vs {reference}: the method minus `{reference}` on the same clients and seeds, mean over seeds of the "
-            f"per-seed difference (personal: client mean; global: pooled over test samples), each method at its "
-            f"own reported round; 95 % interval from a seeded bootstrap ({BOOTSTRAP} resamples) over clients within "
-            f"seeds; (wins) = seeds on which the method is ahead.")
+    return (
+        f"Δ vs {reference}: the method minus `{reference}` on the same clients and seeds, mean over seeds of the "
+        f"per-seed difference (personal: client mean; global: pooled over test samples), each method at its "
+        f"own reported round; 95 % interval from a seeded bootstrap ({BOOTSTRAP} resamples) over clients within "
+        f"seeds; (wins) = seeds on which the method is ahead."
+    )
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -256,8 +274,10 @@ def markdown_table(table: pd.DataFrame) -> str:
 def plot_accuracy(df: pd.DataFrame, path: Path) -> Path:
     acc = per_round_accuracy(df)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, metric, title in ((axes[0], "global_acc", "global model, all test splits"),
-                              (axes[1], "personal_acc", "personalized, own test split (client mean)")):
+    for ax, metric, title in (
+        (axes[0], "global_acc", "global model, all test splits"),
+        (axes[1], "personal_acc", "personalized, own test split (client mean)"),
+    ):
         for algo in dict.fromkeys(acc.algorithm):
             g = acc[acc.algorithm == algo]
             if metric not in g or g[metric].isna().all():
@@ -315,9 +335,15 @@ def write_report(run_dir: str | Path, reference: str | None = DEFAULT_REFERENCE)
         lines += ["## After the one-shot warm start (round 0, before any round)", "", markdown_table(start), ""]
     phases = phase_table(df)
     if not phases.empty:
-        lines += ["## Warm-start phases", "",
-                  "Seconds, bytes and peak resident memory (MiB, the largest client task and the server) per "
-                  "phase; mean over seeds.", "", markdown_table(phases), ""]
+        lines += [
+            "## Warm-start phases",
+            "",
+            "Seconds, bytes and peak resident memory (MiB, the largest client task and the server) per "
+            "phase; mean over seeds.",
+            "",
+            markdown_table(phases),
+            "",
+        ]
     costs = round_cost_table(df)
     if not costs.empty:
         lines += ["## Cost of one round", "", markdown_table(costs), ""]
@@ -329,7 +355,12 @@ def write_report(run_dir: str | Path, reference: str | None = DEFAULT_REFERENCE)
         if heatmap.exists():
             target = plots / f"partition_seed{seed}.png"
             shutil.copyfile(heatmap, target)
-            lines += [f"## Partition (seed {seed}, key {info['key']})", "", f"![partition]({target.relative_to(run_dir)})", ""]
+            lines += [
+                f"## Partition (seed {seed}, key {info['key']})",
+                "",
+                f"![partition]({target.relative_to(run_dir)})",
+                "",
+            ]
     artifacts = sorted((run_dir / "artifacts").glob("**/*.png")) if (run_dir / "artifacts").exists() else []
     if artifacts:
         lines += ["## Artifacts", ""] + [f"![{p.stem}]({p.relative_to(run_dir)})" for p in artifacts] + [""]

@@ -126,8 +126,9 @@ class RunLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
             self._file.close()
-            raise ConfigError(f"run directory {run_dir} is in use by a running run ({holder}); "
-                              "wait for it, or choose another run_id") from None
+            raise ConfigError(
+                f"run directory {run_dir} is in use by a running run ({holder}); wait for it, or choose another run_id"
+            ) from None
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -185,8 +186,9 @@ def check_writable(directory: Path, key: str) -> None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise ConfigError(f"{key}={directory}: cannot write there ({exc.strerror or exc}); "
-                          f"set {key} to a directory you can write") from None
+        raise ConfigError(
+            f"{key}={directory}: cannot write there ({exc.strerror or exc}); set {key} to a directory you can write"
+        ) from None
 
 
 def run_context(cfg: RunConfig, dataset: ArrayDataset, seed: int, run_dir: str) -> RunContext:
@@ -252,7 +254,11 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         "algorithms": names,
         "host": platform.node(),
     }
-    manifest["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint(), "samples": int(len(dataset.labels))}
+    manifest["dataset"] = {
+        "name": dataset.name,
+        "fingerprint": dataset.fingerprint(),
+        "samples": int(len(dataset.labels)),
+    }
     interrupt_status.run_dir = run_dir
     started_ray = False
     pool: ActorPool | None = None
@@ -307,8 +313,18 @@ def _on_this_node() -> Any:
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _execute(name: str, cfg: RunConfig, run_ctx: RunContext, partition: Any, partition_ref: Any, pool: ActorPool,
-             server: Any, run_dir: Path, progress: Progress, plan: Any) -> None:
+def _execute(
+    name: str,
+    cfg: RunConfig,
+    run_ctx: RunContext,
+    partition: Any,
+    partition_ref: Any,
+    pool: ActorPool,
+    server: Any,
+    run_dir: Path,
+    progress: Progress,
+    plan: Any,
+) -> None:
     """One (algorithm, seed); a lost Ray node sends it back to its last checkpoint on the actors left."""
     from ray.exceptions import ObjectLostError
 
@@ -320,13 +336,22 @@ def _execute(name: str, cfg: RunConfig, run_ctx: RunContext, partition: Any, par
         algorithm = cls(params, run_ctx)
         algorithm.name = name  # a variant reports under its own name
         simulation = Simulation(
-            algorithm=algorithm, run=run_ctx, cfg=cfg, partition=partition, partition_ref=partition_ref,
-            pool=pool, server=server, results=ResultsWriter(run_dir, cfg.run_id), progress=progress,
+            algorithm=algorithm,
+            run=run_ctx,
+            cfg=cfg,
+            partition=partition,
+            partition_ref=partition_ref,
+            pool=pool,
+            server=server,
+            results=ResultsWriter(run_dir, cfg.run_id),
+            progress=progress,
         )
         simulation.checkpoints.guard = pool.check_nodes  # never checkpoint a round a dead node may have cut short
         interrupt_status.where = lambda store=simulation.checkpoints: (
-            f"round {store.last_round} of {name} (seed {run_ctx.seed})" if store.last_round is not None
-            else f"the start of {name} (seed {run_ctx.seed})")
+            f"round {store.last_round} of {name} (seed {run_ctx.seed})"
+            if store.last_round is not None
+            else f"the start of {name} (seed {run_ctx.seed})"
+        )
         try:
             simulation.execute()
             return
@@ -337,11 +362,21 @@ def _execute(name: str, cfg: RunConfig, run_ctx: RunContext, partition: Any, par
             if room > 0:
                 pool.grow(min(room, plan.size - pool.size))
             if losses > MAX_NODE_LOSSES or pool.size == 0:
-                raise ResourceError(f"{exc} and no client actor is left to continue {name} (seed {run_ctx.seed}); "
-                                    f"resume with: run_sim.py run --resume {run_dir}") from None
+                raise ResourceError(
+                    f"{exc} and no client actor is left to continue {name} (seed {run_ctx.seed}); "
+                    f"resume with: run_sim.py run --resume {run_dir}"
+                ) from None
             last = simulation.checkpoints.last_round
-            log.warning("%s: %d client actors lost with it; %s (seed %d) resumes from its last checkpoint "
-                        "(round %s) on %d actors", exc, lost, name, run_ctx.seed, last, pool.size)
+            log.warning(
+                "%s: %d client actors lost with it; %s (seed %d) resumes from its last checkpoint "
+                "(round %s) on %d actors",
+                exc,
+                lost,
+                name,
+                run_ctx.seed,
+                last,
+                pool.size,
+            )
 
 
 def _room_for(plan: Any) -> int:

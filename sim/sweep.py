@@ -208,8 +208,10 @@ def check_cells(sweep: Sweep, note: Callable[[str], None] = print) -> None:
                 partition_for(cfg, dataset, seed)
                 done.add(key)
     if todo:
-        note(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(todo)} to run; data and partitions checked "
-             f"({len(done)} partitions in {sweep.cells[0].cfg.cache_path / 'partitions'})")
+        note(
+            f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(todo)} to run; data and partitions checked "
+            f"({len(done)} partitions in {sweep.cells[0].cfg.cache_path / 'partitions'})"
+        )
 
 
 # ----------------------------------------------------------------------------------- running
@@ -284,8 +286,9 @@ def run_sweep(
     return execute_sweep(sweep, note, reference)
 
 
-def execute_sweep(sweep: Sweep, note: Callable[[str], None] = print, reference: str | None = None,
-                  summary: bool = True) -> SweepResult:
+def execute_sweep(
+    sweep: Sweep, note: Callable[[str], None] = print, reference: str | None = None, summary: bool = True
+) -> SweepResult:
     """Run (or resume) every unfinished cell of a planned sweep on one Ray connection; `summary=False`
     skips summary.md (a tuning search writes its own, validation-only, tables)."""
     import ray
@@ -296,11 +299,17 @@ def execute_sweep(sweep: Sweep, note: Callable[[str], None] = print, reference: 
     config = sweep.config
     check_cells(sweep, note)
     sweep.dir.mkdir(parents=True, exist_ok=True)
-    _write_json(sweep.dir / "sweep.json", {
-        "name": sweep.name, "config": str(Path(config).resolve()) if config else None, "set": sweep.sets,
-        "grid": sweep.grid, "cache_dir": sweep.cells[0].cfg.cache_path,
-        "cells": [{"id": c.id, "values": c.values, "dir": str(c.dir)} for c in sweep.cells],
-    })
+    _write_json(
+        sweep.dir / "sweep.json",
+        {
+            "name": sweep.name,
+            "config": str(Path(config).resolve()) if config else None,
+            "set": sweep.sets,
+            "grid": sweep.grid,
+            "cache_dir": sweep.cells[0].cfg.cache_path,
+            "cells": [{"id": c.id, "values": c.values, "dir": str(c.dir)} for c in sweep.cells],
+        },
+    )
     stored = _results_cells(sweep.results_path)
     for cell in sweep.cells:
         if cell.finished and cell.id not in stored:  # finished, but its rows never reached the table
@@ -320,10 +329,15 @@ def execute_sweep(sweep: Sweep, note: Callable[[str], None] = print, reference: 
                 began = time.perf_counter()
                 run_comparison(cell.cfg, keep_dataset_cached=True)  # the next cell reuses it
                 append_results(sweep, cell)
-                _write_json(cell.dir / DONE, {
-                    "cell": cell.id, "values": cell.values, "wall_s": time.perf_counter() - began,
-                    "finished": dt.datetime.now().isoformat(timespec="seconds"),
-                })
+                _write_json(
+                    cell.dir / DONE,
+                    {
+                        "cell": cell.id,
+                        "values": cell.values,
+                        "wall_s": time.perf_counter() - began,
+                        "finished": dt.datetime.now().isoformat(timespec="seconds"),
+                    },
+                )
                 ran.append(cell.id)
                 note(f"{head}: done in {time.perf_counter() - began:.1f}s")
         finally:
@@ -442,9 +456,16 @@ def summarize(sweep: Sweep, finals: Any, paired: dict[tuple, dict[str, str]] | N
     for key, g in sorted(groups, key=lambda kv: (order[kv[0][0]], *[str(v) for v in kv[0][1:]])):
         key = key if isinstance(key, tuple) else (key,)
         head = dict(zip(keys, key))
-        rows.append({**head, "seeds": int(g["seed"].nunique()),
-                     "global acc": _mean_std(g["global_acc"], 3), "personal acc": _mean_std(g["personal_acc"], 3),
-                     **paired.get(tuple(key), {}), "wall s": _mean_std(g["wall_s"], 1)})
+        rows.append(
+            {
+                **head,
+                "seeds": int(g["seed"].nunique()),
+                "global acc": _mean_std(g["global_acc"], 3),
+                "personal acc": _mean_std(g["personal_acc"], 3),
+                **paired.get(tuple(key), {}),
+                "wall s": _mean_std(g["wall_s"], 1),
+            }
+        )
         stats = {**head, "num_clients": int(g["num_clients"].iloc[0]), "seeds": int(g["seed"].nunique())}
         for col in ("global_acc", "personal_acc", "wall_s"):
             stats[f"{col}_mean"] = float(g[col].mean())
@@ -489,8 +510,10 @@ def plot_vs_clients(sweep: Sweep, numeric: Any, plots: Path) -> list[Path]:
 
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, col, title in ((axes[0], "global_acc", "global model, final round"),
-                           (axes[1], "personal_acc", "personalized (client mean), final round")):
+    for ax, col, title in (
+        (axes[0], "global_acc", "global model, final round"),
+        (axes[1], "personal_acc", "personalized (client mean), final round"),
+    ):
         draw(ax, col)
         ax.set_title(title)
     axes[0].set_ylabel("test accuracy (mean ± std over seeds)")
@@ -530,16 +553,23 @@ def write_summary(sweep: Sweep, reference: str | None = None) -> tuple[Any, Path
     finished = sum(c.finished for c in sweep.cells)
     grid = "; ".join(f"`{k}` = {', '.join(_text(v) for v in vs)}" for k, vs in sweep.grid.items())
     lines = [
-        f"# Sweep {sweep.name}", "",
-        f"Grid: {grid}. Config: {sweep.config or '(defaults)'}; --set: {' '.join(sweep.sets) or '(none)'}.", "",
-        f"{finished} of {len(sweep.cells)} cells finished; each is a run directory under `cells/`.", "",
-        "## Final round, mean ± std over seeds", "",
-        markdown_table(table) if not table.empty else "(no finished cells yet)", "",
+        f"# Sweep {sweep.name}",
+        "",
+        f"Grid: {grid}. Config: {sweep.config or '(defaults)'}; --set: {' '.join(sweep.sets) or '(none)'}.",
+        "",
+        f"{finished} of {len(sweep.cells)} cells finished; each is a run directory under `cells/`.",
+        "",
+        "## Final round, mean ± std over seeds",
+        "",
+        markdown_table(table) if not table.empty else "(no finished cells yet)",
+        "",
         "Global accuracy: the global model on the union of the clients' test splits (the evaluated clients: "
         "`eval.max_clients` caps them). Personalized accuracy: each client's own model on its own test split, "
         "averaged over clients. Wall time: the whole run of that algorithm (set-up phases, rounds, evaluation). "
-        "Per-run numbers: `finals.csv`; every row: `results.parquet` (columns `cell` and the grid values).", "",
-        paired_note(reference, clients if not clients.empty else pd.DataFrame({"algorithm": []})), "",
+        "Per-run numbers: `finals.csv`; every row: `results.parquet` (columns `cell` and the grid values).",
+        "",
+        paired_note(reference, clients if not clients.empty else pd.DataFrame({"algorithm": []})),
+        "",
     ]
     for path in plots:
         lines += [f"![{path.stem}](plots/{path.name})", ""]

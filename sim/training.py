@@ -19,7 +19,9 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(model(x), y)
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -65,8 +67,9 @@ Score = tuple[float, float, int]  # (accuracy, mean loss, n)
 
 
 @torch.no_grad()
-def evaluate_segments(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths: list[int],
-                      batch_size: int = 512) -> list[Score]:
+def evaluate_segments(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths: list[int], batch_size: int = 512
+) -> list[Score]:
     """Scores of consecutive segments of (x, y), in full batches across segment borders.
 
     Evaluating many small splits (every client's val and test under the one global model) one
@@ -82,10 +85,10 @@ def evaluate_segments(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length
         model.eval()
         device = next(model.parameters()).device
         for start in range(0, n_total, batch_size):
-            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
             logits = model(xb)
-            losses[start:start + len(yb)] = F.cross_entropy(logits, yb, reduction="none").double().cpu()
-            correct[start:start + len(yb)] = (logits.argmax(1) == yb).cpu()
+            losses[start : start + len(yb)] = F.cross_entropy(logits, yb, reduction="none").double().cpu()
+            correct[start : start + len(yb)] = (logits.argmax(1) == yb).cpu()
     scores: list[Score] = []
     offset = 0
     for n in lengths:

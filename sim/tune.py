@@ -81,8 +81,11 @@ def criterion(cls: type) -> str:
     own (pFL), else the global model's."""
     from algorithms.base import Algorithm
 
-    personal = (cls.personal_weights is not Algorithm.personal_weights or bool(cls.personal_patterns)
-                or not cls.has_global_model)
+    personal = (
+        cls.personal_weights is not Algorithm.personal_weights
+        or bool(cls.personal_patterns)
+        or not cls.has_global_model
+    )
     return "personal_acc" if personal else "global_acc"
 
 
@@ -120,8 +123,9 @@ def own_grid(cfg: RunConfig, name: str, space: dict[str, dict[str, list[Any]]]) 
     own = {p: list(v) for p, v in getattr(cls, "search_space", {}).items()}
     for param, values in space.get(name, {}).items():
         if not dataclasses.is_dataclass(cls.Params) or param not in {f.name for f in dataclasses.fields(cls.Params)}:
-            raise ConfigError(f"--space {name}.{param}: {name} has no hyper-parameter {param!r}; "
-                              f"it has: {cls.describe() or '(none)'}")
+            raise ConfigError(
+                f"--space {name}.{param}: {name} has no hyper-parameter {param!r}; it has: {cls.describe() or '(none)'}"
+            )
         own[param] = list(values)
     keys = list(own)
     return [dict(zip(keys, combo)) for combo in itertools.product(*own.values())] if keys else [{}]
@@ -146,9 +150,17 @@ def _load(config: str | None, overrides: list[str], where: str) -> RunConfig:
         raise ConfigError(f"{exc} ({where})") from None
 
 
-def plan_tune(config: str | None, sets: Sequence[str], grid_items: Sequence[str] = (), space_items: Sequence[str] = (),
-              search_rounds: int | None = None, search_seeds: Sequence[int] | None = None,
-              untuned: Sequence[str] = (), name: str | None = None, shared_only: bool = False) -> Plan:
+def plan_tune(
+    config: str | None,
+    sets: Sequence[str],
+    grid_items: Sequence[str] = (),
+    space_items: Sequence[str] = (),
+    search_rounds: int | None = None,
+    search_seeds: Sequence[int] | None = None,
+    untuned: Sequence[str] = (),
+    name: str | None = None,
+    shared_only: bool = False,
+) -> Plan:
     """Every search cell's config is built and validated here; nothing runs (`shared_only`: the
     algorithms' own search spaces are left at their defaults, the cheap budget). A search cell is one
     shared grid point with every algorithm's own grid points in it, each a named variant
@@ -165,9 +177,20 @@ def plan_tune(config: str | None, sets: Sequence[str], grid_items: Sequence[str]
     if search_rounds is not None and search_rounds < 1:
         raise ConfigError(f"--search-rounds must be >= 1, got {search_rounds}")
     seeds = list(search_seeds) if search_seeds else base.seeds
-    blob = json.dumps({"config": Path(config).read_text() if config else None, "set": list(sets),
-                       "grid": shared_axes, "space": space, "rounds": search_rounds, "seeds": seeds,
-                       "untuned": list(untuned), "shared_only": shared_only}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "config": Path(config).read_text() if config else None,
+            "set": list(sets),
+            "grid": shared_axes,
+            "space": space,
+            "rounds": search_rounds,
+            "seeds": seeds,
+            "untuned": list(untuned),
+            "shared_only": shared_only,
+        },
+        sort_keys=True,
+        default=str,
+    )
     name = name or "tune-" + hashlib.sha256(blob.encode()).hexdigest()[:8]
     if not _NAME.match(name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
@@ -191,13 +214,20 @@ def plan_tune(config: str | None, sets: Sequence[str], grid_items: Sequence[str]
         for point in shared:
             overrides = [f"{k}={json.dumps(v)}" for k, v in point.items()]
             where = "search cell " + (", ".join(f"{k}={_text(v)}" for k, v in point.items()) or "(defaults)")
-            cfg = _load(config, [*sets, *extra, *variant_sets, f"algorithms={json.dumps(list(labels))}", *overrides],
-                        where)
+            cfg = _load(
+                config, [*sets, *extra, *variant_sets, f"algorithms={json.dumps(list(labels))}", *overrides], where
+            )
             cid = cell_id({**point, "budget": extra, "runs": {k: own[a][i] for k, (a, i) in labels.items()}})
-            cells.append(Cell(cid, dict(point), dataclasses.replace(cfg, out=str(search_dir / "cells"),
-                                                                     cache_dir=cache, run_id=cid)))
-    search = Sweep(f"{name}-search", search_dir, {k: list(v) for k, v in shared_axes.items()}, cells, config,
-                   [*sets, *extra])
+            cells.append(
+                Cell(
+                    cid,
+                    dict(point),
+                    dataclasses.replace(cfg, out=str(search_dir / "cells"), cache_dir=cache, run_id=cid),
+                )
+            )
+    search = Sweep(
+        f"{name}-search", search_dir, {k: list(v) for k, v in shared_axes.items()}, cells, config, [*sets, *extra]
+    )
     return Plan(name, out, algorithms, list(untuned), shared, own, criteria, search, labels, base, config, list(sets))
 
 
@@ -218,10 +248,19 @@ def validation_scores(results: pd.DataFrame, plan: Plan) -> pd.DataFrame:
             mine = acc[acc["algorithm"] == run_name] if not acc.empty else acc
             best = mine.groupby("seed")[metric].max() if metric in mine and not mine.empty else pd.Series(dtype=float)
             point = {**cell.values, **{_param_key(plan.base, algo, k): v for k, v in plan.own[algo][i].items()}}
-            rows.append({"algorithm": algo, "order": (plan.algorithms.index(algo), s_index, i), "point": point,
-                         "shared": s_index, "own": i, "criterion": metric,
-                         "val_mean": float(best.mean()) if len(best) else float("nan"),
-                         "val_std": float(best.std(ddof=1)) if len(best) > 1 else 0.0, "seeds": int(len(best))})
+            rows.append(
+                {
+                    "algorithm": algo,
+                    "order": (plan.algorithms.index(algo), s_index, i),
+                    "point": point,
+                    "shared": s_index,
+                    "own": i,
+                    "criterion": metric,
+                    "val_mean": float(best.mean()) if len(best) else float("nan"),
+                    "val_std": float(best.std(ddof=1)) if len(best) > 1 else 0.0,
+                    "seeds": int(len(best)),
+                }
+            )
     if not rows:
         return pd.DataFrame(columns=["algorithm", "point", "val_mean"])
     return pd.DataFrame(rows).sort_values("order", kind="stable").drop(columns="order").reset_index(drop=True)
@@ -257,7 +296,9 @@ def final_sweep(plan: Plan, chosen: dict[str, dict[str, Any]]) -> Sweep:
         overrides = [*[f"{k}={json.dumps(v)}" for k, v in shared.items()], *own, f"algorithms={json.dumps(algos)}"]
         cfg = _load(plan.config, [*plan.sets, *overrides], "final cell " + ", ".join(algos))
         cid = cell_id({"final": {a: chosen.get(a, {}) for a in algos}})
-        cells.append(Cell(cid, dict(shared), dataclasses.replace(cfg, out=str(out / "cells"), cache_dir=cache, run_id=cid)))
+        cells.append(
+            Cell(cid, dict(shared), dataclasses.replace(cfg, out=str(out / "cells"), cache_dir=cache, run_id=cid))
+        )
     return Sweep(f"{plan.name}-final", out, {}, cells, plan.config, plan.sets)
 
 
@@ -302,8 +343,9 @@ def _search_results(plan: Plan) -> pd.DataFrame:
     path = plan.search.results_path
     if not path.exists():
         return pd.DataFrame(columns=["cell", "split"])
-    return pq.read_table(path, columns=["cell", "algorithm", "seed", "round", "client_id", "split", "metric",
-                                        "value"]).to_pandas()
+    return pq.read_table(
+        path, columns=["cell", "algorithm", "seed", "round", "client_id", "split", "metric", "value"]
+    ).to_pandas()
 
 
 # ----------------------------------------------------------------------------------- report
@@ -311,8 +353,15 @@ def _point_text(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_text(v)}" for k, v in point.items()) or "(defaults)"
 
 
-def write_tune_report(plan: Plan, scores: pd.DataFrame, chosen: dict[str, dict[str, Any]], final: Sweep,
-                      reference: str | None, search_s: float, final_s: float) -> tuple[pd.DataFrame, Path]:
+def write_tune_report(
+    plan: Plan,
+    scores: pd.DataFrame,
+    chosen: dict[str, dict[str, Any]],
+    final: Sweep,
+    reference: str | None,
+    search_s: float,
+    final_s: float,
+) -> tuple[pd.DataFrame, Path]:
     from sim.report import DEFAULT_REFERENCE, budget_table, markdown_table, paired_note, summary_table
     from sim.runner import git_commit
 
@@ -325,24 +374,38 @@ def write_tune_report(plan: Plan, scores: pd.DataFrame, chosen: dict[str, dict[s
     label = {"global_acc": "global val acc", "personal_acc": "personal val acc"}
     rows = []
     for algo in plan.algorithms:
-        rows.append({"algorithm": algo,
-                     "chosen on": "— (untuned: defaults)" if algo in plan.untuned else label[plan.criteria[algo]],
-                     "chosen": _point_text(chosen.get(algo, {})),
-                     "grid points": plan.points(algo)})
+        rows.append(
+            {
+                "algorithm": algo,
+                "chosen on": "— (untuned: defaults)" if algo in plan.untuned else label[plan.criteria[algo]],
+                "chosen": _point_text(chosen.get(algo, {})),
+                "grid points": plan.points(algo),
+            }
+        )
     lines = [
-        f"# Tuning {plan.name}", "",
-        f"Config: {plan.config or '(defaults)'}; --set: {' '.join(plan.sets) or '(none)'}; git {git_commit()}.", "",
+        f"# Tuning {plan.name}",
+        "",
+        f"Config: {plan.config or '(defaults)'}; --set: {' '.join(plan.sets) or '(none)'}; git {git_commit()}.",
+        "",
         f"Search: {sum(plan.points(a) for a in plan.algorithms)} grid points ({len(plan.search.cells)} sweep cells) "
         f"at {search_cfg.rounds} rounds, seeds {search_cfg.seeds}; "
         f"{search_s:.0f} s. Final: the chosen settings at {plan.base.rounds} rounds, seeds {plan.base.seeds}; "
-        f"{final_s:.0f} s.", "",
+        f"{final_s:.0f} s.",
+        "",
         "Each grid point is scored by its **validation** accuracy at its best round on validation, mean over the "
         "search seeds: the global model's for methods whose personalized model is the global one, the personalized "
-        "model's for the others (column *chosen on*). Test accuracy is never read to choose.", "",
-        "## Chosen settings", "", markdown_table(pd.DataFrame(rows)), "",
-        "## Final runs (round chosen on validation)", "",
-        markdown_table(table) if not table.empty else "(no final runs finished)", "",
-        paired_note(reference, df if not df.empty else pd.DataFrame({"algorithm": []})), "",
+        "model's for the others (column *chosen on*). Test accuracy is never read to choose.",
+        "",
+        "## Chosen settings",
+        "",
+        markdown_table(pd.DataFrame(rows)),
+        "",
+        "## Final runs (round chosen on validation)",
+        "",
+        markdown_table(table) if not table.empty else "(no final runs finished)",
+        "",
+        paired_note(reference, df if not df.empty else pd.DataFrame({"algorithm": []})),
+        "",
     ]
     if not budgets.empty:
         lines += ["## Budgets", "", markdown_table(budgets), ""]
@@ -351,8 +414,14 @@ def write_tune_report(plan: Plan, scores: pd.DataFrame, chosen: dict[str, dict[s
     for _, r in scores.iterrows():
         mark = " **(chosen)**" if r["point"] == chosen.get(r["algorithm"]) else ""
         spread = f" ± {r['val_std']:.3f}" if r["seeds"] > 1 else ""
-        grid_rows.append({"algorithm": r["algorithm"], "setting": _point_text(r["point"]) + mark,
-                          "on": label[r["criterion"]], "val acc": f"{r['val_mean']:.3f}{spread}"})
+        grid_rows.append(
+            {
+                "algorithm": r["algorithm"],
+                "setting": _point_text(r["point"]) + mark,
+                "on": label[r["criterion"]],
+                "val acc": f"{r['val_mean']:.3f}{spread}",
+            }
+        )
     if grid_rows:
         lines += [markdown_table(pd.DataFrame(grid_rows)), ""]
         scores.assign(point=scores["point"].map(_point_text)).to_csv(plan.dir / "grid.csv", index=False)

@@ -111,7 +111,8 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, prefix: str = "") ->
     for name, value in data.items():
         kwargs[name] = convert(value, hints[name], f"{where}{name}")
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:

@@ -15,7 +15,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="warmfed-sim-tests")
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="warmfed-sim-tests"
+        )
     yield ray
     ray.shutdown()
 
@@ -23,7 +25,12 @@ def ray_local():
 def small_overrides(tmp_path, *extra: str) -> list[str]:
     """A seconds-long run: few clients, two rounds, no progress bars, cache and results in tmp."""
     return [
-        "num_clients=6", "clients_per_round=4", "rounds=2", "progress=false",
-        "train.batch_size=32", f"out={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
+        "num_clients=6",
+        "clients_per_round=4",
+        "rounds=2",
+        "progress=false",
+        "train.batch_size=32",
+        f"out={tmp_path / 'results'}",
+        f"cache_dir={tmp_path / 'cache'}",
         *extra,
     ]

@@ -105,8 +105,9 @@ def test_every_cut_gives_the_bits_of_the_pairwise_tree(n):
     expected = tree_mean(values)
     rng = np.random.default_rng(n)
     cuts_to_try = [[1], [3], [1, 2, 3], list(range(1, n)), [n // 2], [1, n - 2]]
-    cuts_to_try += [sorted(rng.choice(np.arange(1, n), size=int(rng.integers(1, n)), replace=False).tolist())
-                    for _ in range(6)]
+    cuts_to_try += [
+        sorted(rng.choice(np.arange(1, n), size=int(rng.integers(1, n)), replace=False).tolist()) for _ in range(6)
+    ]
     for cuts in cuts_to_try:
         cuts = sorted(set(c for c in cuts if 0 < c < n))
         agg = cut_aggregate(updates, cuts)
@@ -128,7 +129,10 @@ def test_weights_are_summed_over_the_same_tree():
 
 
 def test_the_mean_weighs_each_client_by_its_weight():
-    updates = [ClientUpdate(0, {"w": torch.tensor([1.0, 0.0])}, 3.0), ClientUpdate(1, {"w": torch.tensor([0.0, 1.0])}, 1.0)]
+    updates = [
+        ClientUpdate(0, {"w": torch.tensor([1.0, 0.0])}, 3.0),
+        ClientUpdate(1, {"w": torch.tensor([0.0, 1.0])}, 1.0),
+    ]
     agg = Aggregator()
     for u in updates:
         agg.add(u)

@@ -53,8 +53,21 @@ from baselines.scaffold import Scaffold, ScaffoldParams
 from sim.config import TrainConfig
 from sim.models import Classifier, ModelSpec
 
-NEW_METHODS = ("scaffold", "moon", "fedper", "fedrep", "fedbn", "ditto", "apfl", "lg-fedavg", "fedrod",
-               "fedbabu", "fedala", "per-fedavg", "pfedme")
+NEW_METHODS = (
+    "scaffold",
+    "moon",
+    "fedper",
+    "fedrep",
+    "fedbn",
+    "ditto",
+    "apfl",
+    "lg-fedavg",
+    "fedrod",
+    "fedbabu",
+    "fedala",
+    "per-fedavg",
+    "pfedme",
+)
 SPEC = ModelSpec(in_channels=3, num_classes=3, image_size=8, width=4)
 BN_KEYS = ("features.1.", "features.5.")
 
@@ -103,8 +116,17 @@ class Env:
 
 def make_env(num_clients: int = 2, *, model_factory=None, shifts=None, n: int = 24, **train: Any) -> Env:
     train = {"batch_size": 8, "lr": 0.05, "momentum": 0.9, **train}
-    run = RunContext(num_clients=num_clients, clients_per_round=num_clients, rounds=2, seed=0,
-                     train=TrainConfig(**train), model_name="small_cnn", model_spec=SPEC, cache_dir="", run_dir="")
+    run = RunContext(
+        num_clients=num_clients,
+        clients_per_round=num_clients,
+        rounds=2,
+        seed=0,
+        train=TrainConfig(**train),
+        model_name="small_cnn",
+        model_spec=SPEC,
+        cache_dir="",
+        run_dir="",
+    )
     shifts = shifts or [float(i) for i in range(num_clients)]
     data = {c: random_data(100 + c, n=n, shift=shifts[c]) for c in range(num_clients)}
     return Env(run, data, model_factory)
@@ -118,8 +140,10 @@ def linear_factory(d: int = 12, classes: int = 3):
 def linear_env(**train: Any) -> Env:
     env = make_env(1, model_factory=linear_factory(), **train)
     g = torch.Generator().manual_seed(7)
-    env.data[0] = ClientData({s: torch.randn(10, 3, 2, 2, generator=g) for s in ("train", "val", "test")},
-                             {s: torch.arange(10) % 3 for s in ("train", "val", "test")})
+    env.data[0] = ClientData(
+        {s: torch.randn(10, 3, 2, 2, generator=g) for s in ("train", "val", "test")},
+        {s: torch.arange(10) % 3 for s in ("train", "val", "test")},
+    )
     return env
 
 
@@ -152,24 +176,27 @@ def softmax_regression_grad(weights: Weights, x: torch.Tensor, y: torch.Tensor) 
 
 
 # ----- hyper-parameters ---------------------------------------------------------------------------
-@pytest.mark.parametrize("params_cls, bad, field_name", [
-    (ScaffoldParams, {"server_lr": 0.0}, "server_lr"),
-    (MoonParams, {"tau": 0.0}, "tau"),
-    (MoonParams, {"mu": -1.0}, "mu"),
-    (FedRepParams, {"head_epochs": -1}, "head_epochs"),
-    (DittoParams, {"lam": -0.1}, "lam"),
-    (APFLParams, {"alpha": 1.5}, "alpha"),
-    (FedRoDParams, {"generic_loss": "focal"}, "generic_loss"),
-    (MoonParams, {"projection_dim": -1}, "projection_dim"),
-    (FedRoDParams, {"p_head_init": "random"}, "p_head_init"),
-    (FedALAParams, {"convergence": "loss"}, "convergence"),
-    (PerFedAvgParams, {"variant": "so"}, "variant"),
-    (FedALAParams, {"data_fraction": 1.2}, "data_fraction"),
-    (FedALAParams, {"eta": -1.0}, "eta"),
-    (PerFedAvgParams, {"alpha": 0.0}, "alpha"),
-    (PFedMeParams, {"inner_steps": 0}, "inner_steps"),
-    (PFedMeParams, {"lam": 0.0}, "lam"),
-])
+@pytest.mark.parametrize(
+    "params_cls, bad, field_name",
+    [
+        (ScaffoldParams, {"server_lr": 0.0}, "server_lr"),
+        (MoonParams, {"tau": 0.0}, "tau"),
+        (MoonParams, {"mu": -1.0}, "mu"),
+        (FedRepParams, {"head_epochs": -1}, "head_epochs"),
+        (DittoParams, {"lam": -0.1}, "lam"),
+        (APFLParams, {"alpha": 1.5}, "alpha"),
+        (FedRoDParams, {"generic_loss": "focal"}, "generic_loss"),
+        (MoonParams, {"projection_dim": -1}, "projection_dim"),
+        (FedRoDParams, {"p_head_init": "random"}, "p_head_init"),
+        (FedALAParams, {"convergence": "loss"}, "convergence"),
+        (PerFedAvgParams, {"variant": "so"}, "variant"),
+        (FedALAParams, {"data_fraction": 1.2}, "data_fraction"),
+        (FedALAParams, {"eta": -1.0}, "eta"),
+        (PerFedAvgParams, {"alpha": 0.0}, "alpha"),
+        (PFedMeParams, {"inner_steps": 0}, "inner_steps"),
+        (PFedMeParams, {"lam": 0.0}, "lam"),
+    ],
+)
 def test_params_validate_ranges_naming_the_field(params_cls, bad, field_name):
     with pytest.raises(ValueError, match=field_name):
         params_cls(**bad)
@@ -209,7 +236,9 @@ def test_fedbn_keeps_every_batchnorm_layer_local():
                 continue  # both clients took the same number of steps
             assert not torch.equal(personal[0][k], personal[1][k]), k
         else:
-            assert torch.equal(personal[0][k], state["weights"][k]) and torch.equal(personal[1][k], state["weights"][k]), k
+            assert torch.equal(personal[0][k], state["weights"][k]) and torch.equal(
+                personal[1][k], state["weights"][k]
+            ), k
 
 
 def test_fedbn_patterns_follow_the_model():
@@ -223,12 +252,15 @@ def test_fedbn_patterns_follow_the_model():
     assert FedBN(FedBN.Params(), dataclasses.replace(env.run, model_name="resnet_gn")).personal_patterns == ()
 
 
-@pytest.mark.parametrize("algo_cls, travels", [
-    (FedPer, lambda k: not k.startswith("head.")),
-    (FedRep, lambda k: not k.startswith("head.")),
-    (LGFedAvg, lambda k: k.startswith("head.")),
-    (FedBABU, lambda k: not k.startswith("head.")),
-])
+@pytest.mark.parametrize(
+    "algo_cls, travels",
+    [
+        (FedPer, lambda k: not k.startswith("head.")),
+        (FedRep, lambda k: not k.startswith("head.")),
+        (LGFedAvg, lambda k: k.startswith("head.")),
+        (FedBABU, lambda k: not k.startswith("head.")),
+    ],
+)
 def test_payloads_hold_exactly_the_shared_part(algo_cls, travels):
     env = make_env(2)
     algo, state = start(algo_cls, env)
@@ -302,7 +334,9 @@ def test_scaffold_server_update_rule_by_hand():
     new = algo.finish_round(state, agg)
     for n in names:
         torch.testing.assert_close(new["weights"][n], env.init[n] + 0.5 * 2.0)  # x + η_g · mean Δy
-        torch.testing.assert_close(new["control"][n], torch.full_like(env.init[n], 1.0 + (2 / 4) * 3.0))  # c + |S|/N mean Δc
+        torch.testing.assert_close(
+            new["control"][n], torch.full_like(env.init[n], 1.0 + (2 / 4) * 3.0)
+        )  # c + |S|/N mean Δc
 
 
 def test_scaffold_server_control_is_the_mean_of_all_client_controls():
@@ -312,7 +346,10 @@ def test_scaffold_server_control_is_the_mean_of_all_client_controls():
     for r, clients in enumerate(([0, 1], [1, 2], [0, 2]), start=1):
         state, _ = fl_round(algo, env, state, client_states, clients=clients, round=r)
         for n in algo.param_names:
-            c_i = [client_states[c]["control"][n] if c in client_states else torch.zeros_like(env.init[n]) for c in range(3)]
+            c_i = [
+                client_states[c]["control"][n] if c in client_states else torch.zeros_like(env.init[n])
+                for c in range(3)
+            ]
             torch.testing.assert_close(state["control"][n], torch.stack(c_i).mean(0), atol=1e-6, rtol=1e-5)
 
 
@@ -332,9 +369,11 @@ def test_scaffold_option_ii_control_variate_with_plain_sgd():
         torch.testing.assert_close(new_state["control"][n], expected, atol=2e-5, rtol=1e-3)
         torch.testing.assert_close(update.payload[f"dc/{n}"], new_state["control"][n] - c_i[n])
     assert set(update.payload) == {f"dy/{n}" for n in algo.param_names} | {f"dc/{n}" for n in algo.param_names} | {
-        f"buf/{k}" for k in env.init if k not in algo.param_names}
+        f"buf/{k}" for k in env.init if k not in algo.param_names
+    }
     assert algo.message_nbytes(message) == 2 * weights_nbytes(env.init) - weights_nbytes(
-        {k: v for k, v in env.init.items() if k not in algo.param_names})
+        {k: v for k, v in env.init.items() if k not in algo.param_names}
+    )
 
 
 # ----- MOON ----------------------------------------------------------------------------------------
@@ -344,7 +383,9 @@ def test_moon_contrastive_by_hand():
     z_prev = torch.tensor([[-1.0, 0.0], [3.0, 0.0]])
     tau = 0.5
     # row 0: sim(z, z_glob) = 1/√2, sim(z, z_prev) = −1; row 1: 1 and 0
-    by_hand = [-math.log(math.exp(p / tau) / (math.exp(p / tau) + math.exp(q / tau))) for p, q in ((2 ** -0.5, -1.0), (1.0, 0.0))]
+    by_hand = [
+        -math.log(math.exp(p / tau) / (math.exp(p / tau) + math.exp(q / tau))) for p, q in ((2**-0.5, -1.0), (1.0, 0.0))
+    ]
     assert moon_contrastive(z, z_glob, z_prev, tau).item() == pytest.approx(sum(by_hand) / 2, rel=1e-6)
     same = torch.randn(5, 7)
     assert moon_contrastive(same, same, same, tau).item() == pytest.approx(math.log(2), rel=1e-6)
@@ -409,7 +450,8 @@ def test_apfl_alpha_zero_is_the_global_model_and_alpha_one_the_local_model():
         else:
             assert_weights_equal(personal, trained_by_local_only(env))
     mid = APFL(APFLParams(alpha=0.25), env.run).personal_weights(
-        env.ctx(0, 2), {"weights": later, "init": env.init}, {"local": env.init, "alpha": 0.25})
+        env.ctx(0, 2), {"weights": later, "init": env.init}, {"local": env.init, "alpha": 0.25}
+    )
     torch.testing.assert_close(mid["head.bias"], 0.25 * env.init["head.bias"] + 0.75 * later["head.bias"])
 
 
@@ -435,7 +477,8 @@ def test_balanced_softmax_by_hand():
     loss.backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[:, 1] == 0).all()  # an absent class gets no push
     assert balanced_softmax_loss(logits, y, torch.ones(3, dtype=torch.long)).item() == pytest.approx(
-        F.cross_entropy(logits, y).item())
+        F.cross_entropy(logits, y).item()
+    )
 
 
 def test_fedrod_personal_head_is_local_and_adds_to_the_generic_head():
@@ -447,7 +490,9 @@ def test_fedrod_personal_head_is_local_and_adds_to_the_generic_head():
     message = algo.broadcast(state)
     for cid in (0, 1):
         personal = algo.personal_weights(env.ctx(cid, 2), message, client_states[cid])
-        torch.testing.assert_close(personal["head.weight"], state["weights"]["head.weight"] + client_states[cid]["p_weight"])
+        torch.testing.assert_close(
+            personal["head.weight"], state["weights"]["head.weight"] + client_states[cid]["p_weight"]
+        )
         assert_weights_equal(personal, state["weights"], keys=[k for k in env.init if not k.startswith("head.")])
     assert not torch.equal(client_states[0]["p_weight"], client_states[1]["p_weight"])
     # A client that never trained: its P-head is a copy of the generic head (the reference's init).
@@ -492,8 +537,12 @@ def test_per_fedavg_personalizes_with_one_gradient_step():
     algo, state = start(PerFedAvg, env, PerFedAvgParams(alpha=0.3))
     personal = algo.personal_weights(env.ctx(0, 2), algo.broadcast(state), None)
     gw, gb = softmax_regression_grad(env.init, env.data[0].x["train"], env.data[0].y["train"])
-    torch.testing.assert_close(personal["head.weight"].double(), env.init["head.weight"].double() - 0.3 * gw, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(personal["head.bias"].double(), env.init["head.bias"].double() - 0.3 * gb, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        personal["head.weight"].double(), env.init["head.weight"].double() - 0.3 * gw, atol=1e-6, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        personal["head.bias"].double(), env.init["head.bias"].double() - 0.3 * gb, atol=1e-6, rtol=1e-5
+    )
 
 
 def test_per_fedavg_first_order_outer_gradient_is_taken_at_the_adapted_point():
@@ -519,8 +568,10 @@ def test_pfedme_personalized_model_solves_the_moreau_inner_problem():
     theta = dict(w)
     for _ in range(2):  # θ ← θ − lr (∇f(θ) + λ(θ − w)), from θ = w
         gw, gb = softmax_regression_grad(theta, x, y)
-        theta = {"head.weight": theta["head.weight"] - lr * (gw + lam * (theta["head.weight"] - w["head.weight"])),
-                 "head.bias": theta["head.bias"] - lr * (gb + lam * (theta["head.bias"] - w["head.bias"]))}
+        theta = {
+            "head.weight": theta["head.weight"] - lr * (gw + lam * (theta["head.weight"] - w["head.weight"])),
+            "head.bias": theta["head.bias"] - lr * (gb + lam * (theta["head.bias"] - w["head.bias"])),
+        }
     for k in theta:
         torch.testing.assert_close(personal[k].double(), theta[k], atol=1e-6, rtol=1e-5)
 
@@ -532,7 +583,9 @@ def test_pfedme_local_step_moves_toward_the_personalized_model_and_server_mixes_
     update, _ = algo.local_train(env.ctx(0), algo.broadcast(state), None)
     theta = algo.personal_weights(env.ctx(0), algo.broadcast(state), None)  # the same batch: the whole split
     for k in ("head.weight", "head.bias"):  # w ← w − η λ (w − θ̂)
-        torch.testing.assert_close(update.payload[k], env.init[k] - eta * lam * (env.init[k] - theta[k]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            update.payload[k], env.init[k] - eta * lam * (env.init[k] - theta[k]), atol=1e-6, rtol=1e-5
+        )
     agg = Aggregator()
     agg.add(update)
     mixed = algo.finish_round(state, agg)["weights"]
@@ -542,8 +595,9 @@ def test_pfedme_local_step_moves_toward_the_personalized_model_and_server_mixes_
 # ----- through the engine ----------------------------------------------------------------------------------
 def _weighted(df, metric: str) -> dict[tuple[str, int, int], float]:
     """(algorithm, seed, round) → test-sample-weighted mean of a per-client metric."""
-    test = df[df.split == "test"].pivot_table(index=["algorithm", "seed", "round", "client_id"], columns="metric",
-                                              values="value")
+    test = df[df.split == "test"].pivot_table(
+        index=["algorithm", "seed", "round", "client_id"], columns="metric", values="value"
+    )
     test = test[test[metric].notna()]
     sums = (test[metric] * test["n"]).groupby(level=[0, 1, 2]).sum() / test["n"].groupby(level=[0, 1, 2]).sum()
     return {k: float(v) for k, v in sums.items()}
@@ -568,10 +622,23 @@ def test_scaffold_beats_fedavg_on_a_pathological_split(ray_local, tmp_path):
     from tests.conftest import small_overrides
 
     rounds = 12
-    cfg = load_config(None, small_overrides(
-        tmp_path, "algorithms=fedavg,scaffold", "partition.scheme=shards", "partition.classes_per_client=2",
-        "num_clients=6", "clients_per_round=6", f"rounds={rounds}", "model.width=8", "train.local_epochs=1",
-        "train.lr=0.02", "train.momentum=0.9", "seed=0"))
+    cfg = load_config(
+        None,
+        small_overrides(
+            tmp_path,
+            "algorithms=fedavg,scaffold",
+            "partition.scheme=shards",
+            "partition.classes_per_client=2",
+            "num_clients=6",
+            "clients_per_round=6",
+            f"rounds={rounds}",
+            "model.width=8",
+            "train.local_epochs=1",
+            "train.lr=0.02",
+            "train.momentum=0.9",
+            "seed=0",
+        ),
+    )
     df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
     acc = _weighted(df, "global_acc")
     late = range(rounds // 2 + 1, rounds + 1)
@@ -589,9 +656,19 @@ def test_every_baseline_runs_one_round_through_the_engine(ray_local, tmp_path):
 
     baselines = [n for n in algorithm_names() if get_algorithm(n).__module__.startswith("baselines.")]
     assert set(NEW_METHODS) <= set(baselines)
-    cfg = load_config(None, small_overrides(
-        tmp_path, f"algorithms={','.join(baselines)}", "rounds=1", "clients_per_round=6", "model.width=4",
-        "data.domains=[plain]", "partition.scheme=dirichlet", "train.finetune_epochs=1"))
+    cfg = load_config(
+        None,
+        small_overrides(
+            tmp_path,
+            f"algorithms={','.join(baselines)}",
+            "rounds=1",
+            "clients_per_round=6",
+            "model.width=4",
+            "data.domains=[plain]",
+            "partition.scheme=dirichlet",
+            "train.finetune_epochs=1",
+        ),
+    )
     df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
     for name in baselines:
         rows = df[(df.algorithm == name) & (df["round"] == 1) & (df.split == "test")]
@@ -604,9 +681,14 @@ def test_every_baseline_runs_one_round_through_the_engine(ray_local, tmp_path):
 
 
 # ----- equal budgets: train.finetune_epochs reaches every method that fine-tunes ---------------------------
-@pytest.mark.parametrize("algo_cls, params", [
-    (FedAvgFT, None), (FedBABU, None), (PerFedAvg, PerFedAvgParams(finetune=True)),
-])
+@pytest.mark.parametrize(
+    "algo_cls, params",
+    [
+        (FedAvgFT, None),
+        (FedBABU, None),
+        (PerFedAvg, PerFedAvgParams(finetune=True)),
+    ],
+)
 def test_finetune_epochs_sets_the_personalization_budget(algo_cls, params):
     personal = {}
     for epochs in (0, 1, 2):
@@ -625,8 +707,10 @@ def test_per_fedavg_default_personalization_is_one_step_whatever_the_budget():
     one, three = (make_env(1, finetune_epochs=e) for e in (1, 3))
     algo, state = start(PerFedAvg, one)
     message = algo.broadcast(state)
-    assert_weights_equal(algo.personal_weights(one.ctx(0, 2), message, None),
-                         PerFedAvg(PerFedAvgParams(), three.run).personal_weights(three.ctx(0, 2), message, None))
+    assert_weights_equal(
+        algo.personal_weights(one.ctx(0, 2), message, None),
+        PerFedAvg(PerFedAvgParams(), three.run).personal_weights(three.ctx(0, 2), message, None),
+    )
     assert "1 step" in PerFedAvg.finetune_budget(PerFedAvgParams(), one.run.train)
 
 
@@ -660,10 +744,12 @@ def test_per_fedavg_hessian_free_gradient_by_finite_differences():
     xw = F.cross_entropy(x[3:6].flatten(1).double() @ adapted["head.weight"].T + adapted["head.bias"], y[3:6])
     assert loss.item() == pytest.approx(xw.item(), rel=1e-5)  # the value is the outer loss
     d = 1e-4
-    plus = softmax_regression_grad({"head.weight": w["head.weight"] + d * ow, "head.bias": w["head.bias"] + d * ob},
-                                   x[6:].double(), y[6:])
-    minus = softmax_regression_grad({"head.weight": w["head.weight"] - d * ow, "head.bias": w["head.bias"] - d * ob},
-                                    x[6:].double(), y[6:])
+    plus = softmax_regression_grad(
+        {"head.weight": w["head.weight"] + d * ow, "head.bias": w["head.bias"] + d * ob}, x[6:].double(), y[6:]
+    )
+    minus = softmax_regression_grad(
+        {"head.weight": w["head.weight"] - d * ow, "head.bias": w["head.bias"] - d * ob}, x[6:].double(), y[6:]
+    )
     hw, hb = ((p - m) / (2 * d) for p, m in zip(plus, minus))
     torch.testing.assert_close(model.head.weight.grad.double(), ow - alpha * hw, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.head.bias.grad.double(), ob - alpha * hb, atol=1e-5, rtol=1e-4)
@@ -675,8 +761,10 @@ def test_per_fedavg_hessian_free_gradient_by_finite_differences():
 def _prox_by_hand(theta, w, x, y, lam, lr, steps):
     for _ in range(steps):  # θ ← θ − lr (∇f(θ) + λ(θ − w))
         gw, gb = softmax_regression_grad(theta, x, y)
-        theta = {"head.weight": theta["head.weight"] - lr * (gw + lam * (theta["head.weight"] - w["head.weight"])),
-                 "head.bias": theta["head.bias"] - lr * (gb + lam * (theta["head.bias"] - w["head.bias"]))}
+        theta = {
+            "head.weight": theta["head.weight"] - lr * (gw + lam * (theta["head.weight"] - w["head.weight"])),
+            "head.bias": theta["head.bias"] - lr * (gb + lam * (theta["head.bias"] - w["head.bias"])),
+        }
     return theta
 
 
@@ -704,7 +792,8 @@ def test_pfedme_outer_step_has_no_momentum_unless_asked():
     ub, _ = PFedMe(PFedMeParams(), plain.run).local_train(plain.ctx(0), algo.broadcast(state), None)
     assert_weights_equal(ua.payload, ub.payload, rtol=0, atol=0)
     uc, _ = PFedMe(PFedMeParams(outer_momentum=True), with_momentum.run).local_train(
-        with_momentum.ctx(0), algo.broadcast(state), None)
+        with_momentum.ctx(0), algo.broadcast(state), None
+    )
     assert not torch.equal(uc.payload["head.weight"], ua.payload["head.weight"])
 
 

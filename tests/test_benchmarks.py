@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -23,15 +28,28 @@ def _run(script: str, *args: str) -> str:
 @pytest.mark.slow
 def test_engine_vs_plain_prints_both_ratios():
     out = _run("engine_vs_plain.py", "--clients", "12", "--per-round", "4", "--rounds", "2")
-    match = re.search(r"ratio engine/plain: wall ([\d.]+) \(rounds only ([\d.]+)\)\s+memory RSS ([\d.]+) \(PSS ([\d.]+)\)", out)
+    match = re.search(
+        r"ratio engine/plain: wall ([\d.]+) \(rounds only ([\d.]+)\)\s+memory RSS ([\d.]+) \(PSS ([\d.]+)\)", out
+    )
     assert match, out
     assert all(float(v) > 0 for v in match.groups())
 
 
 @pytest.mark.slow
 def test_scale_prints_a_row_per_algorithm_and_scale():
-    out = _run("scale.py", "--scales", "50:5", "--rounds", "1", "--eval-clients", "10", "--copies", "1",
-               "--algorithms", "fedavg,ditto")
+    out = _run(
+        "scale.py",
+        "--scales",
+        "50:5",
+        "--rounds",
+        "1",
+        "--eval-clients",
+        "10",
+        "--copies",
+        "1",
+        "--algorithms",
+        "fedavg,ditto",
+    )
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["fedavg"], ["ditto"])]
     assert [r[0] for r in rows] == ["fedavg", "ditto"], out
     state_mib = {r[0]: float(r[-1]) for r in rows}

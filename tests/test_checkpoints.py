@@ -47,7 +47,14 @@ def test_the_last_two_are_kept_with_checksums(tmp_path):
     for r in range(4):
         _save(store, server, r, [r, -1])
     names = sorted(p.name for p in store.dir.iterdir())
-    assert names == ["meta_r2.json", "meta_r3.json", "server_r2.pt", "server_r3.pt", "versions_r2.npy", "versions_r3.npy"]
+    assert names == [
+        "meta_r2.json",
+        "meta_r3.json",
+        "server_r2.pt",
+        "server_r3.pt",
+        "versions_r2.npy",
+        "versions_r3.npy",
+    ]
     meta = json.loads((store.dir / "meta_r3.json").read_text())
     import hashlib
 

@@ -46,8 +46,9 @@ def test_train_chunks_cut_the_round_into_consecutive_runs_of_about_equal_cost():
 
 def _update(cid: int, weight: float, seed: int) -> ClientUpdate:
     g = torch.Generator().manual_seed(seed)
-    return ClientUpdate(cid, {"w": torch.randn(50, generator=g) * 10 ** (cid % 5), "b": torch.randn(3, generator=g)},
-                        weight)
+    return ClientUpdate(
+        cid, {"w": torch.randn(50, generator=g) * 10 ** (cid % 5), "b": torch.randn(3, generator=g)}, weight
+    )
 
 
 def _cut_sum(updates: list[ClientUpdate], cuts: list[int]) -> Aggregator:
@@ -93,12 +94,23 @@ def test_partials_out_of_client_order_are_refused():
 
 
 def _worker_and_run(tmp_path) -> tuple[ClientWorker, RunContext]:
-    cfg = load_config(None, [f"out={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "num_clients=6", "clients_per_round=6"])
+    cfg = load_config(
+        None, [f"out={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "num_clients=6", "clients_per_round=6"]
+    )
     data = load_dataset(cfg.dataset, cfg.data)
     partition, _ = partition_for(cfg, data, 0)
     spec = ModelSpec(data.image_shape[0], data.num_classes, data.image_shape[1], cfg.model.width)
-    run = RunContext(num_clients=6, clients_per_round=6, rounds=1, seed=0, train=cfg.train,
-                     model_name=cfg.model.name, model_spec=spec, cache_dir=str(tmp_path), run_dir=str(tmp_path))
+    run = RunContext(
+        num_clients=6,
+        clients_per_round=6,
+        rounds=1,
+        seed=0,
+        train=cfg.train,
+        model_name=cfg.model.name,
+        model_spec=spec,
+        cache_dir=str(tmp_path),
+        run_dir=str(tmp_path),
+    )
     cls, params = algorithm_spec(cfg, "fedavg")
     worker = ClientWorker(data)
     worker.configure(cls(params, run), partition, run, str(tmp_path / "state"))
@@ -143,9 +155,18 @@ def test_a_chunk_trains_each_client_as_alone_and_the_server_gets_the_same_mean(t
 def test_results_are_bit_identical_however_the_pool_cuts_the_rounds(ray_local, tmp_path):
     frames = []
     for pool, cpus in ((1, 1.0), (2, 1.0), (3, 0.5)):  # 4, 8 and 12 tasks for 12 clients a round
-        cfg = load_config(None, small_overrides(
-            tmp_path, "algorithms=fedavg,ditto", "num_clients=12", "clients_per_round=12", f"ray.pool_size={pool}",
-            f"client_resources.num_cpus={cpus}", f"run_id=pool{pool}"))
+        cfg = load_config(
+            None,
+            small_overrides(
+                tmp_path,
+                "algorithms=fedavg,ditto",
+                "num_clients=12",
+                "clients_per_round=12",
+                f"ray.pool_size={pool}",
+                f"client_resources.num_cpus={cpus}",
+                f"run_id=pool{pool}",
+            ),
+        )
         frames.append(outcome_frame(run_comparison(cfg).run_dir))
     assert set(frames[0].metric) >= {"global_acc", "personal_acc", "train_loss", "bytes_up"}
     for other in frames[1:]:

@@ -65,8 +65,21 @@ def test_gpu_request_on_a_machine_without_gpus_fails_fast(capsys, tmp_path):
 def test_list_shows_every_registry(capsys):
     code, out, _ = _run(["list"], capsys)
     assert code == 0
-    for word in ("fedavg", "fedprox", "local", "mu=0.01", "digits-domains", "image-folder", "cifar10",
-                 "parquet", "dirichlet", "shards", "domain-dirichlet", "small_cnn", "resnet_gn"):
+    for word in (
+        "fedavg",
+        "fedprox",
+        "local",
+        "mu=0.01",
+        "digits-domains",
+        "image-folder",
+        "cifar10",
+        "parquet",
+        "dirichlet",
+        "shards",
+        "domain-dirichlet",
+        "small_cnn",
+        "resnet_gn",
+    ):
         assert word in out
 
 
@@ -87,8 +100,14 @@ def test_partition_command_builds_then_finds_and_rebuilds_a_corrupt_file(capsys,
 
 def _cli(args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "run_sim.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_sim.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -133,7 +152,23 @@ def test_list_shows_every_new_algorithm_with_its_hyper_parameters(capsys, monkey
     assert code == 0
     lines = {line.split()[0]: line for line in out.split("datasets:")[0].splitlines() if line.startswith("  ")}
     assert lines["h4-dummy-method"].split(None, 1)[1] == "zeta=0.125, inner_steps=None, mode='fast'"
-    for name in ("scaffold", "moon", "fedper", "fedrep", "fedbn", "ditto", "apfl", "lg-fedavg", "fedrod",
-                 "fedbabu", "fedala", "per-fedavg", "pfedme", "fedavg", "fedprox", "local"):
+    for name in (
+        "scaffold",
+        "moon",
+        "fedper",
+        "fedrep",
+        "fedbn",
+        "ditto",
+        "apfl",
+        "lg-fedavg",
+        "fedrod",
+        "fedbabu",
+        "fedala",
+        "per-fedavg",
+        "pfedme",
+        "fedavg",
+        "fedprox",
+        "local",
+    ):
         assert name in lines, name
     assert "lam=0.1" in lines["ditto"] and "head_epochs=1," in lines["fedrep"] and "mu=0.01" in lines["fedprox"]

@@ -97,11 +97,26 @@ def cluster():
     env.pop("RAY_ADDRESS", None)
     log = open(temp / "head.log", "w")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--disable-usage-stats", f"--temp-dir={temp}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -125,11 +140,34 @@ def cluster():
 
 
 def _submit_cmd(cluster: Cluster, submission_id: str, out: Path, *extra: str) -> list[str]:
-    sets = ["ray.address=auto", "rounds=2", "num_clients=4", "clients_per_round=4", "algorithms=fedavg",
-            "progress=false", "partition.scheme=iid", "model.width=8", f"out={out}", *extra]
-    return [RAY, "job", "submit", "--address", cluster.address, "--submission-id", submission_id,
-            "--working-dir", str(ROOT), "--",
-            sys.executable, "run_sim.py", "run", *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        "ray.address=auto",
+        "rounds=2",
+        "num_clients=4",
+        "clients_per_round=4",
+        "algorithms=fedavg",
+        "progress=false",
+        "partition.scheme=iid",
+        "model.width=8",
+        f"out={out}",
+        *extra,
+    ]
+    return [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.address,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        sys.executable,
+        "run_sim.py",
+        "run",
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def _results_dir(log: str) -> Path:
@@ -149,22 +187,29 @@ def _check_run(run_dir: Path, out: Path) -> None:
 @pytest.mark.slow
 def test_job_submit_runs_on_the_cluster_and_logs_where_results_went(cluster, tmp_path):
     out = tmp_path / "results"
-    done = subprocess.run(_submit_cmd(cluster, "wf-one", out), cwd=ROOT, env=cluster.env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        _submit_cmd(cluster, "wf-one", out), cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "Job 'wf-one' succeeded" in done.stdout + done.stderr
     run_dir = _results_dir(done.stdout)
     _check_run(run_dir, out)
 
     # The job's own logs (kept by the cluster) say where the results went.
-    logs = subprocess.run([RAY, "job", "logs", "--address", cluster.address, "wf-one"], env=cluster.env,
-                          capture_output=True, text=True, timeout=120)
+    logs = subprocess.run(
+        [RAY, "job", "logs", "--address", cluster.address, "wf-one"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert logs.returncode == 0, logs.stderr[-2000:]
     assert f"results: {run_dir}" in logs.stdout and f"report:  {run_dir / 'report.md'}" in logs.stdout
 
     # The uploaded working dir holds the code but not the venv, git history, results or caches.
-    packages = [p for p in (cluster.temp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
-                if p.is_dir()]
+    packages = [
+        p for p in (cluster.temp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir() if p.is_dir()
+    ]
     uploaded = {p.name for pkg in packages for p in pkg.iterdir()}
     assert {"run_sim.py", "sim", "actors", "algorithms"} <= uploaded
     assert not uploaded & {".venv", ".git", "results", ".pytest_cache", "__pycache__"}
@@ -175,9 +220,17 @@ def test_two_concurrent_jobs_on_one_cluster_do_not_collide(cluster, tmp_path):
     # Identical configs, submitted together, with the default pool sizing: whichever job finds the
     # CPUs taken waits for them, and the two runs get distinct run ids, directories and namespaces.
     out = tmp_path / "results"
-    jobs = [subprocess.Popen(_submit_cmd(cluster, f"wf-pair-{i}", out), cwd=ROOT, env=cluster.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(2)]
+    jobs = [
+        subprocess.Popen(
+            _submit_cmd(cluster, f"wf-pair-{i}", out),
+            cwd=ROOT,
+            env=cluster.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     for job in jobs:
         log, _ = job.communicate(timeout=600)
@@ -190,9 +243,26 @@ def test_two_concurrent_jobs_on_one_cluster_do_not_collide(cluster, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name != "cache") == sorted(d.name for d in dirs)
 
     # Each run kept its actors in a namespace of its own.
-    listed = subprocess.run([RAY, "list", "actors", "--address", cluster.address, "--detail", "--format", "json",
-                             "--limit", "10000", "--filter", "class_name=ClientActor"],
-                            env=cluster.env, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [
+            RAY,
+            "list",
+            "actors",
+            "--address",
+            cluster.address,
+            "--detail",
+            "--format",
+            "json",
+            "--limit",
+            "10000",
+            "--filter",
+            "class_name=ClientActor",
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     namespaces = {}
     for actor in json.loads(listed.stdout):

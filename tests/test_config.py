@@ -19,11 +19,22 @@ def test_defaults_are_the_embedded_benchmark():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("rounds: 3\npartition:\n  alpha: 0.3\nalgo:\n  fedprox:\n    mu: 0.5\n")
-    cfg = load_config(path, [
-        "algorithms=fedavg,fedprox", "num_clients=20", "clients_per_round=5", "seed=0,1,2",
-        "partition.scheme=dirichlet", "partition.alpha=0.1", "client_resources.num_cpus=0.5",
-        "client_resources.num_gpus=auto", "ray.address=auto", "out=/tmp/x", "dataset=digits-domains",
-    ])
+    cfg = load_config(
+        path,
+        [
+            "algorithms=fedavg,fedprox",
+            "num_clients=20",
+            "clients_per_round=5",
+            "seed=0,1,2",
+            "partition.scheme=dirichlet",
+            "partition.alpha=0.1",
+            "client_resources.num_cpus=0.5",
+            "client_resources.num_gpus=auto",
+            "ray.address=auto",
+            "out=/tmp/x",
+            "dataset=digits-domains",
+        ],
+    )
     assert cfg.rounds == 3 and cfg.algorithms == ["fedavg", "fedprox"]
     assert cfg.num_clients == 20 and cfg.clients_per_round == 5 and cfg.seeds == [0, 1, 2]
     assert cfg.partition.scheme == "dirichlet" and cfg.partition.alpha == 0.1
@@ -90,8 +101,15 @@ def test_from_mapping_rejects_bool_as_int():
 def test_variants_are_named_rows_with_their_own_params():
     from sim.config import algorithm_spec, run_algorithms
 
-    cfg = load_config(None, ["algorithms=fedavg,prox-strong", "variants.prox-strong.algorithm=fedprox",
-                             "variants.prox-strong.mu=0.5", "algo.fedprox.mu=0.2"])
+    cfg = load_config(
+        None,
+        [
+            "algorithms=fedavg,prox-strong",
+            "variants.prox-strong.algorithm=fedprox",
+            "variants.prox-strong.mu=0.5",
+            "algo.fedprox.mu=0.2",
+        ],
+    )
     assert run_algorithms(cfg) == ["fedavg", "prox-strong"]
     cls, params = algorithm_spec(cfg, "prox-strong")
     assert cls.__name__ == "FedProx" and params.mu == 0.5

@@ -98,7 +98,9 @@ def test_digits_defaults_shapes_and_public_split():
     per_class = np.bincount(src_labels, minlength=10)
     assert np.bincount(pub.labels, minlength=10).tolist() == [int(round(0.2 * c)) for c in per_class]
     client_labels = ds.labels[ds.domains == 0]
-    assert (np.bincount(client_labels, minlength=10) + np.bincount(pub.labels, minlength=10)).tolist() == per_class.tolist()
+    assert (
+        np.bincount(client_labels, minlength=10) + np.bincount(pub.labels, minlength=10)
+    ).tolist() == per_class.tolist()
     # Every domain holds the same digits in the same order.
     for d in range(n_domains):
         assert np.array_equal(ds.labels[ds.domains == d], client_labels)
@@ -118,7 +120,12 @@ def test_digits_deterministic_and_fingerprint_tracks_params():
     a = load_dataset("digits-domains", cache=False)
     b = load_dataset("digits-domains", cache=False)
     assert a is not b
-    for x, y in [(a.images, b.images), (a.labels, b.labels), (a.domains, b.domains), (a.public.images, b.public.images)]:
+    for x, y in [
+        (a.images, b.images),
+        (a.labels, b.labels),
+        (a.domains, b.domains),
+        (a.public.images, b.public.images),
+    ]:
         assert np.array_equal(x, y)
     assert a.fingerprint() == b.fingerprint() == a.fingerprint()
     assert len(a.fingerprint()) == 16 and int(a.fingerprint(), 16) >= 0
@@ -141,7 +148,9 @@ def test_digits_domains_differ_measurably_and_stay_readable():
     stats = {}
     for i, name in enumerate(ds.domain_names):
         x = ds.images[ds.domains == i]
-        stats[name] = np.concatenate([x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3)), [np.abs(x - x.mean(1, keepdims=True)).mean()]])
+        stats[name] = np.concatenate(
+            [x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3)), [np.abs(x - x.mean(1, keepdims=True)).mean()]]
+        )
     for a in ALL_DOMAINS:
         for b in ALL_DOMAINS:
             if a < b:
@@ -188,8 +197,9 @@ def test_digits_build_benchmark_prints_its_figure(capsys):
     import importlib.util
     import re
 
-    spec = importlib.util.spec_from_file_location("digits_build", Path(__file__).resolve().parents[1]
-                                                  / "benchmarks" / "digits_build.py")
+    spec = importlib.util.spec_from_file_location(
+        "digits_build", Path(__file__).resolve().parents[1] / "benchmarks" / "digits_build.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--repeats", "2"]) == 0
@@ -343,12 +353,14 @@ def _jpeg_bytes(color: tuple[int, int, int]) -> bytes:
 @pytest.fixture
 def parquet_file(tmp_path: Path) -> Path:
     rows = [("dog", "real"), ("cat", "real"), ("fox", "clipart"), ("cat", "clipart"), ("dog", "sketch")]
-    table = pa.table({
-        "image": pa.array([_png_bytes(COLORS[c]) for c, _ in rows], type=pa.binary()),
-        "label": [c for c, _ in rows],
-        "domain": [d for _, d in rows],
-        "extra": list(range(len(rows))),
-    })
+    table = pa.table(
+        {
+            "image": pa.array([_png_bytes(COLORS[c]) for c, _ in rows], type=pa.binary()),
+            "label": [c for c, _ in rows],
+            "domain": [d for _, d in rows],
+            "extra": list(range(len(rows))),
+        }
+    )
     path = tmp_path / "set.parquet"
     pq.write_table(table, path)
     return path
@@ -372,10 +384,15 @@ def test_parquet_directory_int_labels_no_domain_and_hf_struct(tmp_path: Path):
     d = tmp_path / "shards"
     d.mkdir()
     for i, labels in enumerate([[3, 1], [1]]):
-        pq.write_table(pa.table({
-            "img": pa.array([_jpeg_bytes((40 * j, 0, 0)) for j in range(len(labels))], type=pa.binary()),
-            "y": labels,
-        }), d / f"part-{i}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "img": pa.array([_jpeg_bytes((40 * j, 0, 0)) for j in range(len(labels))], type=pa.binary()),
+                    "y": labels,
+                }
+            ),
+            d / f"part-{i}.parquet",
+        )
     (d / "_SUCCESS").write_text("")
     ds = load_dataset("parquet", {"path": str(d), "image_column": "img", "label_column": "y", "image_size": 8})
     assert ds.class_names == ("1", "3") and ds.labels.tolist() == [1, 0, 0]

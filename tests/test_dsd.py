@@ -50,8 +50,7 @@ def test_dsd_loss_matches_hand_computation():
 
 def test_dsd_with_zero_weight_is_cross_entropy():
     s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    assert float(dsd_loss(s, t, y, DSDConfig(), 0.0)) == pytest.approx(
-        float(torch.nn.functional.cross_entropy(s, y)))
+    assert float(dsd_loss(s, t, y, DSDConfig(), 0.0)) == pytest.approx(float(torch.nn.functional.cross_entropy(s, y)))
 
 
 def test_schedules():

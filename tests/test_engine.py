@@ -13,12 +13,24 @@ from sim.results import outcome_frame, read_metrics
 from sim.runner import run_comparison
 from tests.conftest import small_overrides
 
+
 def test_same_seed_same_metrics_with_1_and_4_actors(ray_local, tmp_path):
     runs = []
     for pool, cpus in ((1, 1.0), (4, 0.5)):
-        cfg = load_config(None, small_overrides(
-            tmp_path, "algorithms=fedavg,local", "num_clients=6", "clients_per_round=4", "rounds=2", "seed=0",
-            f"ray.pool_size={pool}", f"client_resources.num_cpus={cpus}", f"run_id=pool{pool}"))
+        cfg = load_config(
+            None,
+            small_overrides(
+                tmp_path,
+                "algorithms=fedavg,local",
+                "num_clients=6",
+                "clients_per_round=4",
+                "rounds=2",
+                "seed=0",
+                f"ray.pool_size={pool}",
+                f"client_resources.num_cpus={cpus}",
+                f"run_id=pool{pool}",
+            ),
+        )
         runs.append(outcome_frame(run_comparison(cfg).run_dir))
     a, b = runs
     assert len(a) > 0 and set(a.metric) >= {"global_acc", "personal_acc", "bytes_up", "bytes_down", "train_loss"}
@@ -38,8 +50,17 @@ def _run_context(seed: int):
     from sim.config import TrainConfig
     from sim.models import ModelSpec
 
-    return RunContext(num_clients=6, clients_per_round=4, rounds=2, seed=seed, train=TrainConfig(),
-                      model_name="small_cnn", model_spec=ModelSpec(3, 10, 16), cache_dir="", run_dir="")
+    return RunContext(
+        num_clients=6,
+        clients_per_round=4,
+        rounds=2,
+        seed=seed,
+        train=TrainConfig(),
+        model_name="small_cnn",
+        model_spec=ModelSpec(3, 10, 16),
+        cache_dir="",
+        run_dir="",
+    )
 
 
 def test_fedprox_with_mu_zero_equals_fedavg(ray_local, tmp_path):
@@ -83,15 +104,25 @@ def test_fedavg_on_iid_reaches_centralized_accuracy(ray_local, tmp_path):
     from sim.models import ModelSpec, build_model
     from sim.partition_build import partition_for
 
-    overrides = small_overrides(tmp_path, "algorithms=fedavg", "num_clients=4", "clients_per_round=4",
-                                "rounds=10", "partition.scheme=iid", "train.local_epochs=2", "run_id=iid")
+    overrides = small_overrides(
+        tmp_path,
+        "algorithms=fedavg",
+        "num_clients=4",
+        "clients_per_round=4",
+        "rounds=10",
+        "partition.scheme=iid",
+        "train.local_epochs=2",
+        "run_id=iid",
+    )
     cfg = load_config(None, overrides)
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
     final = df[(df.metric == "global_acc") & (df.split == "test") & (df["round"] == 10)]
     sizes = df[(df.metric == "n") & (df.split == "test") & (df["round"] == 10) & (df.algorithm == "fedavg")]
-    fed_acc = float((final.sort_values("client_id").value.values * sizes.sort_values("client_id").value.values).sum()
-                    / sizes.value.sum())
+    fed_acc = float(
+        (final.sort_values("client_id").value.values * sizes.sort_values("client_id").value.values).sum()
+        / sizes.value.sum()
+    )
 
     # Centralized reference: the same model and data, and the same number of passes over the data
     # (10 rounds × 2 local epochs = 20 epochs over the union of the train splits).
@@ -108,7 +139,7 @@ def test_fedavg_on_iid_reaches_centralized_accuracy(ray_local, tmp_path):
         model.train()
         order = torch.randperm(len(y), generator=g)
         for s in range(0, len(y), 32):
-            idx = order[s:s + 32]
+            idx = order[s : s + 32]
             if len(idx) < 2:
                 continue
             opt.zero_grad()
@@ -138,16 +169,21 @@ def test_pool_is_sized_from_free_resources():
         plan_pool(load_config(None, ["client_resources.num_cpus=4"]), {"CPU": 2.0}, {"CPU": 2.0})
     with pytest.raises(ResourceError, match="pool_size"):
         plan_pool(load_config(None, ["ray.pool_size=8"]), {"CPU": 2.0}, {"CPU": 2.0})
-    gpu = plan_pool(load_config(None, ["client_resources.num_gpus=0.5", "num_clients=10"]),
-                    {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0})
+    gpu = plan_pool(
+        load_config(None, ["client_resources.num_gpus=0.5", "num_clients=10"]),
+        {"CPU": 8.0, "GPU": 1.0},
+        {"CPU": 8.0, "GPU": 1.0},
+    )
     assert gpu.size == 2 and gpu.num_gpus == 0.5
 
 
 def test_holdout_clients_report_new_client_accuracy_and_never_train(ray_local, tmp_path):
     from sim.report import selected_rounds, summary_table
 
-    cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,local", "holdout_clients=2",
-                                            "clients_per_round=4", "rounds=2"))
+    cfg = load_config(
+        None,
+        small_overrides(tmp_path, "algorithms=fedavg,local", "holdout_clients=2", "clients_per_round=4", "rounds=2"),
+    )
     df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
     new = df[df.metric == "new_client_acc"]
     holdouts = set(new.client_id)

@@ -25,7 +25,7 @@ def test_segments_score_like_separate_passes():
         if n == 0:
             assert math.isnan(acc) and math.isnan(loss)
         else:
-            alone = evaluate(model, x[offset:offset + n], y[offset:offset + n], batch_size=512)
+            alone = evaluate(model, x[offset : offset + n], y[offset : offset + n], batch_size=512)
             assert acc == alone[0]
             assert abs(loss - alone[1]) < 1e-5
         offset += n

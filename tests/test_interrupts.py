@@ -26,17 +26,36 @@ def _sets(items):
 
 def _cli(args, env_extra=None, timeout=600):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "run_sim.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_sim.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _interrupt(tmp_path, items, sig, after_round, group):
     """Start a run in its own process group; once round `after_round` is checkpointed send `sig` to
     the group (a terminal's Ctrl-C) or to the driver alone (what docker, Kubernetes and systemd do)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_sim.py"), "run", *_sets(items)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    ck = Path(next(i.split("=", 1)[1] for i in items if i.startswith("out="))) / "sig" / "checkpoints" / "fedavg" / "seed0"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_sim.py"), "run", *_sets(items)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    ck = (
+        Path(next(i.split("=", 1)[1] for i in items if i.startswith("out=")))
+        / "sig"
+        / "checkpoints"
+        / "fedavg"
+        / "seed0"
+    )
     deadline = time.monotonic() + 400
     while not (ck / f"meta_r{after_round}.json").exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -60,7 +79,9 @@ def test_a_signal_ends_the_run_in_one_line_and_it_resumes(tmp_path, sig, code, g
     assert returncode == code, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
     last = lines[-1]
-    assert last.startswith("interrupted after round ") and last.endswith(f"resume with: run_sim.py run --resume {run_dir}")
+    assert last.startswith("interrupted after round ") and last.endswith(
+        f"resume with: run_sim.py run --resume {run_dir}"
+    )
     k = int(last.split("round ")[1].split()[0])
     assert k >= 2
     assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]

@@ -83,8 +83,9 @@ def test_one_channel_input_and_a_known_output():
         model.head.bias.copy_(torch.tensor([0.5, -0.5]))
         out = model(torch.randn(2, 1, 8, 8))
     relu = torch.tensor([1.0, 0.0, 2.0, 0.5, 0.0, 3.0, 0.0, 1.5])
-    by_hand = torch.tensor([float((torch.arange(8.0) * relu).sum()) + 0.5,
-                            float((torch.arange(8.0, 16.0) * relu).sum()) - 0.5])
+    by_hand = torch.tensor(
+        [float((torch.arange(8.0) * relu).sum()) + 0.5, float((torch.arange(8.0, 16.0) * relu).sum()) - 0.5]
+    )
     assert torch.equal(out, by_hand.expand(2, 2))
 
 
@@ -95,5 +96,5 @@ def test_eval_logits_do_not_depend_on_batch_mates(name, size):
     x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(5)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)

@@ -27,8 +27,12 @@ import pytest
 from sim.results import outcome_frame, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300, "health_check_timeout_ms": 300,
-          "health_check_failure_threshold": 3}
+HEALTH = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 300,
+    "health_check_timeout_ms": 300,
+    "health_check_failure_threshold": 3,
+}
 
 
 def _sets(items):
@@ -36,9 +40,21 @@ def _sets(items):
 
 
 def _items(tmp_path, address, run_id, *extra):
-    return ["num_clients=8", "clients_per_round=8", "rounds=5", "progress=false", "algorithms=fedavg,local",
-            "partition.scheme=iid", "model.width=8", "client_resources.num_cpus=0.5", f"ray.address={address}",
-            f"out={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", f"run_id={run_id}", *extra]
+    return [
+        "num_clients=8",
+        "clients_per_round=8",
+        "rounds=5",
+        "progress=false",
+        "algorithms=fedavg,local",
+        "partition.scheme=iid",
+        "model.width=8",
+        "client_resources.num_cpus=0.5",
+        f"ray.address={address}",
+        f"out={tmp_path / 'results'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"run_id={run_id}",
+        *extra,
+    ]
 
 
 @dataclass
@@ -74,23 +90,48 @@ def two_nodes(monkeypatch, request):
     env = dict(os.environ)
     temp = Path(tempfile.mkdtemp(prefix="wfmn-", dir="/tmp"))
     gcs, client, agent_head, agent_worker, dash = _free_ports(5)
-    ui = ([f"--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"] if dashboard
-          else ["--include-dashboard=false"])
+    ui = (
+        [f"--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+        if dashboard
+        else ["--include-dashboard=false"]
+    )
     log = open(temp / "nodes.log", "w")
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats",
-              "--object-store-memory=150000000"]
+    common = [
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--disable-usage-stats",
+        "--object-store-memory=150000000",
+    ]
     head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={gcs}", *ui, f"--temp-dir={temp}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_head}",
-         f"--system-config={json.dumps(HEALTH)}", *common],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            *ui,
+            f"--temp-dir={temp}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_head}",
+            f"--system-config={json.dumps(HEALTH)}",
+            *common,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     worker = None
     try:
         address = f"127.0.0.1:{gcs}"
         _wait_nodes(address, 1, head, temp)
         worker = subprocess.Popen(
             [RAY, "start", f"--address={address}", f"--dashboard-agent-listen-port={agent_worker}", *common],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         _wait_nodes(address, 2, head, temp)
         yield TwoNodes(address, head, worker, temp, f"http://127.0.0.1:{dash}")
     finally:
@@ -118,9 +159,14 @@ def _wait_nodes(address: str, n: int, head: subprocess.Popen, temp: Path) -> Non
 
 
 def _driver(args, env=None):
-    return subprocess.Popen([sys.executable, str(ROOT / "run_sim.py"), "run", *args], cwd=ROOT,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_sim.py"), "run", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -161,8 +207,10 @@ def test_a_worker_node_dies_mid_run_and_the_run_ends_as_an_undisturbed_one(two_n
     pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
     df = read_metrics(run_dir).to_pandas()
     assert sorted(df[df.algorithm == "fedavg"]["round"].unique()) == list(range(6))
-    print(f"\nmultinode: 2 nodes x 2 actors; worker node killed after round 1 of fedavg; "
-          f"{recovered[0].strip()}; {recover_s:.1f}s from the kill to round 2's checkpoint")
+    print(
+        f"\nmultinode: 2 nodes x 2 actors; worker node killed after round 1 of fedavg; "
+        f"{recovered[0].strip()}; {recover_s:.1f}s from the kill to round 2's checkpoint"
+    )
 
 
 @pytest.mark.slow
@@ -195,9 +243,29 @@ def test_node_loss_under_ray_job_submit(two_nodes, tmp_path):
     cluster = two_nodes
     ck = tmp_path / "results" / "job" / "checkpoints" / "fedavg" / "seed0"
     sets = _sets(_items(tmp_path, "auto", "job"))
-    proc = subprocess.Popen([RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", "wf-node-loss",
-                             "--working-dir", str(ROOT), "--", sys.executable, "run_sim.py", "run", *sets],
-                            cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--submission-id",
+            "wf-node-loss",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            sys.executable,
+            "run_sim.py",
+            "run",
+            *sets,
+        ],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (ck / "meta_r1.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
@@ -209,5 +277,6 @@ def test_node_loss_under_ray_job_submit(two_nodes, tmp_path):
     straight = _driver(_sets(_items(tmp_path, cluster.address, "straight")))
     _, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err[-4000:]
-    pd.testing.assert_frame_equal(outcome_frame(tmp_path / "results" / "job"),
-                                  outcome_frame(tmp_path / "results" / "straight"))
+    pd.testing.assert_frame_equal(
+        outcome_frame(tmp_path / "results" / "job"), outcome_frame(tmp_path / "results" / "straight")
+    )

@@ -40,18 +40,30 @@ def one_layer_mlp() -> Classifier:
 def run_context(lr: float, *, epochs: int = 1, num_clients: int = 2, seed: int = 0) -> RunContext:
     """Plain SGD, batches larger than any client's data: one epoch is one full-batch step."""
     train = TrainConfig(local_epochs=epochs, batch_size=256, lr=lr, momentum=0.0, weight_decay=0.0)
-    return RunContext(num_clients=num_clients, clients_per_round=num_clients, rounds=2, seed=seed, train=train,
-                      model_name="small_cnn", model_spec=SPEC, cache_dir="", run_dir="")
+    return RunContext(
+        num_clients=num_clients,
+        clients_per_round=num_clients,
+        rounds=2,
+        seed=seed,
+        train=train,
+        model_name="small_cnn",
+        model_spec=SPEC,
+        cache_dir="",
+        run_dir="",
+    )
 
 
 def client_data(seed: int, n: int = 10) -> ClientData:
     g = torch.Generator().manual_seed(seed)
-    return ClientData({s: torch.randn(n, 3, 2, 2, generator=g) for s in ("train", "val", "test")},
-                      {s: torch.randint(0, CLASSES, (n,), generator=g) for s in ("train", "val", "test")})
+    return ClientData(
+        {s: torch.randn(n, 3, 2, 2, generator=g) for s in ("train", "val", "test")},
+        {s: torch.randint(0, CLASSES, (n,), generator=g) for s in ("train", "val", "test")},
+    )
 
 
-def context(run: RunContext, data: ClientData, factory: Callable[[], Classifier], cid: int = 0,
-            round: int = 1) -> ClientContext:
+def context(
+    run: RunContext, data: ClientData, factory: Callable[[], Classifier], cid: int = 0, round: int = 1
+) -> ClientContext:
     scratch: dict[str, nn.Module] = {}
 
     def scratch_model(key: str) -> nn.Module:
@@ -72,8 +84,9 @@ def initial_weights(factory: Callable[[], Classifier], seed: int = 0) -> dict[st
     return model_weights(factory())
 
 
-def ce_grad(factory: Callable[[], Classifier], weights: dict[str, torch.Tensor], data: ClientData
-            ) -> dict[str, torch.Tensor]:
+def ce_grad(
+    factory: Callable[[], Classifier], weights: dict[str, torch.Tensor], data: ClientData
+) -> dict[str, torch.Tensor]:
     """∇ of the mean cross-entropy over the whole train split, in float64, by autograd on a fresh model."""
     model = factory().double()
     params = {k: v.double().clone().requires_grad_(True) for k, v in weights.items()}
@@ -83,8 +96,9 @@ def ce_grad(factory: Callable[[], Classifier], weights: dict[str, torch.Tensor],
     return dict(zip(params, grads))
 
 
-def sgd_step(weights: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], lr: float,
-             keys=None) -> dict[str, torch.Tensor]:
+def sgd_step(
+    weights: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], lr: float, keys=None
+) -> dict[str, torch.Tensor]:
     return {k: (v.double() - lr * grad[k]) if keys is None or k in keys else v.double() for k, v in weights.items()}
 
 
@@ -146,8 +160,9 @@ def test_ditto_personal_step_is_pulled_toward_the_received_global_scaled_by_lamb
     state["weights"] = perturbed(state["init"], 0.5, seed=6)  # received global ≠ init
     v0 = perturbed(state["init"], 0.5, seed=7)  # the client's personal model from an earlier round
     w_g = state["weights"]
-    update, new_state = algo.local_train(context(run, data, softmax_regression), algo.broadcast(state),
-                                         {"personal": v0})
+    update, new_state = algo.local_train(
+        context(run, data, softmax_regression), algo.broadcast(state), {"personal": v0}
+    )
     g_v = ce_grad(softmax_regression, v0, data)
     plain = sgd_step(v0, g_v, lr)
     pull = {k: -lr * lam * (v0[k].double() - w_g[k].double()) for k in v0}
@@ -260,4 +275,3 @@ def test_dp_upload_is_clipped_then_noised_with_the_stated_scale():
     assert all(torch.equal(small.state[k], up.state[k]) for k in up.state)
     with pytest.raises(ValueError, match="clip_norm"):
         privatize_upload(up, clip_norm=0.0, noise_multiplier=1.0, seed=0)
-

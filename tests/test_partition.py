@@ -46,8 +46,16 @@ def build(
     scheme: str, params=None, num_clients: int = 20, seed: int = 1, labels=LABELS, domains=DOMAINS, **kw
 ) -> Partition:
     return build_partition(
-        labels, domains, K, D, scheme=scheme, params=params, num_clients=num_clients, seed=seed,
-        dataset_fingerprint="synthetic-v1", **kw,
+        labels,
+        domains,
+        K,
+        D,
+        scheme=scheme,
+        params=params,
+        num_clients=num_clients,
+        seed=seed,
+        dataset_fingerprint="synthetic-v1",
+        **kw,
     )
 
 
@@ -121,11 +129,13 @@ def test_bad_common_arguments():
     with pytest.raises(PartitionError, match="seed"):
         build("iid", seed=-3)
     with pytest.raises(PartitionError, match="labels"):
-        build_partition(LABELS + K, DOMAINS, K, D, scheme="iid", params=None, num_clients=2, seed=0,
-                        dataset_fingerprint="x")
+        build_partition(
+            LABELS + K, DOMAINS, K, D, scheme="iid", params=None, num_clients=2, seed=0, dataset_fingerprint="x"
+        )
     with pytest.raises(PartitionError, match="domains"):
-        build_partition(LABELS, DOMAINS[:-1], K, D, scheme="iid", params=None, num_clients=2, seed=0,
-                        dataset_fingerprint="x")
+        build_partition(
+            LABELS, DOMAINS[:-1], K, D, scheme="iid", params=None, num_clients=2, seed=0, dataset_fingerprint="x"
+        )
 
 
 @pytest.mark.parametrize("scheme", ALL_SCHEMES)
@@ -140,8 +150,9 @@ def test_domain_scheme_needs_a_client_per_domain_and_samples_per_domain():
         build("domain", num_clients=D - 1)
     labels, domains = LABELS[:400], np.where(np.arange(400) < 390, 0, 1)  # domain 1 has 10 samples
     with pytest.raises(PartitionError, match="domain 1"):
-        build_partition(labels, domains, K, 2, scheme="domain", params=None, num_clients=4, seed=0,
-                        dataset_fingerprint="x")
+        build_partition(
+            labels, domains, K, 2, scheme="domain", params=None, num_clients=4, seed=0, dataset_fingerprint="x"
+        )
 
 
 # ----------------------------------------------------------------------------- split arithmetic
@@ -266,15 +277,27 @@ def test_different_seed_gives_different_key_and_partition():
 
 
 def test_key_depends_on_every_argument_and_normalizes_params():
-    base = dict(dataset_fingerprint="ds", scheme="dirichlet", params={"alpha": 1}, num_clients=10, seed=0,
-                min_size=10, split=SplitFractions())
+    base = dict(
+        dataset_fingerprint="ds",
+        scheme="dirichlet",
+        params={"alpha": 1},
+        num_clients=10,
+        seed=0,
+        min_size=10,
+        split=SplitFractions(),
+    )
     k0 = partition_key(**base)
     assert len(k0) == 16 and int(k0, 16) >= 0
     assert partition_key(**{**base, "params": DirichletParams(alpha=1.0)}) == k0
     assert partition_key(**{**base, "split": {"val": 0.1, "test": 0.2}}) == k0
     variants = [
-        {"dataset_fingerprint": "ds2"}, {"scheme": "domain-dirichlet"}, {"params": {"alpha": 2}},
-        {"num_clients": 11}, {"seed": 1}, {"min_size": 11}, {"split": SplitFractions(0.0, 0.2)},
+        {"dataset_fingerprint": "ds2"},
+        {"scheme": "domain-dirichlet"},
+        {"params": {"alpha": 2}},
+        {"num_clients": 11},
+        {"seed": 1},
+        {"min_size": 11},
+        {"split": SplitFractions(0.0, 0.2)},
     ]
     keys = {partition_key(**{**base, **v}) for v in variants}
     assert k0 not in keys and len(keys) == len(variants)
@@ -415,11 +438,13 @@ def _rewrite_parquet(path: Path, edit) -> None:
     table = pq.read_table(f)
     cols = {name: np.array(table.column(name).to_numpy(zero_copy_only=False)) for name in table.column_names}
     edit(cols)
-    new = pa.table({
-        "client_id": pa.array(cols["client_id"], pa.int32()),
-        "split": pa.array(cols["split"].astype(str)),
-        "sample_index": pa.array(cols["sample_index"], pa.int64()),
-    }).replace_schema_metadata(table.schema.metadata)
+    new = pa.table(
+        {
+            "client_id": pa.array(cols["client_id"], pa.int32()),
+            "split": pa.array(cols["split"].astype(str)),
+            "sample_index": pa.array(cols["sample_index"], pa.int64()),
+        }
+    ).replace_schema_metadata(table.schema.metadata)
     pq.write_table(new, f)
     m = json.loads((path / "manifest.json").read_text())
     m["partition_sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
@@ -460,8 +485,17 @@ def test_get_or_build_rebuilds_when_the_dataset_size_differs(tmp_path):
     store = PartitionStore(tmp_path)
     p, path, _ = store_build(store)
     labels, domains = make_data(n=5000)
-    q, path2, built = store.get_or_build(labels, domains, K, D, scheme="dirichlet", params={"alpha": 0.3},
-                                         num_clients=20, seed=3, dataset_fingerprint="synthetic-v1")
+    q, path2, built = store.get_or_build(
+        labels,
+        domains,
+        K,
+        D,
+        scheme="dirichlet",
+        params={"alpha": 0.3},
+        num_clients=20,
+        seed=3,
+        dataset_fingerprint="synthetic-v1",
+    )
     assert built and path2 == path and q.meta["n_samples"] == 5000
 
 

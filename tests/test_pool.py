@@ -45,7 +45,9 @@ def test_largest_first_and_all_results(ray_local):
 def test_dead_actor_is_replaced_and_set_up_again(ray_local, tmp_path):
     pool = ActorPool(Worker.remote, size=2)
     pool.setup("configure", "run-A")
-    results = {task.key: (ray.get(ref), info) for task, ref, info in pool.run(_tasks(8, die_on=5, marker=str(tmp_path / "m")))}
+    results = {
+        task.key: (ray.get(ref), info) for task, ref, info in pool.run(_tasks(8, die_on=5, marker=str(tmp_path / "m")))
+    }
     assert sorted(results) == list(range(8))
     assert all(value == key * 10 for key, (value, _) in results.items())
     assert all(info["configured"] == "run-A" for _, info in results.values())  # the replacement was configured
@@ -56,7 +58,8 @@ def test_a_task_that_raises_twice_names_the_client(ray_local):
     pool = ActorPool(Worker.remote, size=2)
     with pytest.raises(ClientTaskError, match="task 3 failed twice"):
         list(pool.run(_tasks(5, fail_on=3)))
-    labelled = [Task(k, 1.0, lambda a, k=k: a.work.remote(k, -1, 1, ""), label=f"clients {k}, {k + 10}")
-                for k in range(3)]
+    labelled = [
+        Task(k, 1.0, lambda a, k=k: a.work.remote(k, -1, 1, ""), label=f"clients {k}, {k + 10}") for k in range(3)
+    ]
     with pytest.raises(ClientTaskError, match=r"(?s)task clients 1, 11 failed twice: .*bad client 1"):
         list(pool.run(labelled))

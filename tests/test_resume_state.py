@@ -31,9 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CRASH_ENV = getattr(sim.engine, "CRASH_ENV", "WARMFED_SIM_CRASH_AFTER_ROUND")
 
 # Pinned (defaults may change): 4 clients, 2 a round, 3 rounds, one domain of the digits, a narrow model.
-SMALL = ["num_clients=4", "clients_per_round=2", "rounds=3", "seed=0", "progress=false", "model.width=8",
-         "data.domains=[plain]", "train.batch_size=32", "train.lr=0.05", "train.momentum=0.9",
-         "train.local_epochs=1", "ray.pool_size=1", "client_resources.num_cpus=1", "checkpoint_every=1"]
+SMALL = [
+    "num_clients=4",
+    "clients_per_round=2",
+    "rounds=3",
+    "seed=0",
+    "progress=false",
+    "model.width=8",
+    "data.domains=[plain]",
+    "train.batch_size=32",
+    "train.lr=0.05",
+    "train.momentum=0.9",
+    "train.local_epochs=1",
+    "ray.pool_size=1",
+    "client_resources.num_cpus=1",
+    "checkpoint_every=1",
+]
 ALGORITHMS = "fedavg,scaffold"
 
 
@@ -45,8 +58,14 @@ def _cli(args: list[str], crash_after: int | None = None) -> subprocess.Complete
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_after is not None:
         env[CRASH_ENV] = str(crash_after)
-    return subprocess.run([sys.executable, str(ROOT / "run_sim.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_sim.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _rounds(run_dir: Path, algorithm: str) -> list[int]:
@@ -58,8 +77,10 @@ def _rounds(run_dir: Path, algorithm: str) -> list[int]:
 def undisturbed(ray_local, tmp_path_factory) -> pd.DataFrame:
     """The reference: the same comparison run once without interruption."""
     tmp = tmp_path_factory.mktemp("undisturbed")
-    cfg = load_config(None, [*SMALL, f"algorithms={ALGORITHMS}", f"out={tmp / 'results'}",
-                             f"cache_dir={tmp / 'cache'}", "run_id=straight"])
+    cfg = load_config(
+        None,
+        [*SMALL, f"algorithms={ALGORITHMS}", f"out={tmp / 'results'}", f"cache_dir={tmp / 'cache'}", "run_id=straight"],
+    )
     frame = outcome_frame(run_comparison(cfg).run_dir)
     assert set(frame.algorithm) == {"fedavg", "scaffold"}
     assert sorted(set(frame["round"])) == [0, 1, 2, 3]
@@ -67,11 +88,16 @@ def undisturbed(ray_local, tmp_path_factory) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_crashes_in_both_algorithms_of_a_comparison_resume_to_the_undisturbed_numbers(ray_local, undisturbed,
-                                                                                    tmp_path):
+def test_crashes_in_both_algorithms_of_a_comparison_resume_to_the_undisturbed_numbers(ray_local, undisturbed, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
-    items = [*SMALL, f"algorithms={ALGORITHMS}", f"out={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
-             f"ray.address={address}", "run_id=crashed"]
+    items = [
+        *SMALL,
+        f"algorithms={ALGORITHMS}",
+        f"out={tmp_path / 'results'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"ray.address={address}",
+        "run_id=crashed",
+    ]
     run_dir = tmp_path / "results" / "crashed"
 
     first = _cli(["run", *_sets(items)], crash_after=2)  # FedAvg dies after round 2

@@ -24,10 +24,12 @@ def test_digits_copies_adds_distinct_renders_and_keeps_one_copy_identical():
     assert len(two) == 2 * 2 * n
     assert np.array_equal(np.bincount(two.domains), [2 * n, 2 * n])
     for d, domain in enumerate(("plain", "colored")):
-        first, second = two.images[2 * d * n:(2 * d + 1) * n], two.images[(2 * d + 1) * n:(2 * d + 2) * n]
-        assert np.array_equal(first, one.images[one.domain_names.index(domain) * n:][:n])  # copy 0 = today's
-        assert np.array_equal(two.labels[2 * d * n:(2 * d + 1) * n], two.labels[(2 * d + 1) * n:(2 * d + 2) * n])
-        assert (np.abs(first - second).reshape(n, -1).max(1) > 0).mean() > 0.8  # fresh shifts (1 in 9 repeats) / colours
+        first, second = two.images[2 * d * n : (2 * d + 1) * n], two.images[(2 * d + 1) * n : (2 * d + 2) * n]
+        assert np.array_equal(first, one.images[one.domain_names.index(domain) * n :][:n])  # copy 0 = today's
+        assert np.array_equal(two.labels[2 * d * n : (2 * d + 1) * n], two.labels[(2 * d + 1) * n : (2 * d + 2) * n])
+        assert (
+            np.abs(first - second).reshape(n, -1).max(1) > 0
+        ).mean() > 0.8  # fresh shifts (1 in 9 repeats) / colours
     with pytest.raises(DatasetError, match="data.copies must be >= 1"):
         load_dataset("digits-domains", {"copies": 0}, cache=False)
 
@@ -49,9 +51,19 @@ def test_state_cache_is_bounded_in_bytes(tmp_path):
 def test_local_only_at_1000_clients(ray_local, tmp_path):
     """A stateful method with per-client models at 1,000 clients: states only for trained clients,
     on disk under the run, and a seeded evaluation subset."""
-    cfg = load_config(None, small_overrides(
-        tmp_path, "algorithms=local", "num_clients=1000", "clients_per_round=20", "rounds=2",
-        "partition.min_size=3", "eval.max_clients=40", "model.width=8"))
+    cfg = load_config(
+        None,
+        small_overrides(
+            tmp_path,
+            "algorithms=local",
+            "num_clients=1000",
+            "clients_per_round=20",
+            "rounds=2",
+            "partition.min_size=3",
+            "eval.max_clients=40",
+            "model.width=8",
+        ),
+    )
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
     trained = df[df.metric == "train_loss"]
@@ -68,9 +80,20 @@ def test_fedavg_and_stateful_pfl_at_10000_clients(ray_local, tmp_path):
     """10,000 clients fit the built-in data with copies and a small minimum size; rounds touch only
     their clients and evaluation a seeded subset; stateful pFL (Ditto's personal models, FedRep's
     heads) keeps state only for the clients that trained, on disk under the run."""
-    cfg = load_config(None, small_overrides(
-        tmp_path, "algorithms=fedavg,ditto,fedrep", "num_clients=10000", "clients_per_round=20", "rounds=2",
-        "partition.min_size=3", "data.copies=7", "eval.max_clients=50", "model.width=8"))
+    cfg = load_config(
+        None,
+        small_overrides(
+            tmp_path,
+            "algorithms=fedavg,ditto,fedrep",
+            "num_clients=10000",
+            "clients_per_round=20",
+            "rounds=2",
+            "partition.min_size=3",
+            "data.copies=7",
+            "eval.max_clients=50",
+            "model.width=8",
+        ),
+    )
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
     for algorithm in ("fedavg", "ditto", "fedrep"):

@@ -20,8 +20,10 @@ def test_one_seed_two_clients_the_interval_is_the_two_client_differences():
 
 
 def test_constant_difference_has_a_zero_width_interval_and_counts_wins_per_seed():
-    seeds = [(np.array([0.7, 0.6, 0.9]), np.array([0.6, 0.5, 0.8]), None),  # +0.1 on every client
-             (np.array([0.4, 0.3, 0.6]), np.array([0.5, 0.4, 0.7]), None)]  # -0.1 on every client
+    seeds = [
+        (np.array([0.7, 0.6, 0.9]), np.array([0.6, 0.5, 0.8]), None),  # +0.1 on every client
+        (np.array([0.4, 0.3, 0.6]), np.array([0.5, 0.4, 0.7]), None),
+    ]  # -0.1 on every client
     p = paired_difference(seeds)
     assert p.mean == pytest.approx(0.0, abs=1e-12)
     assert p.low == pytest.approx(0.0, abs=1e-12) and p.high == pytest.approx(0.0, abs=1e-12)
@@ -70,7 +72,14 @@ def test_worst_decile_needs_ten_clients_else_it_is_the_worst_client():
 
 
 def test_paired_against_skips_seeds_the_reference_did_not_run():
-    scores = pd.DataFrame({"algorithm": ["a", "a", "r"], "seed": [0, 1, 0], "client_id": [0, 0, 0],
-                           "personal_acc": [0.9, 0.1, 0.5], "n": [1.0, 1.0, 1.0]})
+    scores = pd.DataFrame(
+        {
+            "algorithm": ["a", "a", "r"],
+            "seed": [0, 1, 0],
+            "client_id": [0, 0, 0],
+            "personal_acc": [0.9, 0.1, 0.5],
+            "n": [1.0, 1.0, 1.0],
+        }
+    )
     p = paired_against(scores, "r", "personal_acc")["a"]
     assert p.seeds == 1 and p.mean == pytest.approx(0.4)

@@ -21,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _base(tmp_path, *extra: str) -> list[str]:
     """A seconds-long cell: few clients, one round, a narrow model, results and cache in tmp."""
-    return ["rounds=1", "clients_per_round=4", "progress=false", "model.width=8", "ray.pool_size=1",
-            f"out={tmp_path / 'out'}", *extra]
+    return [
+        "rounds=1",
+        "clients_per_round=4",
+        "progress=false",
+        "model.width=8",
+        "ray.pool_size=1",
+        f"out={tmp_path / 'out'}",
+        *extra,
+    ]
 
 
 def _argv(sets, grid, *more):
@@ -38,7 +45,10 @@ def _sweep(argv, capsys):
 # ------------------------------------------------------------------------------- planning (no Ray)
 def test_grid_parsing_and_fixed_keys():
     assert parse_grid(["algorithms=fedavg,local", "num_clients=10,100", "seed=0"]) == {
-        "algorithms": ["fedavg", "local"], "num_clients": [10, 100], "seed": [0]}
+        "algorithms": ["fedavg", "local"],
+        "num_clients": [10, 100],
+        "seed": [0],
+    }
     with pytest.raises(ConfigError, match="given twice"):
         parse_grid(["seed=0,1", "seed=2"])
     for key in ("out", "cache_dir", "ray.address", "ray.num_cpus"):
@@ -120,8 +130,11 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
         assert (sweep_dir / "cells" / cid / "done.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(sim.runner, "run_comparison",
-                        lambda cfg, progress=None, **kw: (calls.append(cfg.run_id), real(cfg, progress, **kw))[1])
+    monkeypatch.setattr(
+        sim.runner,
+        "run_comparison",
+        lambda cfg, progress=None, **kw: (calls.append(cfg.run_id), real(cfg, progress, **kw))[1],
+    )
     code, out, err = _sweep(argv, capsys)
     assert code == 0, err
     assert len(calls) == 1 and not set(calls) & set(first)  # finished cells are skipped, not rerun
@@ -148,8 +161,10 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
     assert df["partition.alpha"].unique().tolist() == [0.5]
 
     summary = (sweep_dir / "summary.md").read_text()
-    assert ("| algorithm | partition.alpha | seeds | global acc | personal acc | Δ personal vs fedavg [95% CI] (wins) "
-            "| Δ global vs fedavg [95% CI] (wins) | wall s |") in summary
+    assert (
+        "| algorithm | partition.alpha | seeds | global acc | personal acc | Δ personal vs fedavg [95% CI] (wins) "
+        "| Δ global vs fedavg [95% CI] (wins) | wall s |"
+    ) in summary
     # Paired with FedAvg in the same other grid values: Local-only has a personal Δ, no global one.
     assert "| fedavg | 0.5 | 1 | " in summary and "| (reference) | (reference) |" in summary
     local_row = next(line for line in summary.splitlines() if line.startswith("| local |"))
@@ -171,8 +186,14 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
 
 def _cli(args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "run_sim.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_sim.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow

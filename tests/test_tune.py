@@ -14,18 +14,37 @@ from sim.typed import ConfigError
 
 
 def _sets(tmp_path, *extra: str) -> list[str]:
-    return ["num_clients=4", "rounds=1", "model.width=8", "progress=false", "ray.pool_size=1",
-            "data.domains=[plain]", f"out={tmp_path / 'out'}", *extra]
+    return [
+        "num_clients=4",
+        "rounds=1",
+        "model.width=8",
+        "progress=false",
+        "ray.pool_size=1",
+        "data.domains=[plain]",
+        f"out={tmp_path / 'out'}",
+        *extra,
+    ]
 
 
 def test_plan_grids_criteria_and_errors(tmp_path):
-    plan = plan_tune(None, _sets(tmp_path, "algorithms=fedavg,fedprox,ditto,local"), ["train.lr=0.01,0.05"],
-                     ["fedprox.mu=0.01,0.1,1"], search_rounds=1, search_seeds=[0], untuned=["local"])
+    plan = plan_tune(
+        None,
+        _sets(tmp_path, "algorithms=fedavg,fedprox,ditto,local"),
+        ["train.lr=0.01,0.05"],
+        ["fedprox.mu=0.01,0.1,1"],
+        search_rounds=1,
+        search_seeds=[0],
+        untuned=["local"],
+    )
     assert [c.values for c in plan.search.cells] == [{"train.lr": 0.01}, {"train.lr": 0.05}]
     assert plan.points("fedavg") == 2 and plan.points("fedprox") == 6 and plan.points("local") == 0
     assert plan.points("ditto") == 2 * 3  # its own search space: lam
-    assert plan.criteria == {"fedavg": "global_acc", "fedprox": "global_acc", "ditto": "personal_acc",
-                             "local": "personal_acc"}
+    assert plan.criteria == {
+        "fedavg": "global_acc",
+        "fedprox": "global_acc",
+        "ditto": "personal_acc",
+        "local": "personal_acc",
+    }
     cfg = plan.search.cells[1].cfg
     assert cfg.train.lr == 0.05 and cfg.seeds == [0] and "local@0" not in cfg.algorithms
     assert cfg.variants["fedprox@2"] == {"algorithm": "fedprox", "mu": 1}
@@ -52,8 +71,9 @@ def _results(plan, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def test_the_choice_never_reads_test_rows(tmp_path):
-    plan = plan_tune(None, _sets(tmp_path, "algorithms=fedavg,fedprox,ditto"), ["train.lr=0.01,0.02,0.05"],
-                     search_seeds=[0])
+    plan = plan_tune(
+        None, _sets(tmp_path, "algorithms=fedavg,fedprox,ditto"), ["train.lr=0.01,0.02,0.05"], search_seeds=[0]
+    )
     results = _results(plan, np.random.default_rng(0))
     chosen = choose(validation_scores(results, plan))
     test = results["split"] == "test"
@@ -67,7 +87,12 @@ def test_the_choice_never_reads_test_rows(tmp_path):
     # ... while validation rows decide it: make one other fedavg point best on validation.
     other = next(c for c in plan.search.cells if c.values["train.lr"] != chosen["fedavg"]["train.lr"])
     boosted = results.copy()
-    pick = (boosted.cell == other.id) & (boosted.algorithm == "fedavg@0") & (boosted.split == "val") & (boosted.metric == "global_acc")
+    pick = (
+        (boosted.cell == other.id)
+        & (boosted.algorithm == "fedavg@0")
+        & (boosted.split == "val")
+        & (boosted.metric == "global_acc")
+    )
     boosted.loc[pick, "value"] = 2.0
     assert choose(validation_scores(boosted, plan))["fedavg"] == {"train.lr": other.values["train.lr"]}
 
@@ -82,15 +107,30 @@ def test_ties_go_to_the_first_point_in_grid_order(tmp_path):
 @pytest.mark.slow
 def test_a_tuned_run_is_reproducible_and_resumes(tmp_path, capsys):
     def tune(out: str) -> tuple[dict, pd.DataFrame]:
-        argv = ["tune", *[a for s in _sets(tmp_path, "algorithms=fedavg,fedprox", "seed=0,1", f"out={tmp_path / out}")
-                          for a in ("--set", s)],
-                "--grid", "train.lr=0.01,0.05", "--space", "fedprox.mu=0.01", "--search-seeds", "0", "--name", "t"]
+        argv = [
+            "tune",
+            *[
+                a
+                for s in _sets(tmp_path, "algorithms=fedavg,fedprox", "seed=0,1", f"out={tmp_path / out}")
+                for a in ("--set", s)
+            ],
+            "--grid",
+            "train.lr=0.01,0.05",
+            "--space",
+            "fedprox.mu=0.01",
+            "--search-seeds",
+            "0",
+            "--name",
+            "t",
+        ]
         assert run_sim.main(argv) == 0
         root = tmp_path / out
         chosen = json.loads((root / "tunes" / "t" / "chosen.json").read_text())
         final = pd.read_parquet(root / "sweeps" / "t-final" / "results.parquet")
         keep = final[(final.client_id >= 0)].sort_values(["algorithm", "seed", "round", "client_id", "split", "metric"])
-        return chosen, keep[["algorithm", "seed", "round", "client_id", "split", "metric", "value"]].reset_index(drop=True)
+        return chosen, keep[["algorithm", "seed", "round", "client_id", "split", "metric", "value"]].reset_index(
+            drop=True
+        )
 
     a_chosen, a = tune("a")
     report = (tmp_path / "a" / "tunes" / "t" / "report.md").read_text()

@@ -34,8 +34,10 @@ def _run_dirs(tmp_path):
     [
         (["client_resources.num_gpus=0.5"], ["client_resources.num_gpus=0.5", "no GPUs"]),
         (["num_clients=4", "clients_per_round=4"], ["num_clients (4) must be >= num_domains (5)"]),
-        (["algorithms=warmfed", "algo.warmfed.backbone=stable-diffusion", "algo.warmfed.sd_model=/nonexistent/sd"],
-         ["/nonexistent/sd", "algo.warmfed.sd_model"]),
+        (
+            ["algorithms=warmfed", "algo.warmfed.backbone=stable-diffusion", "algo.warmfed.sd_model=/nonexistent/sd"],
+            ["/nonexistent/sd", "algo.warmfed.sd_model"],
+        ),
     ],
 )
 def test_config_errors_found_before_ray_leave_no_run_folder(items, words, capsys, tmp_path):
@@ -63,7 +65,9 @@ def test_an_unwritable_out_is_one_line(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     code, _, err = _run(["run", *_sets(small_overrides(tmp_path, f"out={blocker / 'results'}"))], capsys)
-    assert code == 2 and err.startswith(f"error: out={blocker / 'results'}: cannot write there") and err.count("\n") == 1
+    assert (
+        code == 2 and err.startswith(f"error: out={blocker / 'results'}: cannot write there") and err.count("\n") == 1
+    )
 
 
 def test_a_missing_resume_path_is_one_line(capsys, tmp_path):

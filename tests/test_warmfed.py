@@ -14,9 +14,17 @@ from tests.conftest import small_overrides
 # Seconds-scale WarmFed: a briefly pretrained backbone (cached in the test's cache dir), few LoRA and
 # sampler steps. The numbers are meaningless; the mechanics are what these tests check.
 TINY = [
-    "algo.warmfed.pretrain_steps=20", "algo.warmfed.lora_steps=3", "algo.warmfed.lora_batch_size=16",
-    "algo.warmfed.synth_per_class=3", "algo.warmfed.sampler_steps=3", "algo.warmfed.server_epochs=2",
-    "num_clients=4", "clients_per_round=4", "rounds=1", "data.domains=plain,inverted", "train.finetune_epochs=1",
+    "algo.warmfed.pretrain_steps=20",
+    "algo.warmfed.lora_steps=3",
+    "algo.warmfed.lora_batch_size=16",
+    "algo.warmfed.synth_per_class=3",
+    "algo.warmfed.sampler_steps=3",
+    "algo.warmfed.server_epochs=2",
+    "num_clients=4",
+    "clients_per_round=4",
+    "rounds=1",
+    "data.domains=plain,inverted",
+    "train.finetune_epochs=1",
 ]
 PHASES = ("backbone", "lora", "synthesis", "server_finetune", "personalize")
 
@@ -25,8 +33,17 @@ PHASES = ("backbone", "lora", "synthesis", "server_finetune", "personalize")
 def test_warmfed_phases_bytes_and_determinism(ray_local, tmp_path):
     runs = []
     for pool, cpus in ((1, 1.0), (2, 0.5)):
-        cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed", *TINY, f"ray.pool_size={pool}",
-                                                f"client_resources.num_cpus={cpus}", f"run_id=wf{pool}"))
+        cfg = load_config(
+            None,
+            small_overrides(
+                tmp_path,
+                "algorithms=warmfed",
+                *TINY,
+                f"ray.pool_size={pool}",
+                f"client_resources.num_cpus={cpus}",
+                f"run_id=wf{pool}",
+            ),
+        )
         runs.append(run_comparison(cfg).run_dir)
     a, b = (outcome_frame(d, ignore=("pretrained_now",)) for d in runs)
     pd.testing.assert_frame_equal(a, b)  # same seed → same numbers, whatever the pool size
@@ -57,13 +74,17 @@ def test_warmfed_phases_bytes_and_determinism(ray_local, tmp_path):
 @pytest.mark.slow
 def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
     variants = [
-        "variants.warmfed-nolora.algorithm=warmfed", "variants.warmfed-nolora.personalize=false",
-        "variants.warmfed-plain.algorithm=warmfed", "variants.warmfed-plain.server_finetune=false",
-        "variants.warmfed-plain.round_server_epochs=0", "variants.warmfed-plain.dsd=false",
+        "variants.warmfed-nolora.algorithm=warmfed",
+        "variants.warmfed-nolora.personalize=false",
+        "variants.warmfed-plain.algorithm=warmfed",
+        "variants.warmfed-plain.server_finetune=false",
+        "variants.warmfed-plain.round_server_epochs=0",
+        "variants.warmfed-plain.dsd=false",
         "variants.warmfed-plain.round_lr=0.05",  # = train.lr, as FedAvg
     ]
-    cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg,warmfed-nolora,warmfed-plain",
-                                            *TINY, *variants))
+    cfg = load_config(
+        None, small_overrides(tmp_path, "algorithms=fedavg,warmfed-nolora,warmfed-plain", *TINY, *variants)
+    )
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
     assert len(list((run_dir / "artifacts" / "warmfed-nolora" / "seed0").glob("client*.png"))) == 4
@@ -89,11 +110,16 @@ def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_variants_reuse_lora_and_synthesis_and_report_one_shot_personal_models(ray_local, tmp_path):
-    variants = ["variants.warmfed-nodsd.algorithm=warmfed", "variants.warmfed-nodsd.dsd=false",
-                "variants.warmfed-no1shot.algorithm=warmfed", "variants.warmfed-no1shot.oneshot_personal=false",
-                "variants.warmfed-no1shot.round_server_epochs=0"]
-    cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-nodsd,warmfed-no1shot",
-                                            *TINY, *variants))
+    variants = [
+        "variants.warmfed-nodsd.algorithm=warmfed",
+        "variants.warmfed-nodsd.dsd=false",
+        "variants.warmfed-no1shot.algorithm=warmfed",
+        "variants.warmfed-no1shot.oneshot_personal=false",
+        "variants.warmfed-no1shot.round_server_epochs=0",
+    ]
+    cfg = load_config(
+        None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-nodsd,warmfed-no1shot", *TINY, *variants)
+    )
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
     run = df[df.client_id == -1]
@@ -110,19 +136,26 @@ def test_variants_reuse_lora_and_synthesis_and_report_one_shot_personal_models(r
     assert len(list((run_dir / "cache" / "warmfed" / "synthesis").glob("*.npz"))) == 4
     # identical uploads and samples -> the identical one-shot global model
     test = df[df.split == "test"]
-    g0 = {a: g.sort_values("client_id").value.tolist()
-          for a, g in test[(test.metric == "global_acc") & (test["round"] == 0)].groupby("algorithm")}
+    g0 = {
+        a: g.sort_values("client_id").value.tolist()
+        for a, g in test[(test.metric == "global_acc") & (test["round"] == 0)].groupby("algorithm")
+    }
     assert g0["warmfed"] == g0["warmfed-nodsd"] == g0["warmfed-no1shot"]
     # round 0: the one-shot personalized model is reported beside the one-shot global one
-    p0 = {a: g.sort_values("client_id").value.tolist()
-          for a, g in test[(test.metric == "personal_acc") & (test["round"] == 0)].groupby("algorithm")}
+    p0 = {
+        a: g.sort_values("client_id").value.tolist()
+        for a, g in test[(test.metric == "personal_acc") & (test["round"] == 0)].groupby("algorithm")
+    }
     assert p0["warmfed"] != g0["warmfed"]  # DSD from the warm start moved each client's model
     assert p0["warmfed-no1shot"] == g0["warmfed-no1shot"]  # no one-shot personal model: the global one
     assert value("warmfed", "personalize/bytes_down") > 0 and "personalize/wall_s" not in set(
-        run[run.algorithm == "warmfed-no1shot"].metric)
+        run[run.algorithm == "warmfed-no1shot"].metric
+    )
     # DSD on vs off: different personalized models after the round
-    p1 = {a: g.sort_values("client_id").value.tolist()
-          for a, g in df[(df.metric == "personal_loss") & (df["round"] == 1)].groupby("algorithm")}
+    p1 = {
+        a: g.sort_values("client_id").value.tolist()
+        for a, g in df[(df.metric == "personal_loss") & (df["round"] == 1)].groupby("algorithm")
+    }
     assert p1["warmfed"] != p1["warmfed-nodsd"]
 
 
@@ -130,10 +163,24 @@ def test_stable_diffusion_backbone_through_the_engine(ray_local, tmp_path):
     from tests.test_warmfed_diffusion import _build_tiny_sd
 
     sd = _build_tiny_sd(tmp_path / "sd")
-    cfg = load_config(None, small_overrides(
-        tmp_path, "algorithms=warmfed", *TINY, "algo.warmfed.backbone=stable-diffusion", f"algo.warmfed.sd_model={sd}",
-        "algo.warmfed.lora_steps=1", "algo.warmfed.synth_per_class=1", "algo.warmfed.sampler_steps=2", "num_clients=2",
-        "clients_per_round=2", "partition.scheme=iid", "partition.min_size=5", "rounds=1"))
+    cfg = load_config(
+        None,
+        small_overrides(
+            tmp_path,
+            "algorithms=warmfed",
+            *TINY,
+            "algo.warmfed.backbone=stable-diffusion",
+            f"algo.warmfed.sd_model={sd}",
+            "algo.warmfed.lora_steps=1",
+            "algo.warmfed.synth_per_class=1",
+            "algo.warmfed.sampler_steps=2",
+            "num_clients=2",
+            "clients_per_round=2",
+            "partition.scheme=iid",
+            "partition.min_size=5",
+            "rounds=1",
+        ),
+    )
     df = read_metrics(run_comparison(cfg).run_dir).to_pandas()
     run = df[df.client_id == -1].set_index("metric").value
     assert run["synthesis/images"] > 0 and run["lora/lora_bytes_per_client"] > 0
@@ -159,8 +206,19 @@ def test_bad_warmfed_config(items, words):
 
 def test_missing_backbone_path_is_one_clear_line(capsys, tmp_path):
     missing = tmp_path / "no" / "such" / "sd-model"
-    code = run_sim.main(["run", "--set", "algorithms=warmfed", "--set", "algo.warmfed.backbone=stable-diffusion",
-                         "--set", f"algo.warmfed.sd_model={missing}", "--set", f"out={tmp_path / 'r'}"])
+    code = run_sim.main(
+        [
+            "run",
+            "--set",
+            "algorithms=warmfed",
+            "--set",
+            "algo.warmfed.backbone=stable-diffusion",
+            "--set",
+            f"algo.warmfed.sd_model={missing}",
+            "--set",
+            f"out={tmp_path / 'r'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "backbone path does not exist" in err and str(missing) in err
 
@@ -179,5 +237,7 @@ def test_killed_warmfed_run_resumes_to_the_same_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = _cli(["run", *_sets(items + ["run_id=straight"])])
     assert straight.returncode == 0, straight.stderr[-2000:]
-    pd.testing.assert_frame_equal(outcome_frame(tmp_path / "results" / "crashed", ignore=("pretrained_now",)),
-                                  outcome_frame(tmp_path / "results" / "straight", ignore=("pretrained_now",)))
+    pd.testing.assert_frame_equal(
+        outcome_frame(tmp_path / "results" / "crashed", ignore=("pretrained_now",)),
+        outcome_frame(tmp_path / "results" / "straight", ignore=("pretrained_now",)),
+    )

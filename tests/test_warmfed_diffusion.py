@@ -231,27 +231,57 @@ def _build_tiny_sd(root: Path) -> Path:
     tokenizer = CLIPTokenizer(vocab=str(src / "vocab.json"), merges=str(src / "merges.txt"), model_max_length=16)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=16,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     out = root / "tiny-sd"
     pipe.save_pretrained(out)
@@ -331,7 +361,9 @@ def test_client_lora_moves_default_backbone_samples_to_its_domain(capsys):
             f"{lora_seconds / LORA_TEST_CONFIG.steps:.3f} s/step"
         )
     shift = float(after.mean() - before.mean())
-    assert shift > LORA_TEST_MIN_SHIFT * (target - float(before.mean())), "the LoRA did not move the samples to its domain"
+    assert shift > LORA_TEST_MIN_SHIFT * (target - float(before.mean())), (
+        "the LoRA did not move the samples to its domain"
+    )
     assert acc_after >= LORA_TEST_MIN_FIDELITY
 
 
@@ -344,9 +376,14 @@ def test_module_split_keeps_the_old_imports():
     for name in pkg.__all__:
         assert getattr(pkg, name) is not None, name
     # each job in its own module, re-exported unchanged
-    for module, name in (("base", "DiffusionBackbone"), ("tiny", "TinyBackbone"), ("sampling", "denoise"),
-                         ("pretrain", "pretrain_tiny_backbone"), ("loaders", "get_or_pretrain_tiny_backbone"),
-                         ("stable_diffusion", "StableDiffusionBackbone")):
+    for module, name in (
+        ("base", "DiffusionBackbone"),
+        ("tiny", "TinyBackbone"),
+        ("sampling", "denoise"),
+        ("pretrain", "pretrain_tiny_backbone"),
+        ("loaders", "get_or_pretrain_tiny_backbone"),
+        ("stable_diffusion", "StableDiffusionBackbone"),
+    ):
         mod = importlib.import_module(f"algorithms.warmfed.diffusion.{module}")
         assert getattr(mod, name) is getattr(pkg, name)
     assert (DEFAULT_ASSET_DIR / "tiny_backbone.json").is_file()

@@ -17,7 +17,7 @@ def _make(labels: np.ndarray, domains: np.ndarray, seed: int) -> np.ndarray:
     x = rng.normal(-0.8, 0.05, (len(labels), 3, 8, 8)).astype(np.float32)
     for i, (c, d) in enumerate(zip(labels, domains)):
         r, q = divmod(int(c), 2)
-        x[i, int(d), 4 * r:4 * r + 4, 4 * q:4 * q + 4] = 0.8
+        x[i, int(d), 4 * r : 4 * r + 4, 4 * q : 4 * q + 4] = 0.8
     return np.clip(x, -1, 1)
 
 

@@ -23,9 +23,17 @@ SPEC = ModelSpec(in_channels=3, num_classes=4, image_size=8, width=4)
 
 
 def _run(finetune_epochs: int = 2, **train) -> RunContext:
-    return RunContext(num_clients=2, clients_per_round=2, rounds=2, seed=0,
-                      train=TrainConfig(finetune_epochs=finetune_epochs, batch_size=16, **train),
-                      model_name="small_cnn", model_spec=SPEC, cache_dir="", run_dir="")
+    return RunContext(
+        num_clients=2,
+        clients_per_round=2,
+        rounds=2,
+        seed=0,
+        train=TrainConfig(finetune_epochs=finetune_epochs, batch_size=16, **train),
+        model_name="small_cnn",
+        model_spec=SPEC,
+        cache_dir="",
+        run_dir="",
+    )
 
 
 def _data(seed: int, n: int = 48) -> ClientData:
@@ -96,7 +104,9 @@ def test_kl_is_zero_at_identical_weights_in_the_training_mode():
     objective = DSDObjective(teacher, DSDConfig(client_weighting="none", selection="all"), total_steps=10)
     loss = objective(student, x, y)
     assert objective.kls[0] == pytest.approx(0.0, abs=1e-7)
-    assert float(loss.detach()) == pytest.approx(float(torch.nn.functional.cross_entropy(student(x), y).detach()), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(student(x), y).detach()), abs=1e-6
+    )
     # the old setting (teacher on running statistics, student on batch statistics) is not zero
     student2 = run.build_model()
     load_weights(student2, model_weights(teacher))
@@ -173,8 +183,9 @@ def test_personal_epochs_are_the_shared_finetune_budget():
     data = _data(7)
     for epochs in (1, 3):
         run = _run(finetune_epochs=epochs)
-        update, _ = WarmFed(WarmFedParams(), run).local_train(_ctx(run, 1, data), {"weights": _random_weights(1, run)},
-                                                              None)
+        update, _ = WarmFed(WarmFedParams(), run).local_train(
+            _ctx(run, 1, data), {"weights": _random_weights(1, run)}, None
+        )
         assert update.metrics["dsd_steps"] == 3 * epochs
 
 
@@ -212,7 +223,8 @@ def test_warm_start_keeps_the_synthetic_set_only_when_the_rounds_read_it(tmp_pat
     ctx = ServerContext(run, torch.device("cpu"), lambda *a: None, tmp_path)
     keep = WarmFed(WarmFedParams(server_epochs=1), run)._server_finetune(ctx, _synthetic_state(run), [])
     drop = WarmFed(WarmFedParams(server_epochs=1, round_server_epochs=0), run)._server_finetune(
-        ctx, _synthetic_state(run), [])
+        ctx, _synthetic_state(run), []
+    )
     assert keep["warmfed"].has_synthetic and not drop["warmfed"].has_synthetic
     for k in _param_names(run):
         assert torch.equal(keep["weights"][k], drop["weights"][k])
@@ -230,8 +242,13 @@ def test_phases_an_ablation_does_not_use_are_skipped():
     assert "personalize" not in _phases(oneshot_personal=False)
     assert [p.name for p in WarmFed(WarmFedParams(), _run(finetune_epochs=0)).setup_phases()][-1] == "server_finetune"
     kinds = {p.name: p.kind for p in WarmFed(WarmFedParams(), _run()).setup_phases()}
-    assert kinds == {"backbone": "server", "lora": "client", "synthesis": "work", "server_finetune": "server",
-                     "personalize": "personal"}
+    assert kinds == {
+        "backbone": "server",
+        "lora": "client",
+        "synthesis": "work",
+        "server_finetune": "server",
+        "personalize": "personal",
+    }
 
 
 def test_no_personalization_trains_no_lora(monkeypatch):
@@ -260,12 +277,19 @@ def test_one_shot_personal_model_is_dsd_from_the_warm_start():
     assert algo.personal_weights(_ctx(run, 0, data), {"weights": g}, None) is None
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"upload": "both"}, ["upload", "ce"]), ({"dsd_teacher": "self"}, ["dsd_teacher", "personal"]),
-    ({"round_server_epochs": -1}, ["round_server_epochs"]), ({"personal_lr": 0}, ["personal_lr"]),
-    ({"dsd_selection": "x"}, ["selection", "credibility"]), ({"dsd_teacher_mode": "eval"}, ["teacher_mode", "batch"]),
-    ({"dsd_client_weighting": "x"}, ["client_weighting", "advantage"]), ({"dsd_margin": 0}, ["margin"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"upload": "both"}, ["upload", "ce"]),
+        ({"dsd_teacher": "self"}, ["dsd_teacher", "personal"]),
+        ({"round_server_epochs": -1}, ["round_server_epochs"]),
+        ({"personal_lr": 0}, ["personal_lr"]),
+        ({"dsd_selection": "x"}, ["selection", "credibility"]),
+        ({"dsd_teacher_mode": "eval"}, ["teacher_mode", "batch"]),
+        ({"dsd_client_weighting": "x"}, ["client_weighting", "advantage"]),
+        ({"dsd_margin": 0}, ["margin"]),
+    ],
+)
 def test_bad_protocol_params(kwargs, words):
     with pytest.raises(ValueError) as info:
         WarmFedParams(**kwargs)
@@ -278,10 +302,12 @@ def test_content_key_changes_with_every_part():
 
     base = content_key("lora", "fp", {"a": 1}, 0, 3, np.arange(4))
     assert base == content_key("lora", "fp", {"a": 1}, 0, 3, np.arange(4))
-    for other in (content_key("lora", "fp2", {"a": 1}, 0, 3, np.arange(4)),
-                  content_key("lora", "fp", {"a": 2}, 0, 3, np.arange(4)),
-                  content_key("lora", "fp", {"a": 1}, 1, 3, np.arange(4)),
-                  content_key("lora", "fp", {"a": 1}, 0, 3, np.arange(1, 5))):
+    for other in (
+        content_key("lora", "fp2", {"a": 1}, 0, 3, np.arange(4)),
+        content_key("lora", "fp", {"a": 2}, 0, 3, np.arange(4)),
+        content_key("lora", "fp", {"a": 1}, 1, 3, np.arange(4)),
+        content_key("lora", "fp", {"a": 1}, 0, 3, np.arange(1, 5)),
+    ):
         assert other != base
 
 
@@ -294,8 +320,12 @@ def test_synthesis_differs_per_client_lora_and_is_reused_by_content(tmp_path, mo
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (24, 3, 16, 16)).astype(np.float32)
     y = (np.arange(24) % 10).astype(np.int64)
-    backbone = pretrain_tiny_backbone(x, y, TinyBackboneConfig(block_out_channels=(16, 32), train_steps=3,
-                                                               batch_size=8, warmup_steps=1), data_fingerprint="toy")
+    backbone = pretrain_tiny_backbone(
+        x,
+        y,
+        TinyBackboneConfig(block_out_channels=(16, 32), train_steps=3, batch_size=8, warmup_steps=1),
+        data_fingerprint="toy",
+    )
     monkeypatch.setattr(wf_module, "load_backbone", lambda *args, **kwargs: backbone)
     cfg = LoraConfig(rank=4, steps=3, batch_size=8, lr=1e-2)
     lora_a = train_client_lora(backbone, x, y, cfg)
@@ -312,8 +342,10 @@ def test_synthesis_differs_per_client_lora_and_is_reused_by_content(tmp_path, mo
     again = algo._synthesize_one(ctx, SynthesisJob(0, lora_a, want, 5, "key-a"))
     assert again.reused and np.array_equal(again.images, a.images)
     fresh = WarmFed(WarmFedParams(sampler_steps=2, synth_per_class=2, reuse=False), run)._synthesize_one(
-        ctx, SynthesisJob(0, lora_a, want, 5, "key-a"))
+        ctx, SynthesisJob(0, lora_a, want, 5, "key-a")
+    )
     assert not fresh.reused and np.array_equal(fresh.images, a.images)  # the cache holds what sampling gives
     other_steps = WarmFed(WarmFedParams(sampler_steps=3, synth_per_class=2), run)._synthesize_one(
-        ctx, SynthesisJob(0, lora_a, want, 5, "key-a"))
+        ctx, SynthesisJob(0, lora_a, want, 5, "key-a")
+    )
     assert not other_steps.reused  # a synthesis field is part of the key

@@ -22,8 +22,7 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
 LAYOUT = (
-    "expected the extracted cifar-10-batches-py directory with data_batch_1..data_batch_5, "
-    "test_batch and batches.meta"
+    "expected the extracted cifar-10-batches-py directory with data_batch_1..data_batch_5, test_batch and batches.meta"
 )
 
 
@@ -76,7 +75,8 @@ def build_cifar10(p: Cifar10Params) -> ArrayDataset:
         raise DatasetError(f"CIFAR-10 files missing in {root}: {', '.join(missing)}; {LAYOUT}")
 
     class_names = tuple(
-        n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(root / META_FILE, (b"label_names",))[b"label_names"]
+        n.decode() if isinstance(n, bytes) else str(n)
+        for n in _unpickle(root / META_FILE, (b"label_names",))[b"label_names"]
     )
     chunks, label_chunks, total = [], [], 0
     for fname in wanted[:-1]:

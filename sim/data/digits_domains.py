@@ -111,10 +111,16 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     i = np.floor(h * 6.0).astype(int) % 6
     f = h * 6.0 - np.floor(h * 6.0)
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    table = np.stack([
-        np.stack([v, t, p], 1), np.stack([q, v, p], 1), np.stack([p, v, t], 1),
-        np.stack([p, q, v], 1), np.stack([t, p, v], 1), np.stack([v, p, q], 1),
-    ])
+    table = np.stack(
+        [
+            np.stack([v, t, p], 1),
+            np.stack([q, v, p], 1),
+            np.stack([p, v, t], 1),
+            np.stack([p, q, v], 1),
+            np.stack([t, p, v], 1),
+            np.stack([v, p, q], 1),
+        ]
+    )
     return table[i, np.arange(h.size)].astype(np.float32)
 
 
@@ -210,7 +216,11 @@ def build_digits_domains(p: DigitsDomainsParams) -> ArrayDataset:
     if pub_idx.size:
         pub_images = render(gray[pub_idx], "plain", p.shift, np.random.default_rng([p.seed, _PUBLIC_STREAM]))
         public = ArrayDataset(
-            f"{NAME}:public", pub_images, labels[pub_idx].copy(),
-            np.zeros(pub_idx.size, dtype=np.int64), CLASS_NAMES, ("plain",),
+            f"{NAME}:public",
+            pub_images,
+            labels[pub_idx].copy(),
+            np.zeros(pub_idx.size, dtype=np.int64),
+            CLASS_NAMES,
+            ("plain",),
         )
     return ArrayDataset(NAME, images, client_labels, domains, CLASS_NAMES, tuple(p.domains), public)

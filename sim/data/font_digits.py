@@ -25,11 +25,27 @@ from sim.data.registry import register_dataset
 NAME = "font-digits"
 CLASS_NAMES = tuple(str(d) for d in range(10))
 FONTS: tuple[str, ...] = (
-    "DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique",
-    "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique",
-    "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic",
-    "STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta",
-    "cmr10", "cmb10", "cmss10", "cmti10", "cmtt10",
+    "DejaVuSans",
+    "DejaVuSans-Bold",
+    "DejaVuSans-Oblique",
+    "DejaVuSans-BoldOblique",
+    "DejaVuSansMono",
+    "DejaVuSansMono-Bold",
+    "DejaVuSansMono-Oblique",
+    "DejaVuSansMono-BoldOblique",
+    "DejaVuSerif",
+    "DejaVuSerif-Bold",
+    "DejaVuSerif-Italic",
+    "DejaVuSerif-BoldItalic",
+    "STIXGeneral",
+    "STIXGeneralBol",
+    "STIXGeneralItalic",
+    "STIXGeneralBolIta",
+    "cmr10",
+    "cmb10",
+    "cmss10",
+    "cmti10",
+    "cmtt10",
 )
 #: The public split's style; never a client domain.
 PUBLIC_STYLE = "plain"
@@ -60,7 +76,9 @@ class FontDigitsParams:
         unknown = [d for d in self.domains if d not in STYLES]
         if unknown:
             hint = " (the public split's style)" if unknown[0] == PUBLIC_STYLE else ""
-            raise DatasetError(f"data.domains: {unknown[0]!r} is not a client style{hint}; allowed: {', '.join(STYLES)}")
+            raise DatasetError(
+                f"data.domains: {unknown[0]!r} is not a client style{hint}; allowed: {', '.join(STYLES)}"
+            )
         if len(set(self.domains)) != len(self.domains):
             raise DatasetError(f"data.domains lists a style twice: {list(self.domains)}")
         if self.per_class < 1 or self.public_per_class < 0:
@@ -190,8 +208,9 @@ def build_font_digits(p: FontDigitsParams) -> ArrayDataset:
     ``public_per_class`` per class in the plain style. Every style draws its glyphs from its
     own RNG stream, so a style's images do not depend on which other styles are requested."""
     labels = np.repeat(np.arange(10, dtype=np.int64), p.per_class)
-    parts = [render(labels, d, p.fonts, p.image_size, np.random.default_rng([p.seed, _DOMAIN_STREAM[d]]))
-             for d in p.domains]
+    parts = [
+        render(labels, d, p.fonts, p.image_size, np.random.default_rng([p.seed, _DOMAIN_STREAM[d]])) for d in p.domains
+    ]
     images = np.concatenate(parts) if len(parts) > 1 else parts[0]
     client_labels = np.tile(labels, len(p.domains))
     domains = np.repeat(np.arange(len(p.domains), dtype=np.int64), labels.size)
@@ -199,6 +218,7 @@ def build_font_digits(p: FontDigitsParams) -> ArrayDataset:
     if p.public_per_class:
         pub_labels = np.repeat(np.arange(10, dtype=np.int64), p.public_per_class)
         pub = render(pub_labels, PUBLIC_STYLE, p.fonts, p.image_size, np.random.default_rng([p.seed, _PUBLIC_STREAM]))
-        public = ArrayDataset(f"{NAME}:public", pub, pub_labels, np.zeros(pub_labels.size, np.int64),
-                              CLASS_NAMES, (PUBLIC_STYLE,))
+        public = ArrayDataset(
+            f"{NAME}:public", pub, pub_labels, np.zeros(pub_labels.size, np.int64), CLASS_NAMES, (PUBLIC_STYLE,)
+        )
     return ArrayDataset(NAME, images, client_labels, domains, CLASS_NAMES, tuple(p.domains), public)

@@ -81,9 +81,11 @@ def _check_empty(empty: list[Path], allow: bool, any_images: bool) -> None:
         return
     names = ", ".join(str(d) for d in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
     if not allow:
-        raise DatasetError(f"empty class folder{'s' if len(empty) > 1 else ''} (no images ending in "
-                           f"{', '.join(IMAGE_EXTENSIONS)}): {names}; remove {'them' if len(empty) > 1 else 'it'} "
-                           f"or set data.allow_empty_classes=true")
+        raise DatasetError(
+            f"empty class folder{'s' if len(empty) > 1 else ''} (no images ending in "
+            f"{', '.join(IMAGE_EXTENSIONS)}): {names}; remove {'them' if len(empty) > 1 else 'it'} "
+            f"or set data.allow_empty_classes=true"
+        )
     log.warning("image-folder: left out empty class folder%s %s", "s" if len(empty) > 1 else "", names)
 
 
@@ -108,6 +110,4 @@ def build_image_folder(p: ImageFolderParams) -> ArrayDataset:
         raise DatasetError(f"no images found under {root}; {LAYOUT}")
     images = stack_images([decode_image(f, p.image_size, str(f)) for _, _, f in entries], p.image_size)
     labels, class_names = encode_values([c for _, c, _ in entries], "class", str(root))
-    return make_dataset(
-        NAME, images, labels, class_names, [d for d, _, _ in entries], p.public_domain, str(root)
-    )
+    return make_dataset(NAME, images, labels, class_names, [d for d, _, _ in entries], p.public_domain, str(root))

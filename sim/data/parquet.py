@@ -113,6 +113,4 @@ def build_parquet(p: ParquetParams) -> ArrayDataset:
     domains = _values(table.column(domain_col), domain_col, source) if domain_col else None
     if domains is not None and not all(isinstance(d, str) for d in domains):
         domains = [str(d) for d in domains]
-    return make_dataset(
-        NAME, stack_images(images, p.image_size), labels, class_names, domains, p.public_domain, source
-    )
+    return make_dataset(NAME, stack_images(images, p.image_size), labels, class_names, domains, p.public_domain, source)

@@ -251,9 +251,7 @@ def resolve_params(scheme: str, params: Mapping[str, Any] | Any | None) -> Any:
     if isinstance(params, cls):
         return params
     if dataclasses.is_dataclass(params) and not isinstance(params, type):
-        raise PartitionError(
-            f"params: scheme {scheme!r} expects {cls.__name__}, got {type(params).__name__}"
-        )
+        raise PartitionError(f"params: scheme {scheme!r} expects {cls.__name__}, got {type(params).__name__}")
     if not isinstance(params, Mapping):
         raise PartitionError(f"params: expected a mapping or {cls.__name__} for scheme {scheme!r}, got {params!r}")
     try:

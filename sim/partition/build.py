@@ -110,6 +110,7 @@ def split_counts(n: np.ndarray | int, split: SplitFractions) -> tuple[np.ndarray
 
 def min_total_per_client(min_size: int, split: SplitFractions) -> int:
     """Smallest client size n with >= min_size train samples (and, by construction, >= 1 test)."""
+
     def train(n: int) -> int:
         return int(split_counts(n, split)[0])
 
@@ -174,8 +175,13 @@ def _split_clients(
     return indices, offsets
 
 
-def majority_domain(indices: Mapping[str, np.ndarray], offsets: Mapping[str, np.ndarray],
-                    domains: np.ndarray, num_clients: int, num_domains: int) -> np.ndarray:
+def majority_domain(
+    indices: Mapping[str, np.ndarray],
+    offsets: Mapping[str, np.ndarray],
+    domains: np.ndarray,
+    num_clients: int,
+    num_domains: int,
+) -> np.ndarray:
     """Domain holding a strict majority of each client's samples (all splits), else -1."""
     counts = np.zeros((num_clients, num_domains), dtype=np.int64)
     for s in SPLITS:

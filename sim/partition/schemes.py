@@ -45,7 +45,7 @@ def apportion(total: int, weights: np.ndarray) -> np.ndarray:
         base[order[:short]] += 1
     elif short < 0:  # only possible through float rounding; take back from the largest
         order = np.lexsort((np.arange(n), -base))
-        base[order[: -short]] -= 1
+        base[order[:-short]] -= 1
     return base
 
 
@@ -343,8 +343,6 @@ class DomainDirichletScheme:
     def assign(self, data: SchemeInput, params: DomainDirichletParams, rng: np.random.Generator) -> np.ndarray:
         owner = np.empty(data.labels.size, dtype=np.int64)
         for _, pos, clients in _domain_groups(data):
-            local = dirichlet_owner(
-                data.labels[pos], data.num_classes, clients.size, params.alpha, data.min_total, rng
-            )
+            local = dirichlet_owner(data.labels[pos], data.num_classes, clients.size, params.alpha, data.min_total, rng)
             owner[pos] = clients[local]
         return owner

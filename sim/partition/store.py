@@ -36,7 +36,14 @@ MANIFEST = "manifest.json"
 LABEL_COUNTS = "label_counts.csv"
 HEATMAP = "heatmap.png"
 _SPEC_FIELDS = (
-    "algorithm_version", "dataset_fingerprint", "scheme", "params", "num_clients", "seed", "min_size", "split",
+    "algorithm_version",
+    "dataset_fingerprint",
+    "scheme",
+    "params",
+    "num_clients",
+    "seed",
+    "min_size",
+    "split",
 )
 _META_KEY = b"warmfed.partition"
 _KEY_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -111,9 +118,17 @@ class PartitionStore:
                 log.warning("partition %s is unusable (%s); moved to %s and rebuilding", key, exc, aside)
         t0 = time.perf_counter()
         part = build_partition(
-            labels, domains, num_classes, num_domains, scheme=scheme, params=spec["params"],
-            num_clients=spec["num_clients"], seed=spec["seed"], min_size=spec["min_size"],
-            split=spec["split"], dataset_fingerprint=dataset_fingerprint,
+            labels,
+            domains,
+            num_classes,
+            num_domains,
+            scheme=scheme,
+            params=spec["params"],
+            num_clients=spec["num_clients"],
+            seed=spec["seed"],
+            min_size=spec["min_size"],
+            split=spec["split"],
+            dataset_fingerprint=dataset_fingerprint,
         )
         built_s = time.perf_counter() - t0
         if not self._write(part, labels, domains, num_classes, num_domains, build_seconds=built_s):
@@ -162,8 +177,16 @@ class PartitionStore:
             raise PartitionError(f"{mpath}: manifest unreadable: {exc}") from exc
         if not isinstance(manifest, dict):
             raise PartitionError(f"{mpath}: manifest is not a JSON object")
-        required = (*_SPEC_FIELDS, "key", "format_version", "partition_sha256", "n_samples", "num_classes",
-                    "num_domains", "n_per_split")
+        required = (
+            *_SPEC_FIELDS,
+            "key",
+            "format_version",
+            "partition_sha256",
+            "n_samples",
+            "num_classes",
+            "num_domains",
+            "n_per_split",
+        )
         missing = [k for k in required if k not in manifest]
         if missing:
             raise PartitionError(f"{mpath}: manifest lacks field(s) {', '.join(missing)}")
@@ -233,8 +256,15 @@ class PartitionStore:
         os.rename(path, aside)
         return aside
 
-    def _write(self, part: Partition, labels: np.ndarray, domains: np.ndarray, num_classes: int,
-               num_domains: int, build_seconds: float) -> bool:
+    def _write(
+        self,
+        part: Partition,
+        labels: np.ndarray,
+        domains: np.ndarray,
+        num_classes: int,
+        num_domains: int,
+        build_seconds: float,
+    ) -> bool:
         """Write into a temp dir, then rename it into place; False if another writer got there first."""
         import pyarrow as pa
         import pyarrow.csv as pacsv
@@ -248,11 +278,13 @@ class PartitionStore:
             sizes = {s: part.sizes(s) for s in SPLITS}
             client = np.concatenate([part.client_ids(s) for s in SPLITS]).astype(np.int32)
             codes = np.concatenate([np.full(part.indices[s].size, i, dtype=np.int8) for i, s in enumerate(SPLITS)])
-            table = pa.table({
-                "client_id": pa.array(client, pa.int32()),
-                "split": pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(list(SPLITS))),
-                "sample_index": pa.array(np.concatenate([part.indices[s] for s in SPLITS]), pa.int64()),
-            })
+            table = pa.table(
+                {
+                    "client_id": pa.array(client, pa.int32()),
+                    "split": pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(list(SPLITS))),
+                    "sample_index": pa.array(np.concatenate([part.indices[s] for s in SPLITS]), pa.int64()),
+                }
+            )
             extra = {"key": part.key, "client_domain": part.client_domain.tolist()}
             table = table.replace_schema_metadata({_META_KEY: json.dumps(extra, separators=(",", ":")).encode()})
             pq.write_table(table, tmp / PARQUET, compression="zstd")
