@@ -15,6 +15,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.devices import claim_device, device_info
 from actors.state_store import ClientStateStore
 from algorithms.base import Algorithm, ClientContext, ClientData, RunContext, load_weights, model_weights
 from sim.memory import peak_rss_mb, reset_peak
@@ -32,7 +33,7 @@ class ClientWorker:
         # while the actor starts up rather than inside the first client update of round 1.
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.dataset = dataset
-        self.device = torch.device("cuda" if torch.cuda.is_available() and ray_gpu_ids() else "cpu")
+        self.device = claim_device()
         self.algorithm: Algorithm | None = None
 
     def configure(self, algorithm: Algorithm, partition: Any, run: RunContext, state_dir: str) -> bool:
@@ -242,19 +243,15 @@ class ClientWorker:
         return dict(zip(keys, evaluate_segments(self.model, x, y, lengths, batch_size)))
 
 
-def ray_gpu_ids() -> list:
-    try:
-        return ray.get_gpu_ids() if ray.is_initialized() else []
-    except Exception:  # noqa: BLE001 - outside a Ray worker there are no assigned GPUs
-        return []
-
-
 @ray.remote
 class ClientActor(ClientWorker):
     """The Ray face of ClientWorker; resources are set by the pool with `.options(...)`."""
 
     def ping(self) -> bool:
         return True
+
+    def device_info(self) -> dict[str, Any]:
+        return device_info(self.device)
 
     @ray.method(num_returns=2)
     def train_many(

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 import torch
 
+from actors.devices import claim_device, device_info
 from algorithms.base import Aggregator, Algorithm, ClientUpdate, RunContext, ServerContext, model_weights
 from sim.memory import peak_rss_mb, reset_peak
 
@@ -25,7 +26,7 @@ from sim.memory import peak_rss_mb, reset_peak
 class ServerWorker:
     def __init__(self, threads: int | None = None) -> None:
         torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = claim_device()
 
     def configure(self, algorithm: Algorithm, run: RunContext) -> bool:
         """Start one (algorithm, seed) run: fresh global state, nothing kept from the previous run."""
@@ -108,5 +109,10 @@ class ServerWorker:
 
 @ray.remote
 class ServerActor(ServerWorker):
+    """The Ray face of ServerWorker; its resources come from the pool plan (`server_options`)."""
+
     def ping(self) -> bool:
         return True
+
+    def device_info(self) -> dict[str, Any]:
+        return device_info(self.device)

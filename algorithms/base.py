@@ -10,6 +10,7 @@ Optional warm-start phases (`setup_phases`) let a method run one-shot work befor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -90,10 +91,19 @@ class RunContext:
     dataset_params: dict[str, Any] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
     holdout_clients: int = 0  # clients that never train (new-client evaluation only)
+    mixed_precision: str = "fp32"  # the run's `mixed_precision`: read through `autocast`
 
     @property
     def num_trainable(self) -> int:
         return self.num_clients - self.holdout_clients
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Mixed precision for diffusion sampling and LoRA training when the run asks for it and
+        `device` is a GPU; a no-op otherwise, so CPU runs keep their exact numbers."""
+        if self.mixed_precision == "fp32" or torch.device(device).type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type="cuda", dtype=dtype)
 
     def build_model(self) -> Classifier:
         return build_model(self.model_name, self.model_spec)
@@ -140,6 +150,7 @@ class ClientContext:
         self._scratch = scratch
         self.device = device
         self.public = public
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -163,13 +174,21 @@ class ClientContext:
         purpose: str = "train",
         epoch: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        x, y = self.data.x[split], self.data.y[split]
+        x, y = self.on_device(split)
         n = int(y.shape[0])
         bs = batch_size or self.run.train.batch_size
         order = torch.randperm(n, generator=self.generator(f"{purpose}/{epoch}")) if shuffle else torch.arange(n)
+        order = order.to(self.device)  # the permutation comes from the CPU generator: the same on any device
         for start in range(0, n, bs):
             idx = order[start : start + bs]
-            yield x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
+            yield x[idx], y[idx]
+
+    def on_device(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's tensors on the context's device, copied once per client task, not once per
+        batch (`data` itself stays on the CPU; on a CPU device this is `data` itself)."""
+        if split not in self._on_device:
+            self._on_device[split] = (self.data.x[split].to(self.device), self.data.y[split].to(self.device))
+        return self._on_device[split]
 
 
 @dataclass(frozen=True)
@@ -245,6 +264,9 @@ class Algorithm(ABC):
     #: True when `personal_weights` already adapts the received model to the client (fine-tuning
     #: methods): a new client then takes that model as it is, not another budget on top of it.
     adapts_at_evaluation: ClassVar[bool] = False
+    #: True when the server phases train or sample models (not only average): with `server_resources.num_gpus`
+    #: "auto" the server actor then gets a GPU share where the cluster has GPUs.
+    server_heavy: ClassVar[bool] = False
     #: `run_sim.py tune`'s grid over the method's own hyper-parameters (Params field -> candidate
     #: values), searched beside the shared ones (train.lr); empty: only the shared ones are tuned.
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {}

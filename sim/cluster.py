@@ -30,9 +30,14 @@ class PoolPlan:
     size: int
     num_cpus: float
     num_gpus: float
+    server_num_cpus: float = 0.0
+    server_num_gpus: float = 0.0
 
     def actor_options(self) -> dict:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+    def server_options(self) -> dict:
+        return {"num_cpus": self.server_num_cpus, "num_gpus": self.server_num_gpus}
 
 
 def starts_local_ray(cfg: RunConfig) -> bool:
@@ -54,7 +59,7 @@ def check_local_resources(cfg: RunConfig) -> None:
     if not starts_local_ray(cfg):
         return
     total = {"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(local_gpus())}
-    plan_pool(cfg, available=total, total=total)
+    plan_pool(cfg, available=total, total=total, server_node=total)
 
 
 def _quiet_default_auth(record: logging.LogRecord) -> bool:
@@ -86,47 +91,122 @@ def connect(cfg: RunConfig, run_id: str) -> bool:
     return True
 
 
+def server_heavy(cfg: RunConfig) -> bool:
+    """True when an algorithm of the run trains or samples models on the server (`Algorithm.server_heavy`)."""
+    from sim.config import algorithm_spec, run_algorithms
+
+    return any(getattr(algorithm_spec(cfg, name)[0], "server_heavy", False) for name in run_algorithms(cfg))
+
+
+def driver_node_resources() -> dict[str, float]:
+    """Total resources of the node this driver runs on, where the server actor is pinned."""
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == here:
+            return dict(node.get("Resources", {}))
+    return {}
+
+
+def gpu_share(gpus: float, actors: int) -> float:
+    """An equal GPU share for `actors` that Ray can place: a fraction that divides one GPU (1/k), so
+    k actors pack onto each GPU; with a single partly free GPU, an equal split of what is free."""
+    whole = math.floor(gpus + 1e-9)
+    if actors <= 0 or gpus <= 0:
+        return 0.0
+    if whole == 0:
+        return gpus / actors
+    return 1.0 if actors <= whole else 1.0 / math.ceil(actors / whole)
+
+
+def gpu_room(gpus: float, share: float) -> int:
+    """Actors of `share` GPU that fit on `gpus` GPUs, each fraction on one GPU (Ray never splits one
+    actor over two GPUs, so 0.4 packs twice per GPU, not 2.5 times)."""
+    if share >= 1.0:
+        return math.floor(gpus / share + 1e-9)
+    whole = math.floor(gpus + 1e-9)
+    rest = gpus - whole
+    return whole * math.floor(1.0 / share + 1e-9) + math.floor(rest / share + 1e-9)
+
+
 def plan_pool(
-    cfg: RunConfig, available: dict[str, float] | None = None, total: dict[str, float] | None = None
+    cfg: RunConfig,
+    available: dict[str, float] | None = None,
+    total: dict[str, float] | None = None,
+    server_node: dict[str, float] | None = None,
 ) -> PoolPlan:
-    """How many client actors of the configured size fit now; refuses impossible requests."""
+    """How many client actors of the configured size fit now beside the server actor (whose share
+    is taken first); refuses impossible requests before any actor starts.
+
+    `server_node`: total resources of the node the server is pinned to (the driver's; `total` when
+    `total` is given, as for a Ray about to start on this machine)."""
+    if server_node is None:  # given totals describe one node; the live cluster is asked where the driver is
+        server_node = total if total is not None else driver_node_resources()
     available = dict(ray.available_resources() if available is None else available)
     total = dict(ray.cluster_resources() if total is None else total)
-    res = cfg.client_resources
+    server_node = dict(server_node)
+    res, srv = cfg.client_resources, cfg.server_resources
     cluster_gpus = float(total.get("GPU", 0.0))
+    node_gpus = float(server_node.get("GPU", 0.0))
     cpus = float(available.get("CPU", 0.0))
+    free_gpus = float(available.get("GPU", 0.0))
+    if srv.num_gpus == "auto":
+        server_auto = node_gpus > 0 and server_heavy(cfg)
+        server_gpus = 0.0
+    else:
+        server_auto, server_gpus = False, float(srv.num_gpus)
+        if server_gpus > 0 and cluster_gpus == 0:
+            raise ResourceError(
+                f"server_resources.num_gpus={server_gpus:g} but the Ray cluster has no GPUs; "
+                "set server_resources.num_gpus to 0, or to 'auto' to use a GPU only where one exists"
+            )
+        if server_gpus > node_gpus:
+            raise ResourceError(
+                f"server_resources.num_gpus={server_gpus:g} but the driver's node, where the server actor lives, "
+                f"has {node_gpus:g} GPUs; run the driver on a GPU node or lower server_resources.num_gpus"
+            )
     if res.num_gpus == "auto":
         gpus_each = 0.0
         if cluster_gpus > 0:
             slots = max(1, int(cpus // res.num_cpus))
-            gpus_each = min(1.0, float(available.get("GPU", 0.0)) / min(slots, cfg.num_clients))
+            gpus_each = min(1.0, gpu_share(free_gpus, min(slots, cfg.num_clients) + int(server_auto)))
     else:
         gpus_each = float(res.num_gpus)
         if gpus_each > 0 and cluster_gpus == 0:
             raise ResourceError(
-                f"client_resources.num_gpus={gpus_each} but the Ray cluster has no GPUs; "
+                f"client_resources.num_gpus={gpus_each:g} but the Ray cluster has no GPUs; "
                 "set client_resources.num_gpus to 0, or to 'auto' to use GPUs only where they exist"
             )
+    if server_auto:  # one more actor splitting the GPUs, or a whole GPU when the clients stay on CPU
+        server_gpus = gpus_each if gpus_each > 0 else min(1.0, node_gpus)
     total_cpus = float(total.get("CPU", 0.0))
     if res.num_cpus > total_cpus:
         raise ResourceError(
             f"client_resources.num_cpus={res.num_cpus} but the Ray cluster has only {total_cpus:g} CPUs "
             f"({cpus:g} free); lower client_resources.num_cpus"
         )
+    if srv.num_cpus > float(server_node.get("CPU", 0.0)):
+        raise ResourceError(
+            f"server_resources.num_cpus={srv.num_cpus:g} but the driver's node, where the server actor lives, "
+            f"has {float(server_node.get('CPU', 0.0)):g} CPUs; lower server_resources.num_cpus"
+        )
 
     def room(resources: dict[str, float]) -> int:
-        n = int(math.floor(float(resources.get("CPU", 0.0)) / res.num_cpus + 1e-9))
+        """Client actors that fit in `resources` once the server's share is taken out."""
+        n = math.floor((float(resources.get("CPU", 0.0)) - srv.num_cpus) / res.num_cpus + 1e-9)
         if gpus_each > 0:
-            n = min(n, int(math.floor(float(resources.get("GPU", 0.0)) / gpus_each + 1e-9)))
-        return n
+            n = min(n, gpu_room(float(resources.get("GPU", 0.0)) - server_gpus, gpus_each))
+        return max(n, 0)
 
     free_now, ever = room(available), min(room(total), cfg.num_clients)
     if ever < 1:
-        raise ResourceError("no client actor fits in the Ray cluster's resources")
+        raise ResourceError(
+            "no client actor fits in the Ray cluster's resources"
+            + (" beside the server actor's share (server_resources)" if server_gpus or srv.num_cpus else "")
+        )
     if cfg.ray.pool_size is not None:
         if cfg.ray.pool_size > ever:
             raise ResourceError(
-                f"ray.pool_size={cfg.ray.pool_size} actors of {res.num_cpus} CPU / {gpus_each} GPU do not fit: "
+                f"ray.pool_size={cfg.ray.pool_size} actors of {res.num_cpus} CPU / {gpus_each:g} GPU do not fit: "
                 f"the cluster has room for {ever}"
             )
         size = cfg.ray.pool_size
@@ -138,4 +218,6 @@ def plan_pool(
         log.warning(
             "%d of %d client actors wait for resources held by other work on the Ray cluster", size - free_now, size
         )
-    return PoolPlan(size=size, num_cpus=res.num_cpus, num_gpus=gpus_each)
+    return PoolPlan(
+        size=size, num_cpus=res.num_cpus, num_gpus=gpus_each, server_num_cpus=srv.num_cpus, server_num_gpus=server_gpus
+    )

@@ -74,6 +74,24 @@ class ClientResources:
 
 
 @dataclass(frozen=True)
+class ServerResources:
+    """Ray resources of the server actor (it lives on the driver's node).
+
+    num_cpus 0: the server mostly waits while the clients train, so it takes no client's CPU.
+    num_gpus "auto": a GPU share only when the driver's node has GPUs and an algorithm of the run
+    has heavy server phases (`Algorithm.server_heavy`, e.g. WarmFed's fine-tuning on synthetic
+    data): the server then counts as one more actor splitting the GPUs with the client actors
+    (a whole GPU when the client actors run on CPU); otherwise 0. A server without a GPU share
+    never touches a GPU (sim/cluster.py, actors/devices.py)."""
+
+    num_cpus: float = 0.0
+    num_gpus: float | str = "auto"
+
+
+MIXED_PRECISION = ("fp32", "fp16", "bf16")  # fp32: off
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str | None = None  # None: start a local Ray; "auto": attach to the running cluster
     namespace: str | None = None  # None: a namespace per run, so concurrent runs never collide
@@ -100,6 +118,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     client_resources: ClientResources = field(default_factory=ClientResources)
+    server_resources: ServerResources = field(default_factory=ServerResources)
+    # fp16 | bf16: autocast for diffusion sampling and LoRA training on a GPU (RunContext.autocast); CPU ignores it.
+    mixed_precision: str = "fp32"
     ray: RayConfig = field(default_factory=RayConfig)
     out: str = "results"
     cache_dir: str | None = None  # None: <out>/cache (partitions, pretrained backbones)
@@ -192,6 +213,17 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_gpus(name: str, gpus: float | str) -> None:
+    """A GPU request Ray can place: 'auto', a fraction of one GPU, or whole GPUs."""
+    if isinstance(gpus, str):
+        if gpus != "auto":
+            raise ConfigError(f"{name} must be a number or 'auto', got {gpus!r}")
+        return
+    _positive(name, gpus, allow_zero=True)
+    if gpus > 1 and gpus != int(gpus):
+        raise ConfigError(f"{name}={gpus}: a share above one GPU must be a whole number of GPUs")
+
+
 def validate(cfg: RunConfig) -> None:
     """Semantic checks, including registry names; raises ConfigError naming key and allowed values."""
     from algorithms.registry import algorithm_names
@@ -221,11 +253,11 @@ def validate(cfg: RunConfig) -> None:
     _positive("checkpoint_every", cfg.checkpoint_every)
     _positive("checkpoint_keep", cfg.checkpoint_keep)
     _positive("client_resources.num_cpus", cfg.client_resources.num_cpus)
-    gpus = cfg.client_resources.num_gpus
-    if isinstance(gpus, str) and gpus != "auto":
-        raise ConfigError(f"client_resources.num_gpus must be a number or 'auto', got {gpus!r}")
-    if not isinstance(gpus, str):
-        _positive("client_resources.num_gpus", gpus, allow_zero=True)
+    _check_gpus("client_resources.num_gpus", cfg.client_resources.num_gpus)
+    _positive("server_resources.num_cpus", cfg.server_resources.num_cpus, allow_zero=True)
+    _check_gpus("server_resources.num_gpus", cfg.server_resources.num_gpus)
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
     if not cfg.seeds:
         raise ConfigError("seed: give at least one seed")
     if not cfg.algorithms:

@@ -208,6 +208,7 @@ def run_context(cfg: RunConfig, dataset: ArrayDataset, seed: int, run_dir: str) 
         dataset_params=dict(cfg.data),
         class_names=tuple(dataset.class_names),
         holdout_clients=cfg.holdout_clients,
+        mixed_precision=cfg.mixed_precision,
     )
 
 
@@ -269,11 +270,14 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         plan = plan_pool(cfg)
         manifest["pool"] = to_mapping(plan)
         manifest["ray_address"] = cfg.ray.address or "local"
-        progress.note(f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each)")
+        progress.note(
+            f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each); "
+            f"server {plan.server_num_cpus:g} CPU, {plan.server_num_gpus:g} GPU"
+        )
         dataset, dataset_ref = share_dataset(dataset, keep_dataset_cached)
         # Both start in the background (their processes import torch) while partitions are sent.
+        server = ServerActor.options(**plan.server_options(), scheduling_strategy=_on_this_node()).remote()
         pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)
-        server = ServerActor.options(num_cpus=0, scheduling_strategy=_on_this_node()).remote()
         begun = True
         manifest["partitions"] = {}
         for seed in cfg.seeds:
@@ -284,6 +288,8 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
             run_ctx = run_context(cfg, dataset, seed, str(run_dir))
             for name in names:
                 _execute(name, cfg, run_ctx, partition, partition_ref, pool, server, run_dir, progress, plan)
+        manifest["devices"] = _devices(server, pool)
+        write_json(run_dir / "manifest.json", manifest)
         ResultsWriter(run_dir, cfg.run_id).consolidate()
     except BaseException:
         if created and not begun:
@@ -304,6 +310,22 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
 
     report = write_report(run_dir)
     return RunResult(run_dir, report)
+
+
+def _devices(server: Any, pool: ActorPool) -> dict[str, Any]:
+    """Where the server and each client actor computed (device, Ray's GPU ids, CUDA_VISIBLE_DEVICES,
+    GPU memory): the record that a GPU run used the GPUs it was given."""
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    names = ["server", *(f"client{i}" for i in range(pool.size))]
+    refs = [actor.device_info.remote() for actor in [server, *pool.actors]]
+    devices: dict[str, Any] = {}
+    for name, ref in zip(names, refs):
+        try:
+            devices[name] = ray.get(ref, timeout=30)
+        except (GetTimeoutError, RayActorError) as exc:
+            devices[name] = {"error": type(exc).__name__}
+    return devices
 
 
 def _on_this_node() -> Any:
@@ -381,8 +403,10 @@ def _execute(
 
 def _room_for(plan: Any) -> int:
     """Client actors of the plan's size that fit in the cluster's free resources now."""
+    from sim.cluster import gpu_room
+
     free = ray.available_resources()
     n = int(float(free.get("CPU", 0.0)) // plan.num_cpus + 1e-9) if plan.num_cpus else 0
     if plan.num_gpus:
-        n = min(n, int(float(free.get("GPU", 0.0)) // plan.num_gpus + 1e-9))
+        n = min(n, gpu_room(float(free.get("GPU", 0.0)), plan.num_gpus))
     return max(0, n)

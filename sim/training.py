@@ -43,7 +43,11 @@ def local_sgd(
     model.train()
     trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(trainable, lr if lr is not None else cfg.lr, cfg.momentum, cfg.weight_decay)
-    total, steps = 0.0, 0
+    # The loss is summed where it is computed and read once at the end: reading it every step
+    # would wait for the GPU every step. float64 sums the float32 losses exactly as Python floats did.
+    device = next(iter(trainable)).device if trainable else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
     for epoch in range(epochs if epochs is not None else cfg.local_epochs):
         for x, y in ctx.batches(split, purpose=purpose, epoch=epoch):
             if x.shape[0] < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -54,13 +58,13 @@ def local_sgd(
             opt.step()
             if after_step is not None:
                 after_step()
-            total += float(loss.detach())
+            total += loss.detach().to(torch.float64)
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 break
         if max_steps is not None and steps >= max_steps:
             break
-    return {"train_loss": total / max(steps, 1), "train_steps": float(steps)}
+    return {"train_loss": float(total) / max(steps, 1), "train_steps": float(steps)}
 
 
 Score = tuple[float, float, int]  # (accuracy, mean loss, n)
@@ -79,16 +83,19 @@ def evaluate_segments(
     to float rounding; batch borders depend only on the inputs, so they are reproducible.
     """
     n_total = int(y.shape[0])
-    correct = torch.zeros(n_total, dtype=torch.bool)
-    losses = torch.zeros(n_total, dtype=torch.float64)
+    device = next(model.parameters()).device
+    # Scores stay on the model's device until every batch is done: one copy back, no per-batch wait.
+    correct = torch.zeros(n_total, dtype=torch.bool, device=device)
+    losses = torch.zeros(n_total, dtype=torch.float64, device=device)
     if n_total:
         model.eval()
-        device = next(model.parameters()).device
+        x, y = x.to(device), y.to(device)
         for start in range(0, n_total, batch_size):
-            xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             logits = model(xb)
-            losses[start : start + len(yb)] = F.cross_entropy(logits, yb, reduction="none").double().cpu()
-            correct[start : start + len(yb)] = (logits.argmax(1) == yb).cpu()
+            losses[start : start + len(yb)] = F.cross_entropy(logits, yb, reduction="none").double()
+            correct[start : start + len(yb)] = logits.argmax(1) == yb
+    correct, losses = correct.cpu(), losses.cpu()
     scores: list[Score] = []
     offset = 0
     for n in lengths:

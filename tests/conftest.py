@@ -10,14 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def init_local_ray() -> None:
+    """The tests' shared Ray: two CPUs, no GPU."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="warmfed-sim-tests")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="warmfed-sim-tests"
-        )
+        init_local_ray()
     yield ray
     ray.shutdown()
 

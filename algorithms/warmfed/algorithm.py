@@ -313,6 +313,7 @@ def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch
 class WarmFed(Algorithm):
     Params = WarmFedParams
     stateful = True
+    server_heavy = True  # backbone loading, fine-tuning on the synthetic union: worth a GPU share
 
     @classmethod
     def finetune_budget(cls, params: WarmFedParams, train: Any) -> str:
