@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/engine_vs_plain.py [--clients 100 --per-round 10 --rounds 5]
 
-Prints wall time and peak memory of each and the ratio engine/plain (target ≤ 1.0 on 2
-cores: the engine spreads clients over both cores, the plain loop is one process with torch's
-default threads). Both do identical work: same data, partition, model, local epochs, and the
-global model evaluated on every client's val and test splits each round.
+Prints wall time and peak memory of each and the ratio engine/plain. The reference is the
+plain loop with **one** torch thread (`--plain-threads`, default 1): the work one core does, so
+the engine's parallel efficiency is plain-1-thread rounds / engine rounds / cores (1.0: every
+core of the machine busy with useful training, none of it lost to the engine). Both do
+identical work: same data, partition, model, local epochs, and the global model evaluated on
+every client's val and test splits each round.
 
 Two wall-time ratios, because they answer different questions:
 - whole run: from the call to the results, Ray start-up, actor start-up and shutdown included
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -198,6 +201,7 @@ def run_plain(args: argparse.Namespace, out: str) -> Measured:
     from sim.partition_build import partition_for
     from sim.training import evaluate
 
+    torch.set_num_threads(args.plain_threads)
     start = time.perf_counter()
     cfg = load_config(None, overrides(args, out))
     data = load_dataset(cfg.dataset, cfg.data)
@@ -269,11 +273,28 @@ def measure_in_fresh_process(side: str, argv: list[str]) -> Measured:
     return Measured(**figures)
 
 
-def describe(side: str, m: Measured) -> str:
+def cores() -> int:
+    """The cores this process may run on (the machine's, unless an affinity mask narrows them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def efficiency(e: Measured, p: Measured, threads: int) -> str:
+    """The engine's share of the machine's cores doing the reference's work; only meaningful
+    against a one-thread reference (one core's worth of work)."""
+    n = cores()
+    eff = p.rounds / e.rounds / n
+    note = "" if threads == 1 else f" (reference has {threads} threads: not a one-core figure)"
+    return (
+        f"parallel efficiency: plain-{threads}-thread rounds / engine rounds / {n} cores = {eff:.2f}{note}; "
+        f"engine rounds = {e.rounds / p.rounds:.2f} x plain-{threads}-thread (physical limit {1 / n:.2f})"
+    )
+
+
+def describe(side: str, m: Measured, threads: int = 1) -> str:
     mib = 2**20
     if side == "plain":
         return (
-            f"plain : whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
+            f"plain ({threads} thread{'s' if threads > 1 else ''}): whole run {m.wall:7.1f} s  rounds {m.rounds:6.1f} s (eval {m.eval:5.1f})  "
             f"peak RSS {m.rss / mib:6.0f} MiB"
         )
     return (
@@ -296,13 +317,16 @@ def main() -> None:
         help="attach the engine to a running Ray (e.g. 'auto' after "
         "`ray start --head`): no Ray start-up or shutdown in its whole run",
     )
+    parser.add_argument(
+        "--plain-threads", type=int, default=1, help="torch threads of the plain loop (1: the one-core reference)"
+    )
     parser.add_argument("--only", choices=("engine", "plain"), help="measure one side, in this process")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         with tempfile.TemporaryDirectory() as out:
             m = run_engine(args, out) if args.only == "engine" else run_plain(args, out)
-        print(describe(args.only, m))
+        print(describe(args.only, m, args.plain_threads))
         if args.json:
             emit_result(dataclasses.asdict(m))
         return
@@ -317,16 +341,18 @@ def main() -> None:
         f"--rounds={args.rounds}",
         f"--local-epochs={args.local_epochs}",
         f"--copies={args.copies}",
+        f"--plain-threads={args.plain_threads}",
         *([f"--ray-address={args.ray_address}"] if args.ray_address else []),
     ]
     e = measure_in_fresh_process("engine", argv)
     print(describe("engine", e))
     p = measure_in_fresh_process("plain", argv)
-    print(describe("plain", p))
+    print(describe("plain", p, args.plain_threads))
     print(
         f"ratio engine/plain: wall {e.wall / p.wall:.2f} (rounds only {e.rounds / p.rounds:.2f})  "
         f"memory RSS {e.rss / p.rss:.2f} (PSS {e.pss / p.rss:.2f})"
     )
+    print(efficiency(e, p, args.plain_threads))
     print(break_even(e, p))
 
 

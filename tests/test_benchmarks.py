@@ -33,6 +33,9 @@ def test_engine_vs_plain_prints_both_ratios():
     )
     assert match, out
     assert all(float(v) > 0 for v in match.groups())
+    assert re.search(r"plain \(1 thread\): whole run", out), out
+    eff = re.search(r"parallel efficiency: plain-1-thread rounds / engine rounds / (\d+) cores = ([\d.]+);", out)
+    assert eff and int(eff.group(1)) >= 1 and float(eff.group(2)) > 0, out
 
 
 @pytest.mark.slow

@@ -278,3 +278,23 @@ def test_a_run_records_what_each_actor_was_given(ray_gpu, tmp_path):
     assert sorted(devices) == ["client0", "client1", "server"]
     assert devices["client0"]["gpu_ids"] == ["0"] and devices["client1"]["cuda_visible_devices"] == "0"
     assert devices["server"]["gpu_ids"] == [] and devices["server"]["cuda_visible_devices"] == ""
+
+
+def test_gpu_check_says_so_on_a_machine_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: benchmarks/gpu_check.py runs its checks there")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py")],
+        check=False,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "NO GPU: torch sees no CUDA device" in done.stdout and "--logical-gpu" in done.stdout
