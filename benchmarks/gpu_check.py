@@ -97,13 +97,16 @@ def placed_on_gpu(devices: dict[str, dict], names: list[str], real: bool) -> tup
     ) or f"{len(names)} actors on GPU {sorted({d['gpu_ids'][0] for d in devices.values() if d.get('gpu_ids')})}"
 
 
+SIZE = {"clients": 40, "rounds": 3}  # --logical-gpu: smaller (only the placement is checked there)
+
+
 def fedavg_items(actors: int, gpus_each: float, cpus_each: float) -> list[str]:
     return [
         "algorithms=fedavg",
-        "num_clients=40",
-        "clients_per_round=40",
-        "rounds=3",
-        "eval.every=3",
+        f"num_clients={SIZE['clients']}",
+        f"clients_per_round={SIZE['clients']}",
+        f"rounds={SIZE['rounds']}",
+        f"eval.every={SIZE['rounds']}",
         f"client_resources.num_gpus={gpus_each:g}",
         f"client_resources.num_cpus={cpus_each:g}",
         f"ray.pool_size={actors}",
@@ -219,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logical-gpu", action="store_true", help="no GPU here: check placement on a logical GPU")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows as it happens
     real = torch.cuda.is_available() and torch.cuda.device_count() > 0
     print(f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}), cuda available: {real}")
     if not real and not args.logical_gpu:
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     cpus = os.cpu_count() or 1
+    if not real:
+        SIZE.update(clients=12, rounds=2)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gpu_check-"))
     started = time.perf_counter()
     # one GPU (logical or real) and at least 8 logical CPUs, so 8 fractional actors can start
