@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", type=Path, help="a saved tiny backbone directory (default: cache/asset/pretrain)")
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
     ap.add_argument("--pretrain-steps", type=int, help="backbone train_steps (as algo.warmfed.pretrain_steps)")
+    ap.add_argument("--pretrain-augment", choices=("none", "photometric"), help="backbone augment (as algo.warmfed.pretrain_augment)")
     ap.add_argument("--train-per-domain", type=int, default=240, help="real images a client trains its LoRA on")
     ap.add_argument("--clients-per-domain", type=int, default=1)
     ap.add_argument("--domains", help="comma list: train LoRA clients for these domains only (judges see all)")
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--per-class", type=int, default=10, help="synthetic images per class and client")
+    ap.add_argument(
+        "--public-domain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the domain judge also learns the public look, so unadapted samples count as no client's domain",
+    )
     ap.add_argument("--judge", choices=("cnn", "logreg"), default="cnn")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if pub is None:
             raise SystemExit(f"dataset {args.dataset} has no public split to pretrain the backbone on")
         steps = {"train_steps": args.pretrain_steps} if args.pretrain_steps else {}
+        if args.pretrain_augment:
+            steps["augment"] = args.pretrain_augment
         bb, where, trained = get_or_pretrain_tiny_backbone(
             args.cache_dir, pub.images, pub.labels, TinyBackboneConfig(**steps), pub.fingerprint()
         )
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         JudgeConfig(kind=args.judge, seed=args.seed),
         num_classes=ds.num_classes,
         num_domains=ds.num_domains,
+        public_x=None if ds.public is None or not args.public_domain else ds.public.images,
     )
     print(
         f"judges ({args.judge}) on {len(real)} real {args.split} images: {time.perf_counter() - t0:.1f} s; "

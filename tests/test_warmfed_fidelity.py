@@ -64,3 +64,25 @@ def test_fidelity_report_is_seeded_and_checks_its_input():
         fidelity_report(x, y, d, sx, sy, sd + 5, cfg=JudgeConfig(epochs=1))
     with pytest.raises(ValueError, match="judge kind"):
         JudgeConfig(kind="svm")
+
+
+def _public(labels: np.ndarray, seed: int) -> np.ndarray:
+    """The backbone's public look: the class quadrant bright in every channel (grey)."""
+    x = _make(labels, np.zeros_like(labels), seed)
+    x[:, 1:] = x[:, :1]
+    return x
+
+
+@pytest.mark.parametrize("kind", ["cnn", "logreg"])
+def test_public_look_is_no_client_domain(kind):
+    x, y, d = _real()
+    py = np.arange(120) % CLASSES
+    judges = FidelityJudges(x, y, d, JudgeConfig(kind=kind, epochs=4, shift=0), public_x=_public(py, 9))
+    sd = np.arange(120) % DOMAINS
+    unadapted = judges.report(_public(py, 10), py, sd)
+    assert unadapted["predicted_domains"] == {"public": 120} and unadapted["domain_fidelity"] == 0.0
+    assert unadapted["class_fidelity"] == 1.0 and unadapted["chance_domain"] == pytest.approx(1 / 4)
+    adapted = judges.report(_make(py, sd, seed=11), py, sd)
+    assert adapted["domain_fidelity"] == 1.0 and "public" not in adapted["predicted_domains"]
+    with pytest.raises(ValueError, match="public images must have shape"):
+        FidelityJudges(x, y, d, JudgeConfig(kind=kind, epochs=1), public_x=np.zeros((4, 3, 4, 4), np.float32))

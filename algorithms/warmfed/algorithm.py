@@ -65,6 +65,7 @@ BACKBONES = ("tiny", "stable-diffusion")
 SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
 UPLOADS = ("ce", "dsd")
 TEACHERS = ("personal", "global")
+PRETRAIN_AUGMENTATIONS = ("none", "photometric")  # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class WarmFedParams:
     sd_model: str | None = None  # stable-diffusion: a local diffusers folder (or a hub id in the local cache)
     prompt_template: str = "a photo of a {class_name}"
     pretrain_steps: int | None = None  # None: the committed default backbone's config (no pretraining needed)
+    # None: the tiny backbone's default; "none" keeps the public data's one look, which a LoRA then recolours
+    pretrain_augment: str | None = None
     # client personalization (one shot)
     personalize: bool = True
     # the one LoRA default set is algorithms/warmfed/lora.py's LORA_DEFAULTS (see its docstring)
@@ -127,6 +130,10 @@ class WarmFedParams:
             raise ValueError(f"LoRA rank must be >= 1, got lora_rank={self.lora_rank}")
         if self.round_lr is not None and self.round_lr <= 0:
             raise ValueError(f"round_lr must be > 0, got {self.round_lr}")
+        if self.pretrain_augment is not None and self.pretrain_augment not in PRETRAIN_AUGMENTATIONS:
+            raise ValueError(
+                f"pretrain_augment must be one of {', '.join(PRETRAIN_AUGMENTATIONS)}, got {self.pretrain_augment!r}"
+            )
         if self.pretrain_steps is not None and self.pretrain_steps < 1:
             raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
         for name, value, allowed in (("sampler", self.sampler, SAMPLERS), ("upload", self.upload, UPLOADS),
@@ -181,7 +188,7 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
     )
 
     c, size = run.model_spec.in_channels, run.model_spec.image_size
-    key = (params.backbone, params.sd_model, params.prompt_template, params.pretrain_steps, c, size,
+    key = (params.backbone, params.sd_model, params.prompt_template, params.pretrain_steps, params.pretrain_augment, c, size,
            run.model_spec.num_classes, run.cache_dir, run.dataset_fingerprint)
     with _LOCK:
         if key in _BACKBONES:
@@ -199,6 +206,8 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
                     "data.public_fraction (digits-domains) or data.public_domain, or use backbone=stable-diffusion"
                 )
             steps = {} if params.pretrain_steps is None else {"train_steps": params.pretrain_steps}
+            if params.pretrain_augment is not None:
+                steps["augment"] = params.pretrain_augment
             cfg = TinyBackboneConfig(image_size=size, in_channels=c, num_classes=run.model_spec.num_classes, **steps)
             backbone, _, trained_now = get_or_pretrain_tiny_backbone(
                 Path(run.cache_dir), public.images, public.labels, cfg, public.fingerprint())

@@ -30,7 +30,7 @@ JUDGE_KINDS = ("cnn", "logreg")
 @dataclass(frozen=True)
 class JudgeConfig:
     kind: str = "cnn"
-    epochs: int = 6
+    epochs: int = 20  # fewer leave the class judge below what real images score with it
     batch_size: int = 64
     lr: float = 0.05
     holdout: float = 0.2  # fraction of the real data kept to measure the judges themselves
@@ -116,7 +116,9 @@ class FidelityJudges:
 
     def __init__(self, real_x: np.ndarray, real_y: np.ndarray, real_domain: np.ndarray,
                  cfg: JudgeConfig = JudgeConfig(), *, num_classes: int | None = None,
-                 num_domains: int | None = None) -> None:
+                 num_domains: int | None = None, public_x: np.ndarray | None = None) -> None:
+        """``public_x``: images of the backbone's public (pretraining) look; the domain judge then
+        has one more output for it, so an unadapted sample is not forced onto some client domain."""
         x, y = _check(real_x, real_y, "real")
         _, d = _check(real_x, real_domain, "real (domains)")
         if len(y) < 10:
@@ -129,7 +131,16 @@ class FidelityJudges:
         k = int(round(cfg.holdout * len(y)))
         held, fit = perm[:k], perm[k:]
         self.class_judge = _Judge(x[fit], y[fit], self.num_classes, cfg, salt=1)
-        self.domain_judge = _Judge(x[fit], d[fit], self.num_domains, cfg, salt=2) if self.num_domains > 1 else None
+        dx, dd = x[fit], d[fit]
+        self.has_public = public_x is not None and len(public_x) > 0
+        if self.has_public:
+            px = np.asarray(public_x, dtype=np.float32)
+            if px.shape[1:] != x.shape[1:]:
+                raise ValueError(f"public images must have shape (N, {', '.join(map(str, x.shape[1:]))}), got {px.shape}")
+            dx = np.concatenate([dx, px])
+            dd = np.concatenate([dd, np.full(len(px), self.num_domains, np.int64)])
+        outputs = self.num_domains + int(self.has_public)
+        self.domain_judge = _Judge(dx, dd, outputs, cfg, salt=2) if outputs > 1 else None
         self.judge_class_accuracy = float((self.class_judge.predict(x[held]) == y[held]).mean()) if k else float("nan")
         self.judge_domain_accuracy = (
             float((self.domain_judge.predict(x[held]) == d[held]).mean()) if k and self.domain_judge else float("nan")
@@ -155,11 +166,15 @@ class FidelityJudges:
             return {"n": n, "class_fidelity": float(class_ok[mask].mean()) if n else float("nan"),
                     "domain_fidelity": float(domain_ok[mask].mean()) if n else float("nan")}
 
-        name = (lambda k: str(domain_names[k])) if domain_names is not None else (lambda k: str(k))
+        def name(k: int) -> str:
+            if k == self.num_domains and self.has_public:
+                return "public"
+            return str(domain_names[k]) if domain_names is not None else str(k)
+
         out: dict[str, Any] = {
             **summary(np.ones(len(y), bool)),
             "chance_class": 1.0 / self.num_classes,
-            "chance_domain": 1.0 / self.num_domains,
+            "chance_domain": 1.0 / (self.num_domains + int(self.has_public)),
             "judge_class_accuracy": self.judge_class_accuracy,
             "judge_domain_accuracy": self.judge_domain_accuracy,
             "judge": self.cfg.kind,

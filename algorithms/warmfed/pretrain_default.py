@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", help="pretrain for this dataset's public split into --cache-dir instead")
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
     ap.add_argument("--steps", type=int, help="train_steps (WarmFed's algo.warmfed.pretrain_steps; default: the config's)")
+    ap.add_argument("--augment", choices=("none", "photometric"), help="as algo.warmfed.pretrain_augment (default: the config's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         pub = load_dataset(args.dataset).public
         if pub is None:
             raise SystemExit(f"dataset {args.dataset!r} has no public split to pretrain on")
-        cfg = TinyBackboneConfig(**({"train_steps": args.steps} if args.steps else {}))
+        cfg = TinyBackboneConfig(
+            **({"train_steps": args.steps} if args.steps else {}), **({"augment": args.augment} if args.augment else {})
+        )
         bb, path, trained = get_or_pretrain_tiny_backbone(args.cache_dir, pub.images, pub.labels, cfg, pub.fingerprint(),
                                                           asset_dir=None)
         print(f"{'pretrained' if trained else 'already cached'}: {path} ({bb.info.get('train_seconds', '?')} s)")
