@@ -133,7 +133,8 @@ def check_fedavg(out: Path, actors: int, cpus: int, real: bool, cpu_ref: dict) -
     rate, acc = updates_per_s(df), final_acc(df)
     print(
         f"    throughput {rate:.1f} client updates/s vs {cpu_ref['updates_per_s']:.1f} on {cpu_ref['actors']} "
-        f"CPU actors ({rate / cpu_ref['updates_per_s']:.2f}x); final global test acc {acc:.3f} "
+        f"CPU actors ({rate / cpu_ref['updates_per_s']:.2f}x{'' if real else ', both on CPU here'}); "
+        f"final global test acc {acc:.3f} "
         f"vs {cpu_ref['acc']:.3f} on CPU"
     )
     report(
@@ -182,14 +183,19 @@ def check_warmfed(out: Path, cpus: int, real: bool) -> None:
 
 def check_stable_diffusion(out: Path, real: bool) -> None:
     """The diffusers stack on this GPU: a random-weights tiny pipeline, fp32 and fp16, against the CPU."""
+    import diffusers
+    import transformers
     from diffusers import StableDiffusionPipeline
 
     from tests.test_warmfed_diffusion import _build_tiny_sd
 
+    for lib in (diffusers, transformers):  # their progress bars and notices would bury the check lines
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
     path = _build_tiny_sd(out / "tiny-sd")
     pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    prompts = ["a photo of a digit 3"] * 16
+    prompts = ["digit 3"] * 16  # the tiny tokenizer is character-level, 16 tokens long
 
     def sample(device: str, dtype: torch.dtype) -> tuple[Any, float]:
         p = pipe.to(device, dtype)
