@@ -263,6 +263,44 @@ def paired_note(reference: str | None, df: pd.DataFrame) -> str:
     )
 
 
+def domain_table(df: pd.DataFrame, manifest: dict) -> pd.DataFrame:
+    """Test accuracy per client domain at the round chosen on validation (mean ± std over seeds):
+    where a method gains, domain by domain. Empty unless the partition gives clients several domains."""
+    names = (manifest.get("dataset") or {}).get("domain_names") or []
+    owners = {int(seed): info.get("client_domain") for seed, info in (manifest.get("partitions") or {}).items()}
+    if len(names) < 2 or not all(owners.values()):
+        return pd.DataFrame()
+    picks = selected_rounds(df)
+    clients = df[(df.client_id != RUN_LEVEL) & (df.split == "test")]
+    wide = clients.pivot_table(index=["algorithm", "seed", "round", "client_id"], columns="metric", values="value")
+    wide = wide.reset_index().merge(picks, on=["algorithm", "seed", "round"])
+    if wide.empty:
+        return pd.DataFrame()
+    wide["domain"] = [
+        owners[int(s)][int(c)] if int(c) < len(owners[int(s)]) else -1
+        for s, c in zip(wide.seed, wide.client_id)
+    ]
+    if wide["domain"].nunique() < 2:
+        return pd.DataFrame()
+    n = wide["n"] if "n" in wide else pd.Series(np.ones(len(wide)), index=wide.index)
+    wide = wide.assign(_n=n)
+    rows = []
+    for algo, g in wide.groupby("algorithm", sort=False):
+        row: dict[str, str] = {"algorithm": str(algo)}
+        for d in sorted(g["domain"].unique()):
+            name = names[d] if 0 <= d < len(names) else "mixed"
+            per_seed = g[g["domain"] == d].groupby("seed")
+            parts = []
+            if "global_acc" in g and g["global_acc"].notna().any():
+                acc = per_seed.apply(lambda s: (s["global_acc"] * s["_n"]).sum() / s["_n"].sum())
+                parts.append(_fmt(acc))
+            if "personal_acc" in g and g["personal_acc"].notna().any():
+                parts.append(_fmt(per_seed["personal_acc"].mean()))
+            row[name] = " / ".join(parts) if parts else "n/a"
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("n/a")
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -326,6 +364,18 @@ def write_report(run_dir: str | Path, reference: str | None = DEFAULT_REFERENCE)
         paired_note(reference, df),
         "",
     ]
+    domains = domain_table(df, manifest)
+    if not domains.empty:
+        lines += [
+            "## Per client domain (round chosen on validation)",
+            "",
+            "Test accuracy of the clients whose data is mostly that domain: global model (sample-weighted) / "
+            "personalized (mean over clients); mean ± std over seeds. Methods without a global model show "
+            "the personalized figure only.",
+            "",
+            markdown_table(domains),
+            "",
+        ]
     budgets = budget_table(run_dir, list(dict.fromkeys(df.algorithm)))
     if not budgets.empty:
         lines += ["## Budgets", "", markdown_table(budgets), ""]

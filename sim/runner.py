@@ -259,6 +259,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         "name": dataset.name,
         "fingerprint": dataset.fingerprint(),
         "samples": int(len(dataset.labels)),
+        "domain_names": list(dataset.domain_names),
     }
     interrupt_status.run_dir = run_dir
     started_ray = False
@@ -282,7 +283,11 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         manifest["partitions"] = {}
         for seed in cfg.seeds:
             partition, part_dir = partitions[seed]
-            manifest["partitions"][str(seed)] = {"key": partition.key, "path": str(part_dir)}
+            manifest["partitions"][str(seed)] = {
+                "key": partition.key,
+                "path": str(part_dir),
+                "client_domain": [int(d) for d in partition.client_domain],  # the report's per-domain table
+            }
             write_json(run_dir / "manifest.json", manifest)
             partition_ref = ray.put(partition)
             run_ctx = run_context(cfg, dataset, seed, str(run_dir))

@@ -83,3 +83,30 @@ def test_paired_against_skips_seeds_the_reference_did_not_run():
     )
     p = paired_against(scores, "r", "personal_acc")["a"]
     assert p.seeds == 1 and p.mean == pytest.approx(0.4)
+
+
+def test_domain_table_groups_clients_by_their_partition_domain_at_the_validation_round():
+    from sim.report import domain_table
+
+    rows = []
+    # round 1 is best on validation; round 2 would be best on test and must not be used
+    for seed in (0, 1):
+        for rnd, val, test in ((1, 0.9, [0.2, 0.4, 0.6, 0.8]), (2, 0.1, [1.0] * 4)):
+            for cid in range(4):
+                rows += [
+                    ("warmfed", seed, rnd, cid, "val", "personal_acc", val),
+                    ("warmfed", seed, rnd, cid, "test", "personal_acc", test[cid] + 0.1 * seed),
+                    ("warmfed", seed, rnd, cid, "test", "global_acc", test[cid]),
+                    ("warmfed", seed, rnd, cid, "test", "n", 10.0 * (cid + 1)),
+                ]
+    df = pd.DataFrame(rows, columns=["algorithm", "seed", "round", "client_id", "split", "metric", "value"])
+    manifest = {
+        "dataset": {"domain_names": ["stripes", "frame"]},
+        "partitions": {"0": {"client_domain": [0, 0, 1, 1]}, "1": {"client_domain": [1, 1, 0, 0]}},
+    }
+    table = domain_table(df, manifest).set_index("algorithm")
+    # seed 0: stripes = clients 0,1 -> global (0.2*10+0.4*20)/30 = 0.333, personal mean 0.3
+    # seed 1: stripes = clients 2,3 -> global (0.6*30+0.8*40)/70 = 0.714, personal mean 0.8
+    assert table.loc["warmfed", "stripes"] == "0.524 ± 0.269 / 0.550 ± 0.354"
+    assert list(table.columns) == ["stripes", "frame"]
+    assert domain_table(df, {"dataset": {"domain_names": ["one"]}, "partitions": {}}).empty
