@@ -59,6 +59,7 @@ from algorithms.base import (
 from algorithms.registry import register
 from algorithms.warmfed.lora import LORA_DEFAULTS
 from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
+from sim.devices import process_device
 from sim.training import cross_entropy, evaluate, local_sgd
 
 BACKBONES = ("tiny", "stable-diffusion")
@@ -502,27 +503,28 @@ class WarmFed(Algorithm):
         model = self.run.build_model().to(device)
         load_weights(model, weights)
         model.train()
-        x, y = torch.from_numpy(wf.synthetic_x), torch.from_numpy(wf.synthetic_y)
+        # on the device once; the loss is summed there and read once (no host sync per step)
+        x, y = torch.from_numpy(wf.synthetic_x).to(device), torch.from_numpy(wf.synthetic_y).to(device)
         g = torch.Generator().manual_seed(seed)
         bs = self.params.server_batch_size
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * math.ceil(len(y) / bs)))
-        loss_sum, steps = 0.0, 0
+        loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
         for _ in range(epochs):
             order = torch.randperm(len(y), generator=g)
             for s in range(0, len(y), bs):
-                idx = order[s:s + bs]
+                idx = order[s:s + bs].to(device)
                 if len(idx) < 2:
                     continue  # BatchNorm cannot train on a single sample
-                xb = _shift(x[idx], self.params.augment_shift, g).to(device)
-                loss = F.cross_entropy(model(xb), y[idx].to(device))
+                xb = _shift(x[idx], self.params.augment_shift, g)
+                loss = F.cross_entropy(model(xb), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach().double()
                 steps += 1
-        return model_weights(model), loss_sum / max(1, steps)
+        return model_weights(model), float(loss_sum) / max(1, steps)
 
     def _oneshot_personal(
         self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
@@ -537,7 +539,7 @@ class WarmFed(Algorithm):
         state = super().finish_round(state, aggregator)
         wf: WarmFedServerState = state["warmfed"]
         if self.params.round_server_epochs > 0 and wf.has_synthetic and aggregator.count > 0:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = process_device()  # what Ray gave the server actor (CPU without a share)
             weights, _ = self._train_on_synthetic(
                 state["weights"], wf, self.params.round_server_epochs, self.params.round_server_lr,
                 rng_seed(self.run.seed, "round_finetune", wf.rounds_done + 1), device)
