@@ -45,6 +45,15 @@ def split_domains(domains: np.ndarray, train_per_domain: int, eval_per_domain: i
     return out
 
 
+def public_look(ds, augment: str | None) -> np.ndarray | None:
+    """What the backbone was pretrained on, as the domain judge's "public" class (a photometric
+    backbone's random colours have no fixed look: its public class is the plain images)."""
+    if ds.public is None:
+        return None
+    x = np.asarray(ds.public.images)
+    return np.concatenate([x, -x]) if augment == "polarity" else x
+
+
 def main(argv: list[str] | None = None) -> int:
     from algorithms.warmfed.diffusion import (
         SAMPLERS,
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", type=Path, help="a saved tiny backbone directory (default: cache/asset/pretrain)")
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
     ap.add_argument("--pretrain-steps", type=int, help="backbone train_steps (as algo.warmfed.pretrain_steps)")
-    ap.add_argument("--pretrain-augment", choices=("none", "photometric"), help="backbone augment (as algo.warmfed.pretrain_augment)")
+    ap.add_argument("--pretrain-augment", choices=("none", "photometric", "polarity"), help="backbone augment (as algo.warmfed.pretrain_augment)")
     ap.add_argument("--train-per-domain", type=int, default=240, help="real images a client trains its LoRA on")
     ap.add_argument("--clients-per-domain", type=int, default=1)
     ap.add_argument("--domains", help="comma list: train LoRA clients for these domains only (judges see all)")
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         JudgeConfig(kind=args.judge, seed=args.seed),
         num_classes=ds.num_classes,
         num_domains=ds.num_domains,
-        public_x=None if ds.public is None or not args.public_domain else ds.public.images,
+        public_x=public_look(ds, args.pretrain_augment) if args.public_domain else None,
     )
     print(
         f"judges ({args.judge}) on {len(real)} real {args.split} images: {time.perf_counter() - t0:.1f} s; "

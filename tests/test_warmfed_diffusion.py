@@ -443,3 +443,19 @@ def test_merged_lora_samples_like_the_injected_one(tiny):
     assert np.abs(a - base).max() > 10 * np.abs(a - b).max()
     after = tiny.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_pretraining_augmentations_keep_shapes_and_polarity_inverts_about_half():
+    from algorithms.warmfed.diffusion.pretrain import augment_batch
+
+    x = torch.linspace(-1, 1, 64 * 3 * 4 * 4).reshape(64, 3, 4, 4)
+    same = augment_batch(x, "none", torch.Generator().manual_seed(0))
+    assert same is x
+    a = augment_batch(x, "polarity", torch.Generator().manual_seed(0))
+    b = augment_batch(x, "polarity", torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)  # seeded
+    flipped = [bool(torch.equal(a[i], -x[i])) for i in range(64)]
+    kept = [bool(torch.equal(a[i], x[i])) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 20 <= sum(flipped) <= 44
+    colours = augment_batch(x, "photometric", torch.Generator().manual_seed(0))
+    assert colours.shape == x.shape and colours.abs().max() <= 1 and not torch.equal(colours, x)

@@ -66,7 +66,7 @@ BACKBONES = ("tiny", "stable-diffusion")
 SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
 UPLOADS = ("ce", "dsd")
 TEACHERS = ("personal", "global")
-PRETRAIN_AUGMENTATIONS = ("none", "photometric")  # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
+PRETRAIN_AUGMENTATIONS = ("none", "photometric", "polarity")  # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", help="pretrain for this dataset's public split into --cache-dir instead")
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
     ap.add_argument("--steps", type=int, help="train_steps (WarmFed's algo.warmfed.pretrain_steps; default: the config's)")
-    ap.add_argument("--augment", choices=("none", "photometric"), help="as algo.warmfed.pretrain_augment (default: the config's)")
+    ap.add_argument("--augment", choices=("none", "photometric", "polarity"), help="as algo.warmfed.pretrain_augment (default: the config's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ from algorithms.warmfed.diffusion.base import (
 )
 from algorithms.warmfed.diffusion.tiny import TinyBackbone, TinyBackboneConfig
 
-__all__ = ["pretrain_tiny_backbone", "photometric"]
+__all__ = ["pretrain_tiny_backbone", "photometric", "polarity", "augment_batch"]
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -40,6 +40,22 @@ def photometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     colored = bg + (fg - bg) * ink
     out = torch.where((kind == 1)[:, None, None, None], -x, x)
     return torch.where((kind == 2)[:, None, None, None], colored, out).clamp(-1, 1)
+
+
+def polarity(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Half of a batch of [-1, 1] images inverted: both polarities of every class shape, no colours,
+    so a client LoRA recolours a digit the backbone can already draw dark-on-light."""
+    flip = torch.rand((x.shape[0],), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], -x, x)
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """The pretraining augmentation named by TinyBackboneConfig.augment."""
+    if kind == "photometric":
+        return photometric(x, generator)
+    if kind == "polarity":
+        return polarity(x, generator)
+    return x
 
 
 class _EMA:
@@ -111,7 +127,7 @@ def pretrain_tiny_backbone(
                 pos += take
                 need -= take
             idx = torch.cat(idx_parts)
-            xb = photometric(x[idx], gen) if cfg.augment == "photometric" else x[idx]
+            xb = augment_batch(x[idx], cfg.augment, gen)
             loss = bb.training_loss(xb, y[idx], gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -40,8 +40,9 @@ from algorithms.warmfed.diffusion.sampling import (
 __all__ = ["TinyBackboneConfig", "TinyBackbone", "AUGMENTATIONS"]
 
 #: ``none``; ``photometric``: each training image as it is, inverted, or in random
-#: ink/background colours (a third each), so the class features do not hinge on one look.
-AUGMENTATIONS: tuple[str, ...] = ("none", "photometric")
+#: ink/background colours (a third each), so the class features do not hinge on one look;
+#: ``polarity``: as it is or inverted (half each), grey only.
+AUGMENTATIONS: tuple[str, ...] = ("none", "photometric", "polarity")
 
 
 @dataclass(frozen=True)
