@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast bench bench-scale bench-startup bench-all mutation leaderboard clean
+.PHONY: setup run test test-fast lint bench bench-scale bench-startup bench-all mutation leaderboard clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -12,6 +12,11 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+lint: setup  # ruff (lint + format) and mypy, as configured in pyproject.toml; CI runs it before the tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -8,6 +8,7 @@ only tensors that must travel (the update, an upload) leave the actor.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,17 @@ import torch
 
 from actors.devices import claim_device, device_info
 from actors.state_store import ClientStateStore
-from algorithms.base import Algorithm, ClientContext, ClientData, RunContext, load_weights, model_weights
+from algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientData,
+    RunContext,
+    SetupPhase,
+    load_weights,
+    model_weights,
+)
 from sim.memory import peak_rss_mb, reset_peak
+from sim.models import Classifier
 from sim.training import evaluate, evaluate_segments, local_sgd
 
 SPLITS = ("train", "val", "test")
@@ -34,21 +44,27 @@ class ClientWorker:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         self.dataset = dataset
         self.device = claim_device()
-        self.algorithm: Algorithm | None = None
+        self._algorithm: Algorithm | None = None
+
+    @property
+    def algorithm(self) -> Algorithm:
+        if self._algorithm is None:
+            raise RuntimeError("ClientWorker used before configure() bound it to a run")
+        return self._algorithm
 
     def configure(self, algorithm: Algorithm, partition: Any, run: RunContext, state_dir: str) -> bool:
         """Bind to one (algorithm, seed) run: resident models are rebuilt, caches dropped."""
-        self.algorithm = algorithm
+        self._algorithm = algorithm
         self.partition = partition
         self.run = run
         torch.manual_seed(run.seed)  # the same initialization as the server's global model
         self.model = run.build_model().to(self.device)
         self.init_weights = model_weights(self.model)
-        self._scratch: dict[str, torch.nn.Module] = {}
+        self._scratch: dict[str, Classifier] = {}
         self.store = ClientStateStore(Path(state_dir))
         return True
 
-    def _scratch_model(self, key: str) -> torch.nn.Module:
+    def _scratch_model(self, key: str) -> Classifier:
         if key not in self._scratch:
             self._scratch[key] = self.run.build_model().to(self.device)
         return self._scratch[key]
@@ -114,7 +130,7 @@ class ClientWorker:
         partial = self.algorithm.partial_aggregator(start)
         updates = []
         infos = []
-        for client_id, version in zip(client_ids, versions):
+        for client_id, version in zip(client_ids, versions, strict=True):
             update, info = self.train(client_id, round, message, version)
             if partial is not None:
                 partial.add(update)
@@ -127,7 +143,7 @@ class ClientWorker:
         start = time.perf_counter()
         reset_peak()
         phase = self.algorithm.setup_phases()[phase_index]
-        upload = phase.client(self.context(client_id, -1))
+        upload = _step(phase, "client")(self.context(client_id, -1))
         info = {
             "client_id": client_id,
             "bytes_up": phase.upload_nbytes(upload),
@@ -146,7 +162,7 @@ class ClientWorker:
         phase = algo.setup_phases()[phase_index]
         ctx = self.context(client_id, 0)
         state = self.store.load(client_id, version) if algo.stateful else None
-        upload, new_state = phase.personal(ctx, message, state)
+        upload, new_state = _step(phase, "personal")(ctx, message, state)
         new_version = version
         if algo.stateful and new_state is not None:
             self.store.save(client_id, 0, new_state, previous=version)
@@ -175,7 +191,7 @@ class ClientWorker:
             Path(self.run.run_dir) / "artifacts",
             public=self.dataset.public,
         )
-        result = phase.work(ctx, item)
+        result = _step(phase, "work")(ctx, item)
         info = {
             "client_id": item_index,
             "bytes_up": 0,
@@ -214,7 +230,7 @@ class ClientWorker:
         data = {cid: self.client_data(cid) for cid in client_ids}
         global_scores = self._score(message.get("weights"), data, batch_size) if algo.has_global_model else {}
         rows: list[tuple[int, str, str, float]] = []
-        for client_id, version in zip(client_ids, versions):
+        for client_id, version in zip(client_ids, versions, strict=True):
             ctx = self.context(client_id, round, data[client_id])
             state = self.store.load(client_id, version) if algo.stateful else None
             personal = algo.personal_weights(ctx, message, state)
@@ -240,7 +256,15 @@ class ClientWorker:
         x = torch.cat([data[cid].x[split] for cid, split in keys])
         y = torch.cat([data[cid].y[split] for cid, split in keys])
         lengths = [int(data[cid].y[split].shape[0]) for cid, split in keys]
-        return dict(zip(keys, evaluate_segments(self.model, x, y, lengths, batch_size)))
+        return dict(zip(keys, evaluate_segments(self.model, x, y, lengths, batch_size), strict=True))
+
+
+def _step(phase: SetupPhase, kind: str) -> Callable[..., Any]:
+    """The phase's callable for `kind`; the engine schedules by `phase.kind`, so a miss is a bug."""
+    fn = getattr(phase, kind)
+    if fn is None:
+        raise RuntimeError(f"setup phase {phase.name!r} has no {kind} step")
+    return fn
 
 
 @ray.remote
@@ -254,12 +278,12 @@ class ClientActor(ClientWorker):
         return device_info(self.device)
 
     @ray.method(num_returns=2)
-    def train_many(
+    def train_many(  # type: ignore[override]
         self,
         client_ids: list[int],
         start: int,
         round: int,
-        message: dict[str, Any],  # type: ignore[override]
+        message: dict[str, Any],
         versions: list[int],
     ):
         _trace_first_train()
@@ -270,11 +294,11 @@ class ClientActor(ClientWorker):
         return ClientWorker.run_setup_client(self, phase_index, client_id)
 
     @ray.method(num_returns=2)
-    def run_setup_personal(
+    def run_setup_personal(  # type: ignore[override]
         self,
         phase_index: int,
         client_id: int,
-        message: dict[str, Any],  # type: ignore[override]
+        message: dict[str, Any],
         version: int,
     ):
         return ClientWorker.run_setup_personal(self, phase_index, client_id, message, version)

@@ -13,6 +13,7 @@ then drops that node's actors and resumes from the last checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,9 @@ class Task:
 
     key: Any
     cost: float
-    submit: Callable[[Any], tuple[Any, Any]]
+    submit: Callable[
+        ..., tuple[Any, Any]
+    ]  # called with the actor; `...` admits lambdas binding loop values as defaults
     label: str = ""
     attempts: int = 0
     tried_on: set[int] = field(default_factory=set)
@@ -118,10 +121,8 @@ class ActorPool:
     def _replace(self, slot: int) -> None:
         self.check_nodes()  # its node died: no replacement can take its place there
         log.warning("client actor %d died; starting a replacement", slot)
-        try:
+        with contextlib.suppress(Exception):
             ray.kill(self.actors[slot])
-        except Exception:  # noqa: BLE001 - it is already gone
-            pass
         actor = self._make_actor()
         ready = [getattr(actor, m).remote(*a, **k) for m, a, k in self._setup_calls] or [actor.ping.remote()]
         deadline = time.monotonic() + REPLACEMENT_TIMEOUT_S

@@ -48,16 +48,22 @@ class ServerWorker:
     def begin_round(self) -> None:
         self.aggregator = self.algorithm.new_aggregator(self.state)
 
+    def _open_aggregator(self) -> Aggregator:
+        if self.aggregator is None:
+            raise RuntimeError("server: fold/finish_round outside begin_round")
+        return self.aggregator
+
     def fold(self, item: Aggregator | list[ClientUpdate]) -> None:
         """One training task's result: a client actor's partial aggregate, or its updates one by one."""
+        aggregator = self._open_aggregator()
         if isinstance(item, Aggregator):
-            self.aggregator.merge(item)
+            aggregator.merge(item)
         else:
             for update in item:
-                self.aggregator.add(update)
+                aggregator.add(update)
 
     def finish_round(self) -> dict[str, float]:
-        self.state = self.algorithm.finish_round(self.state, self.aggregator)
+        self.state = self.algorithm.finish_round(self.state, self._open_aggregator())
         self.aggregator = None
         return {"aggregated": 0.0}
 
@@ -67,7 +73,10 @@ class ServerWorker:
 
     def prepare_setup_work(self, phase_index: int) -> list[float]:
         """A work phase's items from the current state, kept here until each is fetched; returns their costs."""
-        items = self.algorithm.setup_phases()[phase_index].work_items(self.state)
+        work_items = self.algorithm.setup_phases()[phase_index].work_items
+        if work_items is None:
+            raise RuntimeError(f"setup phase {phase_index} has no work items")
+        items = work_items(self.state)
         self._work_items = [item for _, item in items]
         return [float(cost) for cost, _ in items]
 

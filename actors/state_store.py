@@ -74,7 +74,7 @@ def _nbytes(state: Any) -> int:
     """Bytes of the tensors and arrays in a (nested) state."""
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
-    if hasattr(state, "nbytes") and isinstance(getattr(state, "nbytes"), int):
+    if hasattr(state, "nbytes") and isinstance(state.nbytes, int):
         return int(state.nbytes)
     if isinstance(state, dict):
         return sum(_nbytes(v) for v in state.values())

@@ -34,7 +34,7 @@ class SubtreeSum:
     total: float
     count: int
 
-    def joined(self, right: "SubtreeSum") -> "SubtreeSum":
+    def joined(self, right: SubtreeSum) -> SubtreeSum:
         """This (left) subtree and its right sibling as their parent; new tensors, inputs untouched."""
         sums = {key: value + right.sums[key] if key in right.sums else value for key, value in self.sums.items()}
         sums.update({key: value for key, value in right.sums.items() if key not in self.sums})
@@ -76,13 +76,13 @@ class Aggregator:
                 break
             self._stack[-2:] = [left.joined(right)]
 
-    def add(self, update: "ClientUpdate") -> None:
+    def add(self, update: ClientUpdate) -> None:
         w = float(update.weight)
         sums = {key: value.detach().to(torch.float64) * w for key, value in update.payload.items()}
         self._push(SubtreeSum(0, self.end, sums, w, 1))
         self.end += 1
 
-    def merge(self, other: "Aggregator") -> None:
+    def merge(self, other: Aggregator) -> None:
         """Fold in the subtrees of the clients right after ours (another task's partial sums)."""
         if other.start != self.end:
             raise ValueError(

@@ -14,8 +14,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import hashlib
-from abc import ABC
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -211,12 +210,12 @@ class SetupPhase:
 
     name: str
     client: Callable[[ClientContext], Any] | None = None
-    server: Callable[["ServerContext", dict[str, Any], list[Any]], dict[str, Any]] | None = None
+    server: Callable[[ServerContext, dict[str, Any], list[Any]], dict[str, Any]] | None = None
     upload_nbytes: Callable[[Any], int] = lambda upload: 0
     personal: (
         Callable[[ClientContext, dict[str, Any], dict[str, Any] | None], tuple[Any, dict[str, Any] | None]] | None
     ) = None
-    work: Callable[["ServerContext", Any], Any] | None = None
+    work: Callable[[ServerContext, Any], Any] | None = None
     work_items: Callable[[dict[str, Any]], list[tuple[float, Any]]] | None = None
 
     def __post_init__(self) -> None:
@@ -250,13 +249,13 @@ class ServerContext:
         return self.run.build_model().to(self.device)
 
 
-class Algorithm(ABC):
+class Algorithm:
     """Base class: FedAvg's behaviour unless overridden, so a new method states only what differs."""
 
-    name: ClassVar[str] = ""
+    name: str = ""  # not a ClassVar: a variant runs under its own name
     Params: ClassVar[type] = NoParams
     #: fnmatch patterns over state-dict keys that stay on the client and are never averaged.
-    personal_patterns: ClassVar[tuple[str, ...]] = ()
+    personal_patterns: tuple[str, ...] = ()  # not a ClassVar: FedBN derives its patterns from the model
     #: False for methods without a server model (Local-only): no global accuracy is reported.
     has_global_model: ClassVar[bool] = True
     #: True when client verbs read or write per-client state (kept in the actors' state store).

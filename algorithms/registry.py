@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from sim.typed import ConfigError
 
-_REGISTRY: dict[str, type] = {}
+if TYPE_CHECKING:
+    from algorithms.base import Algorithm
+
+A = TypeVar("A", bound="type[Algorithm]")
+_REGISTRY: dict[str, type[Algorithm]] = {}
 _BUILTIN_MODULES = ("baselines", "algorithms.warmfed")
 _loaded = False
 
 
-def register(name: str) -> Callable[[type], type]:
+def register(name: str) -> Callable[[A], A]:
     """Class decorator: `@register("fedavg")`."""
 
-    def decorate(cls: type) -> type:
+    def decorate(cls: A) -> A:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(
                 f"algorithm name {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})"
@@ -45,7 +50,7 @@ def algorithm_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_algorithm(name: str) -> type:
+def get_algorithm(name: str) -> type[Algorithm]:
     _load_builtins()
     try:
         return _REGISTRY[name]

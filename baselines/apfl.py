@@ -77,7 +77,7 @@ class APFL(CarriesInit):
         local = ctx.scratch_model("apfl/local")
         load_weights(local, v_weights)
         load_weights(ctx.model, message["weights"])
-        trainable = list(ctx.model.parameters()) + list(local.parameters())
+        trainable: list[torch.Tensor] = [*ctx.model.parameters(), *local.parameters()]
         alpha: torch.Tensor | float = alpha_value
         after_step = None
         if self.params.adaptive:

@@ -126,7 +126,11 @@ class FedALA(Algorithm):
     ) -> tuple[Weights, dict[str, torch.Tensor]]:
         """ALA: learn W on the data sample, return (θ̂, W)."""
         first = mask is None
-        mask = {n: torch.ones_like(glob[n]) for n in self.adapted} if first else {n: w.clone() for n, w in mask.items()}
+        mask = (
+            {n: torch.ones_like(glob[n]) for n in self.adapted}
+            if mask is None
+            else {n: w.clone() for n, w in mask.items()}
+        )
         sample = self._sample(ctx)
         if sample.size("train") == 0 or self.params.eta == 0 or not mask:
             return ala_combine(glob, local, mask), mask

@@ -30,10 +30,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from algorithms.base import Algorithm, ClientContext, ClientUpdate, Weights, load_weights, model_weights
 from algorithms.registry import register
+from sim.models import Classifier
 from sim.training import LossFn, local_sgd
 
 
@@ -62,7 +62,7 @@ def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, class_counts: t
 def fedrod_loss(p_weight: torch.Tensor, p_bias: torch.Tensor, class_counts: torch.Tensor | None) -> LossFn:
     """ℓ_BSM on the G-head (or CE when `class_counts` is None) + CE of the personal logits."""
 
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss_fn(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = model.features(x)
         generic = model.head(z)
         g_loss = (

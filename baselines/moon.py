@@ -22,8 +22,8 @@ model as "previous" (then ℓ_con ≡ log 2 and contributes no gradient). Server
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +42,7 @@ from algorithms.base import (
     weights_nbytes,
 )
 from algorithms.registry import register
+from sim.models import Classifier
 from sim.training import LossFn, cross_entropy, local_sgd
 
 
@@ -84,8 +85,8 @@ def _identity(z: torch.Tensor) -> torch.Tensor:
 
 
 def moon_loss(
-    global_model: nn.Module,
-    previous_model: nn.Module,
+    global_model: Classifier,
+    previous_model: Classifier,
     mu: float,
     tau: float,
     project: Project = _identity,
@@ -96,7 +97,7 @@ def moon_loss(
     if mu == 0:
         return cross_entropy
 
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss_fn(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = model.features(x)
         with torch.no_grad():
             z_glob = project_glob(global_model.features(x))

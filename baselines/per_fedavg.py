@@ -24,8 +24,9 @@ shared budget with the shared optimizer (FedAvg-FT's fine-tuning), for a compari
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ def _split(x: torch.Tensor, y: torch.Tensor, parts: int) -> list[tuple[torch.Ten
     if size < 2:
         return [(x, y)] * parts
     cuts = [i * size for i in range(parts)] + [x.shape[0]]
-    return [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
+    return [(x[a:b], y[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
 def first_order_maml_loss(alpha: float) -> LossFn:
@@ -71,7 +72,7 @@ def first_order_maml_loss(alpha: float) -> LossFn:
         (x1, y1), (x2, y2) = _split(x, y, 2)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         grads = torch.autograd.grad(F.cross_entropy(model(x1), y1), list(params.values()))
-        adapted = {n: p - alpha * g for (n, p), g in zip(params.items(), grads)}
+        adapted = {n: p - alpha * g for (n, p), g in zip(params.items(), grads, strict=True)}
         return F.cross_entropy(functional_call(model, adapted, (x2,)), y2)
 
     return loss_fn
@@ -84,12 +85,14 @@ def hessian_free_maml_loss(alpha: float) -> LossFn:
         (x1, y1), (x2, y2), (x3, y3) = _split(x, y, 3)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         inner = torch.autograd.grad(F.cross_entropy(model(x1), y1), list(params.values()))
-        adapted = {n: (p - alpha * g).detach().requires_grad_(True) for (n, p), g in zip(params.items(), inner)}
+        adapted = {
+            n: (p - alpha * g).detach().requires_grad_(True) for (n, p), g in zip(params.items(), inner, strict=True)
+        }
         outer_loss = F.cross_entropy(functional_call(model, adapted, (x2,)), y2)
         outer = [g.detach() for g in torch.autograd.grad(outer_loss, list(adapted.values()))]
         hessian_side = torch.autograd.grad(F.cross_entropy(model(x3), y3), list(params.values()), create_graph=True)
-        linear = sum((g * p).sum() for g, p in zip(outer, params.values()))
-        hvp = sum((g * h).sum() for g, h in zip(outer, hessian_side))
+        linear = cast(torch.Tensor, sum((g * p).sum() for g, p in zip(outer, params.values(), strict=True)))
+        hvp = cast(torch.Tensor, sum((g * h).sum() for g, h in zip(outer, hessian_side, strict=True)))
         # ∇(g·w) = g and ∇(g·∇f(w)) = ∇²f(w) g; the detached copies keep the value at f(w̃; D').
         return outer_loss.detach() + (linear - linear.detach()) - alpha * (hvp - hvp.detach())
 

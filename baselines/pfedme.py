@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,7 @@ def moreau_prox(
         loss = F.cross_entropy(functional_call(model, theta, (x,)), y)
         loss = loss + 0.5 * lam * sum(((theta[n] - anchor[n]) ** 2).sum() for n in theta)
         grads = torch.autograd.grad(loss, list(theta.values()))
-        theta = {n: (t - lr * g).detach().requires_grad_(True) for (n, t), g in zip(theta.items(), grads)}
+        theta = {n: (t - lr * g).detach().requires_grad_(True) for (n, t), g in zip(theta.items(), grads, strict=True)}
     return {n: t.detach() for n, t in theta.items()}
 
 
@@ -97,7 +97,7 @@ def moreau_envelope_loss(lam: float, lr: float, steps: int, warm_start: bool = T
         theta = moreau_prox(model, params, x, y, lam, lr, steps, start=previous or None)
         if warm_start:
             previous.update(theta)
-        return 0.5 * lam * sum(((p - theta[n]) ** 2).sum() for n, p in params.items())
+        return cast(torch.Tensor, 0.5 * lam * sum(((p - theta[n]) ** 2).sum() for n, p in params.items()))
 
     return loss_fn
 

@@ -37,10 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402  (a Ray dependency)
-import torch  # noqa: E402
-
+import numpy as np
+import psutil
+import torch
 
 RESULT_MARK = "RESULT "  # the line a measuring child process prints its figures on (JSON)
 
@@ -136,7 +135,7 @@ class PeakRss:
             tick += 1
             self._stop.wait(0.1)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 

@@ -54,6 +54,7 @@ def one(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     import resource
 
     from engine_vs_plain import PeakRss
+
     from sim.config import load_config
     from sim.results import RUN_LEVEL, read_metrics
     from sim.runner import run_comparison

@@ -56,7 +56,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> str:
+def write_atomic(path: Path, data: bytes | memoryview) -> str:
     """Write `data` under a temporary name, flush it to disk and rename: readers see the old file
     or the whole new one. Returns the data's sha256."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -140,8 +140,8 @@ class CheckpointStore:
         for r in rounds[: -self.keep]:
             (self.dir / f"meta_r{r}.json").unlink(missing_ok=True)  # first: a half-pruned checkpoint is never offered
         for path in self.dir.iterdir():
-            r = _file_round(path.name)
-            if r is not None and r <= newest and (r not in kept or ".tmp" in path.name):
+            file_round = _file_round(path.name)
+            if file_round is not None and file_round <= newest and (file_round not in kept or ".tmp" in path.name):
                 path.unlink(missing_ok=True)  # pruned checkpoints, and files of writes that never finished
         if self.state_dir is None or not kept:
             return

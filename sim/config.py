@@ -12,11 +12,16 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from sim.typed import ConfigError, convert, from_mapping, to_mapping
+
+if TYPE_CHECKING:
+    from algorithms.base import Algorithm
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -171,10 +176,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 _LIST_KEYS = {"algorithms"}
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read YAML (if given), apply overrides, type-check and validate names."""
+def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read YAML (a path) or take a mapping of the same keys, apply overrides, type-check and validate names."""
     tree: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, Mapping):
+        tree = copy.deepcopy(dict(path))
+    elif path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
@@ -197,6 +204,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = from_mapping(RunConfig, tree)
     validate(cfg)
     return resolve(cfg)
+
+
+def resolved(value: T | None, key: str) -> T:
+    """A key that `resolve` fills; None here means the config skipped load_config, a caller's bug."""
+    if value is None:
+        raise ValueError(f"{key} is unresolved: build configs with load_config (it fills derived defaults)")
+    return value
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -302,7 +316,7 @@ def run_algorithms(cfg: RunConfig) -> list[str]:
     return names
 
 
-def algorithm_spec(cfg: RunConfig, name: str) -> tuple[type, Any]:
+def algorithm_spec(cfg: RunConfig, name: str) -> tuple[type[Algorithm], Any]:
     """(algorithm class, typed hyper-parameters) of a run name; a variant's keys override `algo.<base>`."""
     from algorithms.registry import get_algorithm
 

@@ -10,6 +10,7 @@ cut), clients are evaluated, rows are appended, and a checkpoint makes the run r
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import ray
 from actors.pool import ActorPool, Task
 from algorithms.base import Algorithm, RunContext
 from sim.checkpoints import CheckpointStore
-from sim.config import RunConfig
+from sim.config import RunConfig, resolved
 from sim.progress import Progress
 from sim.results import RUN_LEVEL, ResultsWriter, Row
 
@@ -131,7 +132,7 @@ class Simulation:
             if tasks:
                 down_each = ray.get(server.message_nbytes.remote()) if phase.kind == "personal" else 0
                 bar = self.progress.bar(len(tasks), f"{self.name} · {phase.name}")
-                for _, ref, info in self._in_client_order(tasks, lambda ref: server.collect.remote(ref)):
+                for _, _ref, info in self._in_client_order(tasks, lambda ref: server.collect.remote(ref)):
                     bytes_up += int(info["bytes_up"])
                     client_peak = max(client_peak, float(info["peak_rss_mb"]))
                     if "version" in info:
@@ -252,7 +253,7 @@ class Simulation:
             if len(chunk)
         ]
         batch = self.cfg.eval.batch_size
-        epochs = self.cfg.eval.new_client_epochs
+        epochs = resolved(self.cfg.eval.new_client_epochs, "eval.new_client_epochs")
         tasks += [
             Task(
                 ("new", int(cid)),
@@ -289,7 +290,7 @@ def train_chunks(clients: np.ndarray, costs: np.ndarray, tasks: int) -> list[tup
     cumulative = np.cumsum(np.asarray(costs, dtype=np.float64) + 1e-9)
     bounds = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, tasks) / tasks, side="right")
     edges = np.unique(np.concatenate([[0], np.clip(bounds, 1, n - 1), [n]]))
-    return [(int(a), clients[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), clients[a:b]) for a, b in itertools.pairwise(edges)]
 
 
 def eval_chunks(clients: np.ndarray, tasks: int = 8, max_size: int = 32) -> list[np.ndarray]:

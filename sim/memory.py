@@ -8,6 +8,7 @@ current RSS at the end of the phase is the best cheap stand-in.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -22,10 +23,8 @@ _STATUS = Path("/proc/self/status")
 
 def reset_peak() -> None:
     """Start a new peak window for this process (a no-op where the kernel cannot reset it)."""
-    try:
+    with contextlib.suppress(OSError):
         _CLEAR_REFS.write_text("5")
-    except OSError:
-        pass
 
 
 def peak_rss_mb() -> float:

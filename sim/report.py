@@ -15,12 +15,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from sim.results import RUN_LEVEL, read_metrics  # noqa: E402
-
+from sim.results import RUN_LEVEL, read_metrics
 
 #: Fewer evaluated clients than this and "worst 10 %" is one client: the column says "worst client".
 DECILE_MIN_CLIENTS = 10

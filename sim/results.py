@@ -41,7 +41,7 @@ RUN_LEVEL = -1  # client_id of run-level rows (bytes, wall time, phase costs)
 MEASUREMENT_SUFFIXES = ("_s", "per_s", "_mb")
 
 
-def outcome_frame(run_dir: str | Path, ignore: Sequence[str] = ()) -> "pd.DataFrame":
+def outcome_frame(run_dir: str | Path, ignore: Sequence[str] = ()) -> pd.DataFrame:
     """A run's metrics without machine measurements (or the extra `ignore` suffixes), in a fixed
     row order: two runs with the same config and seed must give equal frames."""
     df = read_metrics(run_dir).to_pandas()

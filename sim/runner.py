@@ -8,6 +8,7 @@ continues from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -31,7 +32,7 @@ from actors.pool import ActorPool, NodeLostError
 from actors.server import ServerActor
 from algorithms.base import RunContext
 from sim.cluster import check_local_resources, connect, plan_pool
-from sim.config import RunConfig, algorithm_spec, dump_config, load_config, run_algorithms
+from sim.config import RunConfig, algorithm_spec, dump_config, load_config, resolved, run_algorithms
 from sim.data import ArrayDataset, forget_dataset, load_dataset
 from sim.engine import Simulation
 from sim.interrupts import status as interrupt_status
@@ -116,7 +117,7 @@ class RunLock:
         import fcntl
 
         self.path = run_dir / "run.lock"
-        self._file = open(self.path, "a+")
+        self._file = open(self.path, "a+")  # noqa: SIM115 -- held open for the run: the flock lives as long as the handle
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -195,7 +196,7 @@ def run_context(cfg: RunConfig, dataset: ArrayDataset, seed: int, run_dir: str) 
     spec = ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1], cfg.model.width)
     return RunContext(
         num_clients=cfg.num_clients,
-        clients_per_round=cfg.clients_per_round,
+        clients_per_round=resolved(cfg.clients_per_round, "clients_per_round"),
         rounds=cfg.rounds,
         seed=seed,
         train=cfg.train,
@@ -267,7 +268,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
     server: Any = None
     begun = False  # a run folder made by this call holds nothing worth keeping until the actors exist
     try:
-        started_ray = connect(cfg, cfg.run_id)
+        started_ray = connect(cfg, run_dir.name)
         plan = plan_pool(cfg)
         manifest["pool"] = to_mapping(plan)
         manifest["ray_address"] = cfg.ray.address or "local"
@@ -277,8 +278,9 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         )
         dataset, dataset_ref = share_dataset(dataset, keep_dataset_cached)
         # Both start in the background (their processes import torch) while partitions are sent.
-        server = ServerActor.options(**plan.server_options(), scheduling_strategy=_on_this_node()).remote()
-        pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)
+        # ray.remote turns the classes into ActorClasses; mypy still sees the plain classes
+        server = ServerActor.options(**plan.server_options(), scheduling_strategy=_on_this_node()).remote()  # type: ignore[attr-defined]
+        pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)  # type: ignore[attr-defined]
         begun = True
         manifest["partitions"] = {}
         for seed in cfg.seeds:
@@ -295,20 +297,18 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
                 _execute(name, cfg, run_ctx, partition, partition_ref, pool, server, run_dir, progress, plan)
         manifest["devices"] = _devices(server, pool)
         write_json(run_dir / "manifest.json", manifest)
-        ResultsWriter(run_dir, cfg.run_id).consolidate()
+        ResultsWriter(run_dir, run_dir.name).consolidate()
     except BaseException:
         if created and not begun:
             shutil.rmtree(run_dir, ignore_errors=True)  # e.g. the attached cluster cannot host the actors
         raise
     finally:
         lock.release()
-        dataset = None  # may be a view into the object store, which shutdown unmaps
+        del dataset  # may be a view into the object store, which shutdown unmaps
         if ray.is_initialized():
             for actor in [*(pool.actors if pool else []), *([server] if server is not None else [])]:
-                try:
+                with contextlib.suppress(Exception):
                     ray.kill(actor)
-                except Exception:  # noqa: BLE001 - already gone with its node
-                    pass
         if started_ray:
             ray.shutdown()
     from sim.report import write_report
@@ -370,7 +370,7 @@ def _execute(
             partition_ref=partition_ref,
             pool=pool,
             server=server,
-            results=ResultsWriter(run_dir, cfg.run_id),
+            results=ResultsWriter(run_dir, run_dir.name),
             progress=progress,
         )
         simulation.checkpoints.guard = pool.check_nodes  # never checkpoint a round a dead node may have cut short

@@ -159,8 +159,8 @@ def plan_sweep(config: str | None, sets: Sequence[str], grid_items: Sequence[str
     seen: set[str] = set()
     sweep_dir: Path | None = None
     for combo in itertools.product(*grid.values()):
-        overrides = [f"{k}={json.dumps(v)}" for k, v in zip(grid, combo)]
-        raw = dict(zip(grid, combo))
+        overrides = [f"{k}={json.dumps(v)}" for k, v in zip(grid, combo, strict=True)]
+        raw = dict(zip(grid, combo, strict=True))
         try:
             cfg = load_config(config, [*sets, *overrides])
         except ConfigError as exc:
@@ -403,7 +403,7 @@ def client_finals(sweep: Sweep) -> Any:
     from sim.stats import client_scores
 
     out = []
-    for cid, cell, rows in _cell_rows(sweep):
+    for _cid, cell, rows in _cell_rows(sweep):
         scores = client_scores(rows, chosen_rounds(rows, "final"))
         for key in sweep.group_keys:
             value = cell.values.get(key)
@@ -455,7 +455,7 @@ def summarize(sweep: Sweep, finals: Any, paired: dict[tuple, dict[str, str]] | N
     groups = finals.groupby(keys, sort=False, dropna=False)
     for key, g in sorted(groups, key=lambda kv: (order[kv[0][0]], *[str(v) for v in kv[0][1:]])):
         key = key if isinstance(key, tuple) else (key,)
-        head = dict(zip(keys, key))
+        head = dict(zip(keys, key, strict=True))
         rows.append(
             {
                 **head,

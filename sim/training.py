@@ -6,13 +6,28 @@ distillation) or in a step hook (SCAFFOLD's correction), never in the loop itsel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from sim.config import TrainConfig
+from sim.models import Classifier
+
+LossFn = Callable[[Classifier, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TrainingContext(Protocol):
+    """What the loop needs of a client, so this floor module need not know the algorithm API's ClientContext."""
+
+    @property
+    def train_cfg(self) -> TrainConfig: ...
+
+    def batches(
+        self, split: str = ..., *, purpose: str = ..., epoch: int = ...
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -20,19 +35,19 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def make_optimizer(
-    params: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float
+    params: Iterable[torch.Tensor], lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def local_sgd(
-    ctx,  # ClientContext (not imported: algorithms.base imports this module)
-    model: nn.Module,
+    ctx: TrainingContext,
+    model: Classifier,
     *,
     loss_fn: LossFn = cross_entropy,
     epochs: int | None = None,
     lr: float | None = None,
-    params: Iterable[nn.Parameter] | None = None,
+    params: Iterable[torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
     split: str = "train",
     purpose: str = "train",

@@ -30,14 +30,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 from sim.config import RunConfig, algorithm_spec, load_config, parse_override, run_algorithms
-from sim.sweep import FIXED_KEYS, Cell, Sweep, _NAME, _text, cell_id, execute_sweep
+from sim.sweep import _NAME, FIXED_KEYS, Cell, Sweep, _text, cell_id, execute_sweep
 from sim.typed import ConfigError
+
+if TYPE_CHECKING:
+    from algorithms.base import Algorithm
 
 #: The shared hyper-parameters searched for every algorithm unless `--grid` says otherwise.
 DEFAULT_SHARED = {"train.lr": [0.005, 0.01, 0.02]}
@@ -76,7 +79,7 @@ class TuneResult:
     final_s: float
 
 
-def criterion(cls: type) -> str:
+def criterion(cls: type[Algorithm]) -> str:
     """What a method is chosen on: its personalized model's validation accuracy when it has one of its
     own (pFL), else the global model's."""
     from algorithms.base import Algorithm
@@ -128,12 +131,12 @@ def own_grid(cfg: RunConfig, name: str, space: dict[str, dict[str, list[Any]]]) 
             )
         own[param] = list(values)
     keys = list(own)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*own.values())] if keys else [{}]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*own.values())] if keys else [{}]
 
 
 def product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(axes)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())] if keys else [{}]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes.values())] if keys else [{}]
 
 
 def _variant_overrides(cfg: RunConfig, algo: str, run_name: str, point: dict[str, Any]) -> list[str]:
@@ -200,7 +203,9 @@ def plan_tune(
     search_dir = out / "sweeps" / f"{name}-search"
     criteria = {algo: criterion(algorithm_spec(base, algo)[0]) for algo in algorithms}
     tuned = [a for a in algorithms if a not in untuned]
-    own = {algo: [{}] if shared_only else own_grid(base, algo, space) for algo in tuned}
+    own: dict[str, list[dict[str, Any]]] = {
+        algo: [{}] if shared_only else own_grid(base, algo, space) for algo in tuned
+    }
     labels: dict[str, tuple[str, int]] = {}
     variant_sets: list[str] = []
     for algo in tuned:

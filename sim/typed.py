@@ -65,10 +65,10 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        args = get_args(tp)
-        val_tp = args[1] if len(args) == 2 else Any
+        kv = get_args(tp)
+        val_tp = kv[1] if len(kv) == 2 else Any
         return {str(k): convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):

@@ -468,9 +468,9 @@ def test_balanced_softmax_by_hand():
     y = torch.tensor([0, 2])
     counts = torch.tensor([3, 0, 1])
     by_hand = []
-    for row, label in zip(logits.tolist(), y.tolist()):
+    for row, label in zip(logits.tolist(), y.tolist(), strict=True):
         num = counts[label].item() * math.exp(row[label])
-        den = sum(n * math.exp(v) for n, v in zip(counts.tolist(), row))
+        den = sum(n * math.exp(v) for n, v in zip(counts.tolist(), row, strict=True))
         by_hand.append(-math.log(num / den))
     loss = balanced_softmax_loss(logits.requires_grad_(True), y, counts)
     assert loss.item() == pytest.approx(sum(by_hand) / 2, rel=1e-6)
@@ -750,7 +750,7 @@ def test_per_fedavg_hessian_free_gradient_by_finite_differences():
     minus = softmax_regression_grad(
         {"head.weight": w["head.weight"] - d * ow, "head.bias": w["head.bias"] - d * ob}, x[6:].double(), y[6:]
     )
-    hw, hb = ((p - m) / (2 * d) for p, m in zip(plus, minus))
+    hw, hb = ((p - m) / (2 * d) for p, m in zip(plus, minus, strict=True))
     torch.testing.assert_close(model.head.weight.grad.double(), ow - alpha * hw, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.head.bias.grad.double(), ob - alpha * hb, atol=1e-5, rtol=1e-4)
     fo = env.build()

@@ -8,6 +8,8 @@ however a round is cut, the numbers are the same bits.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,7 +57,7 @@ def _cut_sum(updates: list[ClientUpdate], cuts: list[int]) -> Aggregator:
     """The server's aggregator after merging one partial per run between consecutive cuts."""
     server = Aggregator()
     edges = [0, *cuts, len(updates)]
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         part = Aggregator(a)
         for u in updates[a:b]:
             part.add(u)
@@ -146,7 +148,7 @@ def test_a_chunk_trains_each_client_as_alone_and_the_server_gets_the_same_mean(t
     worker.algorithm.partial_aggregator = lambda start: None
     updates, _ = worker.train_many(clients, 0, 1, message, [-1] * 4)
     assert [u.client_id for u in updates] == clients
-    for (u, _), v in zip(alone, updates):
+    for (u, _), v in zip(alone, updates, strict=True):
         assert all(torch.equal(u.payload[k], v.payload[k]) for k in u.payload)
     listed = _served_mean(run, worker.algorithm, [updates[:3], updates[3:]])
     assert all(torch.equal(listed[k], one_by_one[k]) for k in listed)

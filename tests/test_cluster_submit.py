@@ -11,6 +11,7 @@ kills every Ray process on the machine, including other test sessions' and other
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,10 +57,8 @@ def _processes_of(head: subprocess.Popen, temp: Path) -> list[psutil.Process]:
     """The head's process tree plus anything whose command line names its temp dir (and their trees)."""
     found: dict[int, psutil.Process] = {}
     roots = []
-    try:
+    with contextlib.suppress(psutil.Error):
         roots.append(psutil.Process(head.pid))
-    except psutil.Error:
-        pass
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if str(temp) in " ".join(proc.info["cmdline"] or []):
@@ -81,10 +80,8 @@ def _stop(head: subprocess.Popen, temp: Path) -> None:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
     _, alive = psutil.wait_procs(procs, timeout=20)
     for proc in alive + _processes_of(head, temp):
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=5)
     shutil.rmtree(temp, ignore_errors=True)
 
@@ -95,7 +92,7 @@ def cluster():
     gcs, dashboard, client, agent = _free_ports(4)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    log = open(temp / "head.log", "w")
+    log = open(temp / "head.log", "w")  # noqa: SIM115 -- the Ray processes write to it until teardown closes it
     head = subprocess.Popen(
         [
             RAY,

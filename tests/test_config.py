@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sim.config import ConfigError, dump_config, load_config
+from sim.config import ConfigError, RunConfig, dump_config, load_config
 from sim.typed import from_mapping
-from sim.config import RunConfig
 
 
 def test_defaults_are_the_embedded_benchmark():

@@ -17,7 +17,7 @@ def _hand_kl(t_logits, s_logits, tau):
         return [a / z for a in e]
 
     p, q = softmax(t_logits), softmax(s_logits)
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
 def _hand_ce(logits, y):

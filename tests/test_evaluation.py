@@ -20,7 +20,7 @@ def test_segments_score_like_separate_passes():
     y = torch.randint(0, 10, (sum(lengths),))
     together = evaluate_segments(model, x, y, lengths, batch_size=64)  # batches straddle segment borders
     offset = 0
-    for n, (acc, loss, count) in zip(lengths, together):
+    for n, (acc, loss, count) in zip(lengths, together, strict=True):
         assert count == n
         if n == 0:
             assert math.isnan(acc) and math.isnan(loss)

@@ -10,6 +10,7 @@ only these nodes' processes, by pid (tests/test_cluster_submit.py's helpers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -69,10 +70,8 @@ class TwoNodes:
         """The worker node dies at once: SIGKILL to its raylet, object store, agents and actors."""
         procs = [psutil.Process(self.worker.pid), *psutil.Process(self.worker.pid).children(recursive=True)]
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(procs, timeout=10)
 
 
@@ -91,11 +90,11 @@ def two_nodes(monkeypatch, request):
     temp = Path(tempfile.mkdtemp(prefix="wfmn-", dir="/tmp"))
     gcs, client, agent_head, agent_worker, dash = _free_ports(5)
     ui = (
-        [f"--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
+        ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
         if dashboard
         else ["--include-dashboard=false"]
     )
-    log = open(temp / "nodes.log", "w")
+    log = open(temp / "nodes.log", "w")  # noqa: SIM115 -- the Ray processes write to it until teardown closes it
     common = [
         "--block",
         "--node-ip-address=127.0.0.1",
@@ -137,10 +136,8 @@ def two_nodes(monkeypatch, request):
     finally:
         if worker is not None and worker.poll() is None:
             worker.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
         _stop(head, temp)
         log.close()
 

@@ -93,7 +93,7 @@ def ce_grad(
     logits = torch.func.functional_call(model, params, (data.x["train"].double(),))
     loss = F.cross_entropy(logits, data.y["train"])
     grads = torch.autograd.grad(loss, list(params.values()))
-    return dict(zip(params, grads))
+    return dict(zip(params, grads, strict=True))
 
 
 def sgd_step(
@@ -236,7 +236,10 @@ def test_global_model_weighs_clients_by_their_train_size(name):
         updates.append(update)
     new = algo.finish_round(state, aggregator)["weights"]
     total = float(sum(sizes))
-    weighted = {k: sum(n * u.payload[k].double() for n, u in zip(sizes, updates)) / total for k in updates[0].payload}
+    weighted = {
+        k: sum(n * u.payload[k].double() for n, u in zip(sizes, updates, strict=True)) / total
+        for k in updates[0].payload
+    }
     unweighted = {k: sum(u.payload[k].double() for u in updates) / 2 for k in updates[0].payload}
     assert_close(new, weighted)
     assert far_apart(weighted, unweighted)

@@ -16,13 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-from algorithms.warmfed.diffusion import (  # noqa: E402
+from algorithms.warmfed.diffusion import (
     DEFAULT_ASSET_DIR,
     BackboneError,
     DiffusionBackbone,
@@ -34,7 +34,7 @@ from algorithms.warmfed.diffusion import (  # noqa: E402
     get_or_pretrain_tiny_backbone,
     pretrain_tiny_backbone,
 )
-from algorithms.warmfed.lora import (  # noqa: E402
+from algorithms.warmfed.lora import (
     LoraConfig,
     LoraMismatchError,
     LoraUpload,
@@ -42,7 +42,7 @@ from algorithms.warmfed.lora import (  # noqa: E402
     privatize_upload,
     train_client_lora,
 )
-from algorithms.warmfed.synthesis import save_sample_grid, synthesize  # noqa: E402
+from algorithms.warmfed.synthesis import save_sample_grid, synthesize
 
 # the domain test: a shorter client LoRA than the default (300 steps at batch 64) to stay quick
 LORA_TEST_CONFIG = LoraConfig(steps=200, batch_size=32)
@@ -173,13 +173,11 @@ def test_lora_rank_must_be_positive():
 def test_lora_from_another_backbone_is_refused(tiny, tiny_other):
     x, y = _toy_data(8)
     up = train_client_lora(tiny, x, y, LoraConfig(rank=2, steps=1, batch_size=4))
-    with pytest.raises(LoraMismatchError, match="trained on backbone"):
-        with apply_lora(tiny_other, up):
-            pass
+    with pytest.raises(LoraMismatchError, match="trained on backbone"), apply_lora(tiny_other, up):
+        pass
     broken = LoraUpload({k: v for k, v in list(up.state.items())[1:]}, up.backbone_fingerprint, up.config)
-    with pytest.raises(LoraMismatchError, match="do not fit"):
-        with apply_lora(tiny, broken):
-            pass
+    with pytest.raises(LoraMismatchError, match="do not fit"), apply_lora(tiny, broken):
+        pass
     assert not hasattr(tiny.unet, "peft_config")  # cleaned up after the failure too
 
 
@@ -309,9 +307,8 @@ def test_stable_diffusion_path_end_to_end(tmp_path):
     assert bb.prompts(torch.tensor([3])) == ["a photo of a digit 3"]  # domain restored
     # a LoRA from the tiny class-conditional backbone does not fit here
     other = LoraUpload(up.state, "0" * 16, up.config)
-    with pytest.raises(LoraMismatchError, match="trained on backbone"):
-        with apply_lora(bb, other):
-            pass
+    with pytest.raises(LoraMismatchError, match="trained on backbone"), apply_lora(bb, other):
+        pass
 
 
 def test_stable_diffusion_missing_path(tmp_path):

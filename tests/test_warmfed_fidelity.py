@@ -15,7 +15,7 @@ CLASSES, DOMAINS = 4, 3
 def _make(labels: np.ndarray, domains: np.ndarray, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.normal(-0.8, 0.05, (len(labels), 3, 8, 8)).astype(np.float32)
-    for i, (c, d) in enumerate(zip(labels, domains)):
+    for i, (c, d) in enumerate(zip(labels, domains, strict=True)):
         r, q = divmod(int(c), 2)
         x[i, int(d), 4 * r : 4 * r + 4, 4 * q : 4 * q + 4] = 0.8
     return np.clip(x, -1, 1)

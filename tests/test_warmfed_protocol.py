@@ -165,8 +165,8 @@ def test_upload_is_the_ce_model_and_the_personal_model_stays():
     g = _random_weights(1, run)
     update, state = WarmFed(WarmFedParams(round_lr=0.05), run).local_train(_ctx(run, 1, data), {"weights": g}, None)
     # the upload is exactly FedAvg's local model from the same global weights
-    from baselines import fedavg  # noqa: F401  registers fedavg
     from algorithms.registry import get_algorithm
+    from baselines import fedavg  # noqa: F401  registers fedavg
 
     fed = get_algorithm("fedavg")
     fed_update, _ = fed(fed.Params(), run).local_train(_ctx(run, 1, data), {"weights": g}, None)

@@ -12,7 +12,7 @@ from sim.data.registry import (
 )
 
 # Imported for their registration side effect.
-from sim.data import cifar10, digits_domains, font_digits, image_folder, parquet  # noqa: E402,F401  isort: skip
+from sim.data import cifar10, digits_domains, font_digits, image_folder, parquet  # noqa: F401  isort: skip
 
 __all__ = [
     "ArrayDataset",

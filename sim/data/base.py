@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -117,10 +118,8 @@ class ArrayDataset:
         )
 
 
-def require_path(path: str | None, dataset: str, layout: str, *, directory: bool = True) -> "Path":
+def require_path(path: str | None, dataset: str, layout: str, *, directory: bool = True) -> Path:
     """The dataset's root as a Path, or a DatasetError saying what is missing and the layout expected."""
-    from pathlib import Path
-
     if path is None:
         raise DatasetError(f"data.path is required for dataset {dataset!r} ({layout})")
     root = Path(path).expanduser()

@@ -70,7 +70,8 @@ def _source_digits() -> tuple[np.ndarray, np.ndarray]:
     process, ten times the whole build. Falls back to `load_digits()` if the file has moved.
     """
     spec = importlib.util.find_spec("sklearn")
-    csv = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    locations = spec.submodule_search_locations if spec else None
+    csv = Path(locations[0]) / "datasets" / "data" / "digits.csv.gz" if locations else None
     if csv is not None and csv.is_file():
         with gzip.open(csv) as f:
             raw = np.loadtxt(f, delimiter=",")
@@ -99,8 +100,8 @@ def _translate(gray: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
         return gray
     n, h, w = gray.shape
     padded = np.pad(gray, ((0, 0), (shift, shift), (shift, shift)))
-    oy = rng.integers(0, 2 * shift + 1, size=n)
-    ox = rng.integers(0, 2 * shift + 1, size=n)
+    oy = np.asarray(rng.integers(0, 2 * shift + 1, size=n))  # asarray: numpy's stubs type a sized draw as a scalar
+    ox = np.asarray(rng.integers(0, 2 * shift + 1, size=n))
     rows = (oy[:, None] + np.arange(h))[:, :, None]
     cols = (ox[:, None] + np.arange(w))[:, None, :]
     return padded[np.arange(n)[:, None, None], rows, cols]
@@ -144,7 +145,7 @@ def _render_colored(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Saturation ≥ 0.6 and value ≥ 0.7 keep at least one channel ≥ 0.4 away from its complement,
     so the digit stays readable on every background.
     """
-    n, size = gray.shape[0], gray.shape[-1]
+    n, size = int(gray.shape[0]), int(gray.shape[-1])
     base = _hsv_to_rgb(rng.random(n), rng.uniform(0.6, 1.0, n), rng.uniform(0.7, 1.0, n))
     coarse = torch.from_numpy(rng.random((n, 3, 4, 4), dtype=np.float32))
     texture = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1).numpy()

@@ -170,7 +170,7 @@ def style(ink: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
     if name == "plain":
         return np.repeat(ink[:, None], 3, axis=1)
     if name == "stripes":  # orange digit over navy/black horizontal stripes (period 4 px)
-        phase = rng.integers(0, 4, n)[:, None, None]
+        phase = np.asarray(rng.integers(0, 4, n))[:, None, None]  # asarray: numpy's stubs type a sized draw as a scalar
         band = (((yy[None] + phase) // 2) % 2).astype(np.float32)[:, None]
         bg = _jitter(rng, n, _rgb(0.1, 0.15, 0.55)) * band + _rgb(0.02, 0.02, 0.08) * (1 - band)
         return _over(bg, ink, _jitter(rng, n, _rgb(1.0, 0.6, 0.1)))

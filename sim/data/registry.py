@@ -7,7 +7,6 @@ before anything is loaded.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -30,7 +29,8 @@ _cache_lock = threading.Lock()
 
 def register_dataset(name: str, params_cls: type) -> Callable[[Builder], Builder]:
     """Decorator: register `fn(params) -> ArrayDataset` under `name` with its frozen params dataclass."""
-    if not (dataclasses.is_dataclass(params_cls) and params_cls.__dataclass_params__.frozen):
+    dataclass_params = getattr(params_cls, "__dataclass_params__", None)  # set on every dataclass
+    if dataclass_params is None or not dataclass_params.frozen:
         raise TypeError(f"register_dataset({name!r}): params_cls must be a frozen dataclass")
 
     def decorate(fn: Builder) -> Builder:

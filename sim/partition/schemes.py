@@ -10,6 +10,7 @@ from counts before any drawing and reported with the numbers involved.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from sim.partition.base import PartitionError, SchemeInput, register_scheme
 # ----------------------------------------------------------------------------- helpers
 
 
-def _is_real(x: object) -> bool:
+def _is_real(x: object) -> TypeGuard[int | float | np.integer | np.floating]:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
