@@ -14,7 +14,7 @@ from sim.devices import select_device, set_process_device
 def ray_gpu_ids() -> list:
     try:
         return ray.get_gpu_ids() if ray.is_initialized() else []
-    except Exception:  # noqa: BLE001 - outside a Ray worker there are no assigned GPUs
+    except Exception:  # outside a Ray worker there are no assigned GPUs
         return []
 
 

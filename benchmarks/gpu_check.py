@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
+import torch  # noqa: E402 -- after the environment defaults above, which torch and Ray read at import
 
 RESULTS: list[tuple[str, str, str]] = []  # (status, check, detail)
 

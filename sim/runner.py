@@ -325,7 +325,7 @@ def _devices(server: Any, pool: ActorPool) -> dict[str, Any]:
     names = ["server", *(f"client{i}" for i in range(pool.size))]
     refs = [actor.device_info.remote() for actor in [server, *pool.actors]]
     devices: dict[str, Any] = {}
-    for name, ref in zip(names, refs):
+    for name, ref in zip(names, refs, strict=True):
         try:
             devices[name] = ray.get(ref, timeout=30)
         except (GetTimeoutError, RayActorError) as exc:

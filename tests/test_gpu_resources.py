@@ -213,7 +213,9 @@ def test_training_reads_the_loss_once_and_copies_the_data_once():
     assert _Copies.n == 2  # x and y of the split, once, not per batch
     assert _Reads.n <= 1  # the loss sum is read at the end, not after every step
     assert metrics["train_loss"] == plain_metrics["train_loss"]  # the same bits as an unwrapped run
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values(), strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- on logical GPUs
