@@ -22,8 +22,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def split_domains(domains: np.ndarray, train_per_domain: int, eval_per_domain: int, seed: int):
@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", type=Path, help="a saved tiny backbone directory (default: cache/asset/pretrain)")
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
     ap.add_argument("--pretrain-steps", type=int, help="backbone train_steps (as algo.warmfed.pretrain_steps)")
-    ap.add_argument("--pretrain-augment", choices=("none", "photometric", "polarity"), help="backbone augment (as algo.warmfed.pretrain_augment)")
+    ap.add_argument(
+        "--pretrain-augment",
+        choices=("none", "photometric", "polarity"),
+        help="backbone augment (as algo.warmfed.pretrain_augment)",
+    )
     ap.add_argument("--train-per-domain", type=int, default=240, help="real images a client trains its LoRA on")
     ap.add_argument("--clients-per-domain", type=int, default=1)
     ap.add_argument("--domains", help="comma list: train LoRA clients for these domains only (judges see all)")

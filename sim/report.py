@@ -277,7 +277,7 @@ def domain_table(df: pd.DataFrame, manifest: dict) -> pd.DataFrame:
         return pd.DataFrame()
     wide["domain"] = [
         owners[int(s)][int(c)] if int(c) < len(owners[int(s)]) else -1
-        for s, c in zip(wide.seed, wide.client_id)
+        for s, c in zip(wide.seed, wide.client_id, strict=True)
     ]
     if wide["domain"].nunique() < 2:
         return pd.DataFrame()
