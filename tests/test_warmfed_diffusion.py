@@ -453,6 +453,6 @@ def test_pretraining_augmentations_keep_shapes_and_polarity_inverts_about_half()
     assert torch.equal(a, b)  # seeded
     flipped = [bool(torch.equal(a[i], -x[i])) for i in range(64)]
     kept = [bool(torch.equal(a[i], x[i])) for i in range(64)]
-    assert all(f or k for f, k in zip(flipped, kept)) and 20 <= sum(flipped) <= 44
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 20 <= sum(flipped) <= 44
     colours = augment_batch(x, "photometric", torch.Generator().manual_seed(0))
     assert colours.shape == x.shape and colours.abs().max() <= 1 and not torch.equal(colours, x)
