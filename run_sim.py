@@ -32,9 +32,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sim.config import load_config
-    from sim.report import markdown_table, summary_table, write_report
+    from sim.orchestration.report import markdown_table, summary_table, write_report
+    from sim.orchestration.runner import run_comparison
     from sim.results import read_metrics
-    from sim.runner import run_comparison
 
     if args.resume:
         from sim.typed import ConfigError
@@ -82,8 +82,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     from sim.config import load_config
     from sim.data import load_dataset
+    from sim.orchestration.partition_build import partition_for
     from sim.partition import describe
-    from sim.partition_build import partition_for
 
     cfg = load_config(args.config, args.set)
     dataset = load_dataset(cfg.dataset, cfg.data)
@@ -96,8 +96,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sim.report import markdown_table
-    from sim.sweep import run_sweep
+    from sim.orchestration.report import markdown_table
+    from sim.orchestration.sweep import run_sweep
 
     result = run_sweep(
         args.config, args.set, args.grid, args.name, note=lambda text: print(text, flush=True), reference=args.reference
@@ -113,8 +113,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from sim.report import markdown_table
-    from sim.tune import plan_tune, run_tune
+    from sim.orchestration.report import markdown_table
+    from sim.orchestration.tune import plan_tune, run_tune
 
     plan = plan_tune(
         args.config,
@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     tune.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
 
-    from sim.errors import USER_ERRORS
-    from sim.interrupts import RunInterrupted, catch_signals, status
+    from sim.errors import UserError
+    from sim.orchestration.interrupts import RunInterrupted, catch_signals, status
 
     try:
         with catch_signals():
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if not exc.printed:
             print(exc.line(), file=sys.stderr, flush=True)
         return exc.exit_code
-    except USER_ERRORS as exc:
+    except UserError as exc:
         cause = getattr(exc, "cause", None) or exc  # an error raised inside a Ray actor: show the original
         print(f"error: {cause}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ error is raised with the client it concerns.
 
 A dead *node* is another matter: the results its actors had finished may be lost with its
 object store before the server fetched them, so the round cannot be trusted. The pool knows
-which nodes its actors live on; when one of them dies it raises NodeLostError (sim/runner.py
+which nodes its actors live on; when one of them dies it raises NodeLostError (sim/orchestration/runner.py
 then drops that node's actors and resumes from the last checkpoint).
 """
 
@@ -22,6 +22,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from sim.errors import ResourceError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class Task:
     tried_on: set[int] = field(default_factory=set)
 
 
-class ClientTaskError(RuntimeError):
+class ClientTaskError(UserError, RuntimeError):
     """A client task failed on two actors: the error is in the algorithm or the data, not the actor."""
 
 
@@ -129,8 +131,6 @@ class ActorPool:
         while len(ray.wait(ready, num_returns=len(ready), timeout=5.0)[0]) < len(ready):
             self.check_nodes()  # a node declared dead while the replacement waited for room
             if time.monotonic() > deadline:
-                from sim.cluster import ResourceError
-
                 ray.kill(actor)
                 raise ResourceError(
                     f"a replacement for a dead client actor found no room on the Ray cluster "

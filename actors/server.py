@@ -20,6 +20,7 @@ import torch
 
 from actors.devices import claim_device, device_info
 from algorithms.base import Aggregator, Algorithm, ClientUpdate, RunContext, ServerContext, model_weights
+from sim.files import write_atomic
 from sim.memory import peak_rss_mb, reset_peak
 
 
@@ -105,9 +106,7 @@ class ServerWorker:
 
     # ----- checkpoints ---------------------------------------------------------------------
     def save(self, path: str) -> str:
-        """Write the state atomically (see sim/checkpoints.py); returns its sha256 for the checkpoint's meta."""
-        from sim.checkpoints import write_atomic
-
+        """Write the state atomically (see sim/orchestration/checkpoints.py); returns its sha256 for the checkpoint's meta."""
         buffer = io.BytesIO()
         torch.save(self.state, buffer)
         return write_atomic(Path(path), buffer.getbuffer())

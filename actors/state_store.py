@@ -48,7 +48,7 @@ class ClientStateStore:
 
     def save(self, client_id: int, version: int, state: Any, previous: int) -> None:
         """Write atomically; older versions stay: `previous` (the state this one replaces) drops out
-        of the cache, and files go only when no kept checkpoint names them (sim/checkpoints.py)."""
+        of the cache, and files go only when no kept checkpoint names them (sim/orchestration/checkpoints.py)."""
         path = self._path(client_id, version)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -175,8 +175,8 @@ class Measured:
 
 def run_engine(args: argparse.Namespace, out: str) -> Measured:
     from sim.config import load_config
+    from sim.orchestration.runner import run_comparison
     from sim.results import RUN_LEVEL, read_metrics
-    from sim.runner import run_comparison
 
     cfg = load_config(None, overrides(args, out))
     with PeakRss(pss=True, whole_ray=bool(args.ray_address)) as mem:
@@ -197,7 +197,7 @@ def run_plain(args: argparse.Namespace, out: str) -> Measured:
     from sim.config import load_config
     from sim.data import load_dataset
     from sim.models import ModelSpec, build_model
-    from sim.partition_build import partition_for
+    from sim.orchestration.partition_build import partition_for
     from sim.training import evaluate
 
     torch.set_num_threads(args.plain_threads)

@@ -56,8 +56,8 @@ def one(clients: int, per_round: int, args: argparse.Namespace) -> dict:
     from engine_vs_plain import PeakRss
 
     from sim.config import load_config
+    from sim.orchestration.runner import run_comparison
     from sim.results import RUN_LEVEL, read_metrics
-    from sim.runner import run_comparison
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, overrides(clients, per_round, args, out))

@@ -11,7 +11,7 @@ timestamps, from just before the process is spawned:
   WARMFED_SIM_FIRST_TRAIN_FILE);
 - `exit`:       the process ends (one round, report, Ray shutdown).
 
-`imports` is `python -c "import run_sim, sim.runner, actors.client"` alone, for reference. With
+`imports` is `python -c "import run_sim, sim.orchestration.runner, actors.client"` alone, for reference. With
 `--address` the runs attach to a running cluster (`ray.address=...`) instead of starting Ray.
 """
 
@@ -36,7 +36,9 @@ MARKS = (("ray up", "client actors ("), ("round 0", " round 0:"))
 
 def imports_time() -> float:
     start = time.time()
-    subprocess.run([sys.executable, "-c", "import run_sim, sim.runner, actors.client"], cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import run_sim, sim.orchestration.runner, actors.client"], cwd=ROOT, check=True
+    )
     return time.time() - start
 
 

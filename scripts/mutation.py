@@ -57,7 +57,7 @@ TARGETS: dict[str, Target] = {
         ("baselines/",), ("tests/test_baselines.py", "tests/test_mutation_guards.py", "-m", "not slow")
     ),
     "dsd": Target(("algorithms/warmfed/dsd.py",), ("tests/test_dsd.py", "-m", "not slow")),
-    "checkpoints": Target(("sim/checkpoints.py",), ("tests/test_checkpoints.py", "-m", "not slow")),
+    "checkpoints": Target(("sim/orchestration/checkpoints.py",), ("tests/test_checkpoints.py", "-m", "not slow")),
 }
 
 

@@ -34,9 +34,9 @@ def run(
     (`sim.typed.ConfigError` and kin), never a half-written run.
     """
     from sim.config import load_config
-    from sim.report import write_report
+    from sim.orchestration.report import write_report
+    from sim.orchestration.runner import run_comparison
     from sim.results import read_metrics
-    from sim.runner import run_comparison
 
     sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else list(overrides)
     result = run_comparison(load_config(config, sets))

@@ -12,14 +12,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
+from sim.plugins import algorithm_names, expand_algorithms, get_algorithm
 from sim.typed import ConfigError, convert, from_mapping, to_mapping
-
-if TYPE_CHECKING:
-    from algorithms.base import Algorithm
 
 T = TypeVar("T")
 
@@ -240,7 +238,6 @@ def _check_gpus(name: str, gpus: float | str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Semantic checks, including registry names; raises ConfigError naming key and allowed values."""
-    from algorithms.registry import algorithm_names
     from sim.data import dataset_names, dataset_params_cls
     from sim.models import model_names
     from sim.partition import scheme_names
@@ -299,8 +296,6 @@ def validate(cfg: RunConfig) -> None:
 
 def run_algorithms(cfg: RunConfig) -> list[str]:
     """The names a run executes, in order: registered algorithms (`all` = every one) and variants."""
-    from algorithms.registry import expand_algorithms
-
     names: list[str] = []
     for name in cfg.algorithms:
         if name in cfg.variants:
@@ -316,10 +311,8 @@ def run_algorithms(cfg: RunConfig) -> list[str]:
     return names
 
 
-def algorithm_spec(cfg: RunConfig, name: str) -> tuple[type[Algorithm], Any]:
+def algorithm_spec(cfg: RunConfig, name: str) -> tuple[type[Any], Any]:
     """(algorithm class, typed hyper-parameters) of a run name; a variant's keys override `algo.<base>`."""
-    from algorithms.registry import get_algorithm
-
     if name in cfg.variants:
         spec = dict(cfg.variants[name])
         base = str(spec.pop("algorithm"))

@@ -1,23 +1,19 @@
-"""The errors that mean "your input is wrong" (printed as one line), as opposed to bugs (tracebacks)."""
+"""The errors that mean "your input is wrong" (printed as one line), as opposed to bugs (tracebacks).
+
+Every such error derives from UserError, wherever it is raised (config, data, partitions, cluster,
+a plug-in), so the CLI catches the one base class and needs no list of them.
+"""
 
 from __future__ import annotations
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from actors.pool import ClientTaskError
-    from sim.cluster import ResourceError
-    from sim.data import DatasetError
-    from sim.partition import PartitionError
-    from sim.typed import ConfigError
-
-    errors: list[type[BaseException]] = [ConfigError, DatasetError, PartitionError, ResourceError, ClientTaskError]
-    try:
-        from algorithms.warmfed.errors import WARMFED_ERRORS
-
-        errors += list(WARMFED_ERRORS)
-    except ImportError:
-        pass
-    return tuple(errors)
+class UserError(Exception):
+    """Bad input: the message names the key, file or value and what is allowed; no traceback."""
 
 
-USER_ERRORS = _user_errors()
+class ConfigError(UserError, ValueError):
+    """A config value is missing, unknown, or of the wrong type; the message names the key."""
+
+
+class ResourceError(UserError, RuntimeError):
+    """The cluster cannot host the requested client actors."""

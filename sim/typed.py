@@ -13,9 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, or of the wrong type; the message names the key."""
+from sim.errors import ConfigError  # re-exported: sim.typed.ConfigError is the name most code uses
 
 
 def _type_name(tp: Any) -> str:

@@ -617,8 +617,8 @@ def test_scaffold_beats_fedavg_on_a_pathological_split(ray_local, tmp_path):
     seeds 0–5: SCAFFOLD ahead on every seed by 0.10–0.24 (late-mean global acc); seed 0 here: 0.56 vs 0.43.
     """
     from sim.config import load_config
+    from sim.orchestration.runner import run_comparison
     from sim.results import read_metrics
-    from sim.runner import run_comparison
     from tests.conftest import small_overrides
 
     rounds = 12
@@ -650,8 +650,8 @@ def test_scaffold_beats_fedavg_on_a_pathological_split(ray_local, tmp_path):
 @pytest.mark.slow
 def test_every_baseline_runs_one_round_through_the_engine(ray_local, tmp_path):
     from sim.config import load_config
+    from sim.orchestration.runner import run_comparison
     from sim.results import read_metrics
-    from sim.runner import run_comparison
     from tests.conftest import small_overrides
 
     baselines = [n for n in algorithm_names() if get_algorithm(n).__module__.startswith("baselines.")]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from actors.state_store import ClientStateStore
-from sim.checkpoints import CheckpointError, CheckpointStore
 from sim.config import load_config
+from sim.orchestration.checkpoints import CheckpointError, CheckpointStore
 from sim.typed import ConfigError
 
 

@@ -20,11 +20,11 @@ from actors.server import ServerWorker
 from algorithms.base import Aggregator, ClientUpdate, RunContext, model_weights
 from sim.config import algorithm_spec, load_config
 from sim.data import load_dataset
-from sim.engine import train_chunks
 from sim.models import ModelSpec
-from sim.partition_build import partition_for
+from sim.orchestration.engine import train_chunks
+from sim.orchestration.partition_build import partition_for
+from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame
-from sim.runner import run_comparison
 from tests.conftest import small_overrides
 
 

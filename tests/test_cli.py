@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import run_sim
-from sim.engine import CRASH_ENV
+from sim.orchestration.engine import CRASH_ENV
 from sim.results import outcome_frame, read_metrics
 from tests.conftest import small_overrides
 
@@ -134,9 +134,10 @@ def test_list_shows_every_new_algorithm_with_its_hyper_parameters(capsys, monkey
 
     from algorithms import registry
     from algorithms.base import Algorithm
+    from sim import plugins
 
     registry.algorithm_names()  # the built-ins first, so the copy below holds them
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the dummy leaves with the test
+    monkeypatch.setattr(plugins, "_ALGORITHMS", dict(plugins._ALGORITHMS))  # the dummy leaves with the test
 
     @dataclasses.dataclass(frozen=True)
     class DummyParams:

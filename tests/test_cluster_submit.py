@@ -270,11 +270,11 @@ def test_two_concurrent_jobs_on_one_cluster_do_not_collide(cluster, tmp_path):
 
 # ------------------------------------------------------------------------------- without a cluster
 def test_a_busy_cluster_makes_the_pool_wait_instead_of_failing(caplog):
-    from sim.cluster import ResourceError, plan_pool
     from sim.config import load_config
+    from sim.orchestration.cluster import ResourceError, plan_pool
 
     busy = {"CPU": 0.0}, {"CPU": 2.0}  # another run holds both CPUs
-    with caplog.at_level("WARNING", logger="sim.cluster"):
+    with caplog.at_level("WARNING", logger="sim.orchestration.cluster"):
         plan = plan_pool(load_config(None, []), *busy)
     assert plan.size == 1 and "wait for resources" in caplog.text
     assert plan_pool(load_config(None, ["ray.pool_size=2"]), *busy).size == 2
@@ -286,7 +286,7 @@ def test_a_busy_cluster_makes_the_pool_wait_instead_of_failing(caplog):
 
 def test_identical_runs_started_together_get_distinct_run_dirs(tmp_path):
     from sim.config import load_config
-    from sim.runner import prepare_run_dir
+    from sim.orchestration.runner import prepare_run_dir
 
     cfg = load_config(None, [f"out={tmp_path}"])
     dirs = {prepare_run_dir(cfg)[1] for _ in range(3)}  # same config, same second

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from sim.cluster import ResourceError, plan_pool
 from sim.config import load_config
+from sim.orchestration.cluster import ResourceError, plan_pool
+from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame, read_metrics
-from sim.runner import run_comparison
 from tests.conftest import small_overrides
 
 
@@ -102,7 +102,7 @@ def test_results_layout_and_rows(ray_local, tmp_path):
 def test_fedavg_on_iid_reaches_centralized_accuracy(ray_local, tmp_path):
     from sim.data import load_dataset
     from sim.models import ModelSpec, build_model
-    from sim.partition_build import partition_for
+    from sim.orchestration.partition_build import partition_for
 
     overrides = small_overrides(
         tmp_path,
@@ -178,7 +178,7 @@ def test_pool_is_sized_from_free_resources():
 
 
 def test_holdout_clients_report_new_client_accuracy_and_never_train(ray_local, tmp_path):
-    from sim.report import selected_rounds, summary_table
+    from sim.orchestration.report import selected_rounds, summary_table
 
     cfg = load_config(
         None,
@@ -209,15 +209,17 @@ def test_holdout_must_leave_room_for_the_round():
 
 
 def test_a_large_dataset_is_held_once_in_the_object_store(ray_local, tmp_path, monkeypatch):
-    import sim.runner
+    import sim.orchestration.runner
     from sim.data import load_dataset
 
-    monkeypatch.setattr(sim.runner, "SHARE_ONLY_BYTES", 0)  # treat the built-in data as large
+    monkeypatch.setattr(sim.orchestration.runner, "SHARE_ONLY_BYTES", 0)  # treat the built-in data as large
     cfg = load_config(None, small_overrides(tmp_path, "algorithms=fedavg", "rounds=1"))
     cached = load_dataset(cfg.dataset, cfg.data)
-    kept, _ = sim.runner.share_dataset(cached, keep_cached=True)  # a sweep's cells reuse the driver's copy
+    kept, _ = sim.orchestration.runner.share_dataset(
+        cached, keep_cached=True
+    )  # a sweep's cells reuse the driver's copy
     assert kept is cached and load_dataset(cfg.dataset, cfg.data) is cached
-    shared, ref = sim.runner.share_dataset(cached)
+    shared, ref = sim.orchestration.runner.share_dataset(cached)
     assert shared is not cached and not shared.images.flags.owndata  # a view of the store's copy
     assert np.array_equal(shared.images, cached.images) and shared.fingerprint() == cached.fingerprint()
     assert load_dataset(cfg.dataset, cfg.data) is not cached  # the driver's own copy left the cache

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from sim.engine import eval_chunks
 from sim.models import ModelSpec, build_model
+from sim.orchestration.engine import eval_chunks
 from sim.training import evaluate, evaluate_segments
 
 

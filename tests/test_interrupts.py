@@ -101,7 +101,7 @@ def test_a_signal_ends_the_run_in_one_line_and_it_resumes(tmp_path, sig, code, g
 def test_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(tmp_path):
     """Local-only (per-client state) and FedAvg crash after round 3; the newest checkpoint of each is
     torn: the resume says so in one line, goes back to round 2, and ends as an undisturbed run."""
-    from sim.engine import CRASH_ENV
+    from sim.orchestration.engine import CRASH_ENV
 
     items = small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4")
     crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], {CRASH_ENV: "3"})

@@ -22,13 +22,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import sim.engine
+import sim.orchestration.engine
 from sim.config import load_config
+from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame, read_metrics
-from sim.runner import run_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
-CRASH_ENV = getattr(sim.engine, "CRASH_ENV", "WARMFED_SIM_CRASH_AFTER_ROUND")
+CRASH_ENV = getattr(sim.orchestration.engine, "CRASH_ENV", "WARMFED_SIM_CRASH_AFTER_ROUND")
 
 # Pinned (defaults may change): 4 clients, 2 a round, 3 rounds, one domain of the digits, a narrow model.
 SMALL = [

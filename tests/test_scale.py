@@ -9,8 +9,8 @@ import torch
 from actors.state_store import ClientStateStore
 from sim.config import load_config
 from sim.data import DatasetError, load_dataset
+from sim.orchestration.runner import run_comparison
 from sim.results import read_metrics
-from sim.runner import run_comparison
 from tests.conftest import small_overrides
 
 
@@ -42,7 +42,7 @@ def test_state_cache_is_bounded_in_bytes(tmp_path):
     assert float(store.load(0, 1)["personal"]["w"][0]) == 0.0  # evicted states come back from disk
     store.save(9, 2, {"personal": {"w": torch.zeros(1000)}}, previous=1)
     store.save(9, 3, {"personal": {"w": torch.zeros(1000)}}, previous=2)
-    # old versions stay on disk (sim/checkpoints.py removes them once no kept checkpoint names them)
+    # old versions stay on disk (sim/orchestration/checkpoints.py removes them once no kept checkpoint names them)
     assert sorted(p.name for p in tmp_path.rglob("9_r*.pt")) == ["9_r1.pt", "9_r2.pt", "9_r3.pt"]
     assert store._held == sum(4000 for _ in store._cache)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.report import summary_table, worst_label
+from sim.orchestration.report import summary_table, worst_label
 from sim.stats import paired_against, paired_difference
 
 

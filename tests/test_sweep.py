@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 import run_sim
-from sim.engine import CRASH_ENV
-from sim.sweep import cell_id, parse_grid, plan_sweep
+from sim.orchestration.engine import CRASH_ENV
+from sim.orchestration.sweep import cell_id, parse_grid, plan_sweep
 from sim.typed import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,9 +107,9 @@ def test_a_sweep_needs_a_grid(tmp_path, capsys):
 # ------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, capsys, monkeypatch):
-    import sim.runner
+    import sim.orchestration.runner
 
-    real = sim.runner.run_comparison
+    real = sim.orchestration.runner.run_comparison
     calls: list[str] = []
 
     def interrupted_after_one(cfg, progress=None, **kwargs):
@@ -118,7 +118,7 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
         calls.append(cfg.run_id)
         return real(cfg, progress, **kwargs)
 
-    monkeypatch.setattr(sim.runner, "run_comparison", interrupted_after_one)
+    monkeypatch.setattr(sim.orchestration.runner, "run_comparison", interrupted_after_one)
     sets = _base(tmp_path, "num_clients=6")
     argv = _argv(sets, ["algorithms=fedavg,local", "partition.alpha=0.5"], "--name", "grid")
     with pytest.raises(KeyboardInterrupt):
@@ -131,7 +131,7 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
 
     calls.clear()
     monkeypatch.setattr(
-        sim.runner,
+        sim.orchestration.runner,
         "run_comparison",
         lambda cfg, progress=None, **kw: (calls.append(cfg.run_id), real(cfg, progress, **kw))[1],
     )

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import run_sim
-from sim.tune import choose, plan_tune, validation_scores
+from sim.orchestration.tune import choose, plan_tune, validation_scores
 from sim.typed import ConfigError
 
 

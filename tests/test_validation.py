@@ -79,7 +79,7 @@ def test_a_missing_resume_path_is_one_line(capsys, tmp_path):
 
 
 def test_a_run_id_in_use_is_refused(capsys, tmp_path):
-    from sim.runner import RunLock
+    from sim.orchestration.runner import RunLock
 
     run_dir = tmp_path / "results" / "taken"
     run_dir.mkdir(parents=True)

@@ -7,8 +7,8 @@ import pytest
 
 import run_sim
 from sim.config import ConfigError, load_config
+from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame, read_metrics
-from sim.runner import run_comparison
 from tests.conftest import small_overrides
 
 # Seconds-scale WarmFed: a briefly pretrained backbone (cached in the test's cache dir), few LoRA and
@@ -227,7 +227,7 @@ def test_missing_backbone_path_is_one_clear_line(capsys, tmp_path):
 def test_killed_warmfed_run_resumes_to_the_same_metrics(tmp_path):
     """The synthetic set and round counter live in the checkpointed server state and the personalized
     models in the state store: a run killed after round 1 ends with the numbers of an unbroken one."""
-    from sim.engine import CRASH_ENV
+    from sim.orchestration.engine import CRASH_ENV
     from tests.test_cli import _cli, _sets
 
     items = small_overrides(tmp_path, "algorithms=warmfed", *TINY, "rounds=2")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from algorithms.warmfed.diffusion.base import DiffusionBackbone, as_images as _as_images, as_labels as _as_labels
+from sim.errors import UserError
 
 __all__ = [
     "LoraConfig",
@@ -51,7 +52,7 @@ _ADAPTER = "warmfed_client"
 _FORMAT = "warmfed-lora/1"
 
 
-class LoraMismatchError(ValueError):
+class LoraMismatchError(UserError, ValueError):
     """A LoRA upload does not fit this backbone (other base weights, or other modules/shapes)."""
 
 

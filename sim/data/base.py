@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """Bad dataset input; the message names the problem, the path, and the expected layout or allowed values."""
 
 

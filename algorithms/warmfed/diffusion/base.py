@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sim.errors import UserError
+
 __all__ = [
     "BackboneError",
     "DiffusionBackbone",
@@ -21,7 +23,7 @@ __all__ = [
 ProgressFn = Callable[[int, int, float], None]
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone cannot be built, found or loaded (bad path, config or files)."""
 
 

@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from sim.config import RunConfig, algorithm_spec, load_config, parse_override, run_algorithms
-from sim.sweep import _NAME, FIXED_KEYS, Cell, Sweep, _text, cell_id, execute_sweep
+from sim.orchestration.sweep import _NAME, FIXED_KEYS, Cell, Sweep, _text, cell_id, execute_sweep
 from sim.typed import ConfigError
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def validation_scores(results: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """One row per (algorithm, grid point): validation score = mean and std over the search seeds of
     the best-round validation accuracy on the algorithm's criterion. Only `split == "val"` rows
     are read."""
-    from sim.report import per_round_accuracy
+    from sim.orchestration.report import per_round_accuracy
 
     val = results[results["split"] == "val"]
     columns = ["algorithm", "seed", "round", "client_id", "split", "metric", "value"]
@@ -317,7 +317,7 @@ def final_metrics(sweep: Sweep) -> pd.DataFrame:
 def run_tune(plan: Plan, note: Callable[[str], None] = print, reference: str | None = None) -> TuneResult:
     import ray
 
-    from sim.cluster import connect
+    from sim.orchestration.cluster import connect
 
     started = connect(plan.base, f"tune-{plan.name}")  # one Ray connection for the search and the final runs
     try:
@@ -367,8 +367,8 @@ def write_tune_report(
     search_s: float,
     final_s: float,
 ) -> tuple[pd.DataFrame, Path]:
-    from sim.report import DEFAULT_REFERENCE, budget_table, markdown_table, paired_note, summary_table
-    from sim.runner import git_commit
+    from sim.orchestration.report import DEFAULT_REFERENCE, budget_table, markdown_table, paired_note, summary_table
+    from sim.orchestration.runner import git_commit
 
     reference = DEFAULT_REFERENCE if reference is None else reference
     df = final_metrics(final)

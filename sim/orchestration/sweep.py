@@ -185,7 +185,7 @@ def check_cells(sweep: Sweep, note: Callable[[str], None] = print) -> None:
     """Before anything runs: a finished or started cell must hold the same config, and every cell's
     dataset and partition must build (partitions land in the shared, content-addressed cache)."""
     from sim.data import load_dataset, make_params
-    from sim.partition_build import partition_for
+    from sim.orchestration.partition_build import partition_for
 
     for cell in sweep.cells:
         path = cell.dir / "config.yaml"
@@ -293,8 +293,8 @@ def execute_sweep(
     skips summary.md (a tuning search writes its own, validation-only, tables)."""
     import ray
 
-    from sim.cluster import connect
-    from sim.runner import run_comparison
+    from sim.orchestration.cluster import connect
+    from sim.orchestration.runner import run_comparison
 
     config = sweep.config
     check_cells(sweep, note)
@@ -367,10 +367,10 @@ def _cell_rows(sweep: Sweep) -> Iterator[tuple[str, Cell, Any]]:
 
 def final_numbers(sweep: Sweep) -> Any:
     """One row per (cell, algorithm, seed): final-round global and personal test accuracy, wall time
-    and bytes (sim.report's per-run numbers), with the cell's grid values and client count."""
+    and bytes (sim.orchestration.report's per-run numbers), with the cell's grid values and client count."""
     import pandas as pd
 
-    from sim.report import per_round_accuracy, run_totals
+    from sim.orchestration.report import per_round_accuracy, run_totals
 
     out = []
     for cid, cell, rows in _cell_rows(sweep):
@@ -399,7 +399,7 @@ def client_finals(sweep: Sweep) -> Any:
     on the test split, with the cell's grid values (the input of the paired columns)."""
     import pandas as pd
 
-    from sim.report import chosen_rounds
+    from sim.orchestration.report import chosen_rounds
     from sim.stats import client_scores
 
     out = []
@@ -540,7 +540,7 @@ def plot_vs_clients(sweep: Sweep, numeric: Any, plots: Path) -> list[Path]:
 def write_summary(sweep: Sweep, reference: str | None = None) -> tuple[Any, Path, list[Path]]:
     import pandas as pd
 
-    from sim.report import DEFAULT_REFERENCE, markdown_table, paired_note
+    from sim.orchestration.report import DEFAULT_REFERENCE, markdown_table, paired_note
 
     reference = DEFAULT_REFERENCE if reference is None else reference
     finals = final_numbers(sweep)

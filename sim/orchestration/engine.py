@@ -21,9 +21,9 @@ import ray
 
 from actors.pool import ActorPool, Task
 from algorithms.base import Algorithm, RunContext
-from sim.checkpoints import CheckpointStore
 from sim.config import RunConfig, resolved
-from sim.progress import Progress
+from sim.orchestration.checkpoints import CheckpointStore
+from sim.orchestration.progress import Progress
 from sim.results import RUN_LEVEL, ResultsWriter, Row
 
 CRASH_ENV = "WARMFED_SIM_CRASH_AFTER_ROUND"  # fault injection for the resume test: exit hard after round k

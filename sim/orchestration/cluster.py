@@ -17,12 +17,9 @@ from dataclasses import dataclass
 import ray
 
 from sim.config import RunConfig
+from sim.errors import ResourceError
 
 log = logging.getLogger(__name__)
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot host the requested client actors."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ def connect(cfg: RunConfig, run_id: str) -> bool:
     """Start a local Ray (address None) or attach to one; returns True if this call started it."""
     if ray.is_initialized():
         return False
-    from sim import interrupts
+    from sim.orchestration import interrupts
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     namespace = cfg.ray.namespace or f"warmfed-sim-{run_id}-{uuid.uuid4().hex[:6]}"

@@ -1,12 +1,12 @@
 """SIGINT (Ctrl-C) and SIGTERM (a scheduler, `ray job stop`) end a run cleanly.
 
 The signal abandons the round in flight: checkpoints are written atomically and last (see
-sim/checkpoints.py), so the newest one on disk is whole and a resume redoes only that round.
+sim/orchestration/checkpoints.py), so the newest one on disk is whole and a resume redoes only that round.
 The run then shuts down what it started of Ray and the command prints one line saying where it
 stopped and how to resume, exiting 128 + the signal number (130, 143).
 
 `ray.init` installs its own SIGTERM handler (and Ray's core worker a crash dump for it), so
-`sim.cluster.connect` installs these handlers again once Ray is up.
+`sim.orchestration.cluster.connect` installs these handlers again once Ray is up.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.files import write_atomic
 from sim.typed import ConfigError
 
 FORMAT = 2
@@ -54,18 +55,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> str:
-    """Write `data` under a temporary name, flush it to disk and rename: readers see the old file
-    or the whole new one. Returns the data's sha256."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -31,14 +31,14 @@ from actors.client import ClientActor
 from actors.pool import ActorPool, NodeLostError
 from actors.server import ServerActor
 from algorithms.base import RunContext
-from sim.cluster import check_local_resources, connect, plan_pool
 from sim.config import RunConfig, algorithm_spec, dump_config, load_config, resolved, run_algorithms
 from sim.data import ArrayDataset, forget_dataset, load_dataset
-from sim.engine import Simulation
-from sim.interrupts import status as interrupt_status
 from sim.models import ModelSpec
-from sim.partition_build import partition_for
-from sim.progress import Progress
+from sim.orchestration.cluster import check_local_resources, connect, plan_pool
+from sim.orchestration.engine import Simulation
+from sim.orchestration.interrupts import status as interrupt_status
+from sim.orchestration.partition_build import partition_for
+from sim.orchestration.progress import Progress
 from sim.results import ResultsWriter
 from sim.typed import ConfigError, to_mapping
 
@@ -311,7 +311,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
                     ray.kill(actor)
         if started_ray:
             ray.shutdown()
-    from sim.report import write_report
+    from sim.orchestration.report import write_report
 
     report = write_report(run_dir)
     return RunResult(run_dir, report)
@@ -355,7 +355,7 @@ def _execute(
     """One (algorithm, seed); a lost Ray node sends it back to its last checkpoint on the actors left."""
     from ray.exceptions import ObjectLostError
 
-    from sim.cluster import ResourceError
+    from sim.orchestration.cluster import ResourceError
 
     losses = 0
     while True:
