@@ -1,4 +1,4 @@
-"""Dataset registry and built-in formats; importing this package registers them all."""
+"""Dataset registry; each format is a module of this package, found by the registry's scan (sim/plugins.py)."""
 
 from sim.data.base import ArrayDataset, DatasetError
 from sim.data.registry import (
@@ -10,9 +10,6 @@ from sim.data.registry import (
     make_params,
     register_dataset,
 )
-
-# Imported for their registration side effect.
-from sim.data import cifar10, digits_domains, font_digits, image_folder, parquet  # noqa: F401  isort: skip
 
 __all__ = [
     "ArrayDataset",

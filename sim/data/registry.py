@@ -14,6 +14,7 @@ from typing import Any
 
 from sim.data.base import ArrayDataset, DatasetError
 from sim.memory import release_free_heap
+from sim.plugins import scan
 from sim.typed import ConfigError, from_mapping
 
 Builder = Callable[[Any], ArrayDataset]
@@ -45,10 +46,12 @@ def register_dataset(name: str, params_cls: type) -> Callable[[Builder], Builder
 
 
 def dataset_names() -> list[str]:
+    scan("sim.data")
     return sorted(_REGISTRY)
 
 
 def _entry(name: str) -> tuple[type, Builder]:
+    scan("sim.data")
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -15,10 +15,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sim.errors import UserError
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
     """Bad input, an impossible request, or a corrupt/mismatched file; the message names the culprit."""
 
 
@@ -212,9 +214,10 @@ def register_scheme(name: str, params_cls: type) -> Callable[[type], type]:
 
 
 def _ensure_builtin() -> None:
-    # The built-in schemes register themselves on import; importing lazily here keeps
-    # `from sim.partition.base import scheme_names` correct without an import cycle.
-    from sim.partition import schemes  # noqa: F401
+    # Schemes register themselves when imported: any module of sim/partition/ may define one.
+    from sim.plugins import scan
+
+    scan("sim.partition")
 
 
 def scheme_names() -> list[str]:
