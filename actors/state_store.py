@@ -9,12 +9,13 @@ to the versions its checkpoint names.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sim.files import replacing
 
 
 class ClientStateStore:
@@ -51,9 +52,8 @@ class ClientStateStore:
         of the cache, and files go only when no kept checkpoint names them (sim/orchestration/checkpoints.py)."""
         path = self._path(client_id, version)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            torch.save(state, tmp)
         self._forget((client_id, previous))
         self._remember((client_id, version), state)
 

@@ -324,11 +324,3 @@ def algorithm_spec(cfg: RunConfig, name: str) -> tuple[type[Any], Any]:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_mapping(cfg), sort_keys=False)
-
-
-def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
-    return dataclasses.replace(cfg, **changes)
-
-
-def config_to_mapping(cfg: RunConfig) -> Mapping[str, Any]:
-    return to_mapping(cfg)

@@ -8,14 +8,15 @@ are dropped first, so a resumed run never double-counts).
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from sim.files import replacing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,9 +78,8 @@ class ResultsWriter:
             schema=SCHEMA,
         )
         path = directory / f"round_{round:05d}{tag}.parquet"
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            pq.write_table(table, tmp)
         return path
 
     def drop_after(self, algorithm: str, seed: int, round: int) -> None:
@@ -94,9 +94,8 @@ class ResultsWriter:
     def consolidate(self) -> Path:
         table = read_parts(self.parts)
         path = self.run_dir / "metrics.parquet"
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            pq.write_table(table, tmp)
         return path
 
 
@@ -115,14 +114,3 @@ def read_metrics(run_dir: str | Path) -> pa.Table:
     if parts.num_rows or not consolidated.exists():
         return parts
     return pq.read_table(consolidated)
-
-
-def rows_from(metrics: dict[str, float], split: str = "run", client_id: int = RUN_LEVEL) -> list[Row]:
-    return [(client_id, split, name, float(value)) for name, value in metrics.items()]
-
-
-def combine(*groups: Iterable[Row]) -> list[Row]:
-    out: list[Row] = []
-    for g in groups:
-        out.extend(g)
-    return out

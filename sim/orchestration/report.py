@@ -87,7 +87,8 @@ def run_totals(df: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
-def _fmt(values: pd.Series | None, scale: float = 1.0, digits: int = 3, spread: float | None = None) -> str:
+def mean_std(values: pd.Series | None, scale: float = 1.0, digits: int = 3, spread: float | None = None) -> str:
+    """`mean ± std` (sample std) of the non-missing values; one value alone, or with `spread` as its ±."""
     if values is None:
         return "n/a"
     values = values.dropna() * scale
@@ -154,17 +155,17 @@ def summary_table(df: pd.DataFrame, at: str = "selected", reference: str | None 
                 "algorithm": algo,
                 "round": "/".join(str(int(r)) for r in g["round"]),
                 "seeds": int(g.seed.nunique()),
-                "global acc": _fmt(g.get("global_acc")),
-                "personal acc (weighted)": _fmt(g.get("personal_acc_w")),
-                "personal acc (mean ± std)": _fmt(
+                "global acc": mean_std(g.get("global_acc")),
+                "personal acc (weighted)": mean_std(g.get("personal_acc_w")),
+                "personal acc (mean ± std)": mean_std(
                     g.get("personal_acc"), spread=g["personal_std"].iloc[0] if one and "personal_std" in g else None
                 ),
-                worst_label(clients): _fmt(g.get("personal_worst10")),
-                "new-client acc": _fmt(g.get("new_client_acc")),
+                worst_label(clients): mean_std(g.get("personal_worst10")),
+                "new-client acc": mean_std(g.get("new_client_acc")),
                 **{name: cells.get(algo, "n/a") for name, cells in paired.items()},
-                "MB up": _fmt(g.get("bytes_up"), 1e-6, 2),
-                "MB down": _fmt(g.get("bytes_down"), 1e-6, 2),
-                "wall s": _fmt(g.get("wall_s"), 1.0, 1),
+                "MB up": mean_std(g.get("bytes_up"), 1e-6, 2),
+                "MB down": mean_std(g.get("bytes_down"), 1e-6, 2),
+                "wall s": mean_std(g.get("wall_s"), 1.0, 1),
             }
         )
     return pd.DataFrame(rows)

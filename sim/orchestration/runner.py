@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import errno
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -33,6 +32,7 @@ from actors.server import ServerActor
 from algorithms.base import RunContext
 from sim.config import RunConfig, algorithm_spec, dump_config, load_config, resolved, run_algorithms
 from sim.data import ArrayDataset, forget_dataset, load_dataset
+from sim.files import write_json, write_text
 from sim.models import ModelSpec
 from sim.orchestration.cluster import check_local_resources, connect, plan_pool
 from sim.orchestration.engine import Simulation
@@ -100,12 +100,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 class RunLock:
     """An exclusive lock on a run directory for as long as a run uses it.
 
@@ -167,17 +161,11 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path, RunLock, bool]:
                     f"choose another run_id (or out) or resume it with `run_sim.py run --resume {run_dir}`"
                 )
             return cfg, run_dir, lock, False
-        write_json_text(config_path, dump_config(cfg))
+        write_text(config_path, dump_config(cfg))
         return cfg, run_dir, lock, created
     except BaseException:
         lock.release()
         raise
-
-
-def write_json_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_writable(directory: Path, key: str) -> None:

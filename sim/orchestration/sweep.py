@@ -27,7 +27,6 @@ import datetime as dt
 import hashlib
 import itertools
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.config import RunConfig, dump_config, load_config, parse_override
+from sim.files import replacing, write_json
 from sim.typed import ConfigError, to_mapping
 
 #: Keys that must be the same for every cell: one results tree, one cache, one Ray connection.
@@ -215,12 +215,6 @@ def check_cells(sweep: Sweep, note: Callable[[str], None] = print) -> None:
 
 
 # ----------------------------------------------------------------------------------- running
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _column(value: Any, n: int) -> pa.Array:
     if isinstance(value, (list, tuple, dict)):
         value = json.dumps(value)
@@ -250,9 +244,8 @@ def append_results(sweep: Sweep, cell: Cell) -> None:
 
             old = old.filter(pc.not_equal(old["cell"], cell.id))
         new = pa.concat_tables([old, new], promote_options="permissive")
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(new, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(new, tmp)
 
 
 def _results_cells(path: Path) -> set[str]:
@@ -299,7 +292,7 @@ def execute_sweep(
     config = sweep.config
     check_cells(sweep, note)
     sweep.dir.mkdir(parents=True, exist_ok=True)
-    _write_json(
+    write_json(
         sweep.dir / "sweep.json",
         {
             "name": sweep.name,
@@ -329,7 +322,7 @@ def execute_sweep(
                 began = time.perf_counter()
                 run_comparison(cell.cfg, keep_dataset_cached=True)  # the next cell reuses it
                 append_results(sweep, cell)
-                _write_json(
+                write_json(
                     cell.dir / DONE,
                     {
                         "cell": cell.id,
@@ -432,19 +425,12 @@ def paired_cells(sweep: Sweep, clients: Any, reference: str | None) -> dict[tupl
     return out
 
 
-def _mean_std(values: Any, digits: int) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
-
-
 def summarize(sweep: Sweep, finals: Any, paired: dict[tuple, dict[str, str]] | None = None) -> tuple[Any, Any]:
     """(formatted table, numeric table): mean ± std over seeds per (algorithm, other grid values),
     with the paired columns of `paired_cells` when given."""
     import pandas as pd
+
+    from sim.orchestration.report import mean_std
 
     paired = paired or {}
     if finals.empty:
@@ -460,10 +446,10 @@ def summarize(sweep: Sweep, finals: Any, paired: dict[tuple, dict[str, str]] | N
             {
                 **head,
                 "seeds": int(g["seed"].nunique()),
-                "global acc": _mean_std(g["global_acc"], 3),
-                "personal acc": _mean_std(g["personal_acc"], 3),
+                "global acc": mean_std(g["global_acc"], digits=3),
+                "personal acc": mean_std(g["personal_acc"], digits=3),
                 **paired.get(tuple(key), {}),
-                "wall s": _mean_std(g["wall_s"], 1),
+                "wall s": mean_std(g["wall_s"], digits=1),
             }
         )
         stats = {**head, "num_clients": int(g["num_clients"].iloc[0]), "seeds": int(g["seed"].nunique())}
