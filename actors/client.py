@@ -113,7 +113,7 @@ class ClientWorker:
             "bytes_up": update.nbytes,
             "seconds": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(),
-            **update.metrics,
+            "metrics": dict(update.metrics),
         }
         return update, info
 

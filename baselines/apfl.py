@@ -29,7 +29,10 @@ from torch.func import functional_call
 from algorithms.base import ClientContext, ClientUpdate, Weights, load_weights, model_weights
 from algorithms.registry import register
 from baselines.common import CarriesInit
+from sim.metrics import declare_metric
 from sim.training import LossFn, local_sgd
+
+declare_metric("alpha", description="APFL: the client's mixing weight of its local model")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ from typing import Any, ClassVar
 from algorithms.base import ClientContext, ClientUpdate, load_weights, model_weights
 from algorithms.registry import register
 from baselines.common import PartialSharing, trainable_only
+from sim.metrics import declare_metric
 from sim.training import local_sgd
+
+declare_metric("head_loss", higher_is_better=False, description="FedRep: mean batch loss of the head epochs")
 
 
 @dataclass(frozen=True)

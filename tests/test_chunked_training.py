@@ -138,7 +138,7 @@ def test_a_chunk_trains_each_client_as_alone_and_the_server_gets_the_same_mean(t
     partial, infos = worker.train_many(clients, 0, 1, message, [-1] * 4)
     assert isinstance(partial, Aggregator) and partial.count == 4
     assert [i["client_id"] for i in infos] == clients
-    assert [i["train_loss"] for i in infos] == [info["train_loss"] for _, info in alone]
+    assert [i["metrics"]["train_loss"] for i in infos] == [info["metrics"]["train_loss"] for _, info in alone]
     one_by_one = _served_mean(run, worker.algorithm, [[u] for u, _ in alone])
     chunked = _served_mean(run, worker.algorithm, [partial])
     for key, value in one_by_one.items():

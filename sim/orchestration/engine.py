@@ -223,7 +223,7 @@ class Simulation:
                 versions[cid] = int(info["version"])
                 bytes_up += int(info["bytes_up"])
                 peak = max(peak, float(info["peak_rss_mb"]))
-                rows.append((cid, "train", "train_loss", info["train_loss"]))
+                rows += [(cid, "train", name, float(value)) for name, value in info["metrics"].items()]
             bar.update(len(infos))
         bar.close()
         ray.get(server.finish_round.remote())
