@@ -49,8 +49,8 @@ def report(name: str, ok: bool | None, detail: str) -> None:
 def run(items: list[str], out: Path) -> tuple[Path, Any]:
     """One comparison through the public API on the Ray this script started; (run dir, metrics frame)."""
     from sim.config import load_config
+    from sim.orchestration.runner import run_comparison
     from sim.results import read_metrics
-    from sim.runner import run_comparison
 
     cfg = load_config(None, [*items, "progress=false", f"out={out}", f"cache_dir={out / 'cache'}"])
     run_dir = run_comparison(cfg).run_dir

@@ -85,7 +85,7 @@ class ServerResources:
     has heavy server phases (`Algorithm.server_heavy`, e.g. WarmFed's fine-tuning on synthetic
     data): the server then counts as one more actor splitting the GPUs with the client actors
     (a whole GPU when the client actors run on CPU); otherwise 0. A server without a GPU share
-    never touches a GPU (sim/cluster.py, actors/devices.py)."""
+    never touches a GPU (sim/orchestration/cluster.py, actors/devices.py)."""
 
     num_cpus: float = 0.0
     num_gpus: float | str = "auto"

@@ -18,9 +18,9 @@ import torch
 from actors.client import ClientActor
 from actors.pool import ActorPool
 from actors.server import ServerActor
-from sim.cluster import ResourceError, gpu_room, gpu_share, plan_pool
 from sim.config import load_config
 from sim.devices import select_device
+from sim.orchestration.cluster import ResourceError, gpu_room, gpu_share, plan_pool
 from sim.typed import ConfigError
 from tests.conftest import init_local_ray, small_overrides
 from tests.test_mutation_guards import client_data, context, run_context, softmax_regression
@@ -148,7 +148,7 @@ def test_the_device_follows_the_assignment_not_the_node():
 
 def test_mixed_precision_reaches_the_run_context_and_only_autocasts_on_a_gpu(tmp_path):
     from sim.data import load_dataset
-    from sim.runner import run_context
+    from sim.orchestration.runner import run_context
 
     cfg = load_config(None, small_overrides(tmp_path, "mixed_precision=bf16"))
     run = run_context(cfg, load_dataset(cfg.dataset, cfg.data), 0, str(tmp_path))
@@ -260,7 +260,7 @@ def test_the_server_gets_its_share_from_ray(ray_gpu):
 
 
 def test_a_run_records_what_each_actor_was_given(ray_gpu, tmp_path):
-    from sim.runner import run_comparison
+    from sim.orchestration.runner import run_comparison
 
     cfg = load_config(
         None,

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "sim.results": 0,
     "sim.stats": 0,
     "sim.metrics": 0,
+    "sim.devices": 0,
     "algorithms": 1,
     "baselines": 2,
     "algorithms.warmfed": 2,

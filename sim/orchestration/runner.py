@@ -396,7 +396,7 @@ def _execute(
 
 def _room_for(plan: Any) -> int:
     """Client actors of the plan's size that fit in the cluster's free resources now."""
-    from sim.cluster import gpu_room
+    from sim.orchestration.cluster import gpu_room
 
     free = ray.available_resources()
     n = int(float(free.get("CPU", 0.0)) // plan.num_cpus + 1e-9) if plan.num_cpus else 0
