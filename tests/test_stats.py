@@ -86,7 +86,7 @@ def test_paired_against_skips_seeds_the_reference_did_not_run():
 
 
 def test_domain_table_groups_clients_by_their_partition_domain_at_the_validation_round():
-    from sim.report import domain_table
+    from sim.orchestration.report import domain_table
 
     rows = []
     # round 1 is best on validation; round 2 would be best on test and must not be used

@@ -293,9 +293,9 @@ def domain_table(df: pd.DataFrame, manifest: dict) -> pd.DataFrame:
             parts = []
             if "global_acc" in g and g["global_acc"].notna().any():
                 acc = per_seed.apply(lambda s: (s["global_acc"] * s["_n"]).sum() / s["_n"].sum())
-                parts.append(_fmt(acc))
+                parts.append(mean_std(acc))
             if "personal_acc" in g and g["personal_acc"].notna().any():
-                parts.append(_fmt(per_seed["personal_acc"].mean()))
+                parts.append(mean_std(per_seed["personal_acc"].mean()))
             row[name] = " / ".join(parts) if parts else "n/a"
         rows.append(row)
     return pd.DataFrame(rows).fillna("n/a")
