@@ -70,21 +70,21 @@ class ClientWorker:
         return self._scratch[key]
 
     def client_data(self, client_id: int) -> ClientData:
-        x: dict[str, torch.Tensor] = {}
-        y: dict[str, torch.Tensor] = {}
-        for split in SPLITS:
-            idx = np.sort(self.partition.client_indices(client_id, split))
-            x[split] = torch.from_numpy(self.dataset.images[idx])
-            y[split] = torch.from_numpy(self.dataset.labels[idx])
-        return ClientData(x, y)
+        """The client's splits, each gathered on its first read (see ClientData.lazy)."""
+        return ClientData.lazy(SPLITS, lambda split: self._gather(client_id, split))
+
+    def _gather(self, client_id: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.sort(self.partition.client_indices(client_id, split))
+        return torch.from_numpy(self.dataset.images[idx]), torch.from_numpy(self.dataset.labels[idx])
+
+    def _reset(self, model: torch.nn.Module) -> None:
+        load_weights(model, self.init_weights)
 
     def context(self, client_id: int, round: int, data: ClientData | None = None) -> ClientContext:
-        """A fresh context; resident models are reset to the shared init so that nothing a previous
-        client left in them can leak into this one (results must not depend on who ran before).
+        """A fresh context; each resident model is reset to the shared init when the context first
+        hands it out, so that nothing a previous client left in it can leak into this one (results
+        must not depend on who ran before), and a verb that never reads a model does not pay.
         `data`: the client's splits when the caller has already gathered them."""
-        load_weights(self.model, self.init_weights)
-        for model in self._scratch.values():
-            load_weights(model, self.init_weights)
         return ClientContext(
             client_id,
             round,
@@ -94,6 +94,7 @@ class ClientWorker:
             self._scratch_model,
             self.device,
             public=self.dataset.public,
+            reset=self._reset,
         )
 
     def train(self, client_id: int, round: int, message: dict[str, Any], version: int) -> tuple[Any, dict[str, Any]]:
@@ -234,6 +235,8 @@ class ClientWorker:
             ctx = self.context(client_id, round, data[client_id])
             state = self.store.load(client_id, version) if algo.stateful else None
             personal = algo.personal_weights(ctx, message, state)
+            if personal is not None and not self.init_weights.keys() <= personal.keys():
+                ctx.model  # noqa: B018 - the keys `personal` leaves out must be the reset model's, not a stale one's
             personal_scores = (
                 global_scores if personal is None else self._score(personal, {client_id: data[client_id]}, batch_size)
             )

@@ -116,12 +116,43 @@ def rng_seed(*parts: int | str) -> int:
     return int(np.random.SeedSequence([abs(w) for w in words]).generate_state(1, np.uint64)[0]) >> 1
 
 
+class _LazySplits(Mapping[str, torch.Tensor]):
+    """One side (images or labels) of a client's splits, each gathered from the dataset the first
+    time any verb reads it: evaluation never pays for the train split, training for val and test."""
+
+    def __init__(self, cache: dict[str, tuple[torch.Tensor, torch.Tensor]], gather: Callable, names: tuple, side: int):
+        self._cache, self._gather, self._names, self._side = cache, gather, names, side
+
+    def __getitem__(self, split: str) -> torch.Tensor:
+        if split not in self._cache:
+            if split not in self._names:
+                raise KeyError(split)
+            self._cache[split] = self._gather(split)
+        return self._cache[split][self._side]
+
+    def __contains__(self, split: object) -> bool:
+        return split in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 @dataclass
 class ClientData:
     """One client's splits as CPU tensors (images float32 NCHW, labels int64)."""
 
-    x: dict[str, torch.Tensor]
-    y: dict[str, torch.Tensor]
+    x: Mapping[str, torch.Tensor]
+    y: Mapping[str, torch.Tensor]
+
+    @classmethod
+    def lazy(cls, splits: Iterable[str], gather: Callable[[str], tuple[torch.Tensor, torch.Tensor]]) -> ClientData:
+        """Splits named `splits`, each gathered by `gather(split) -> (x, y)` on its first read (x and y together)."""
+        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        names = tuple(splits)
+        return cls(_LazySplits(cache, gather, names, 0), _LazySplits(cache, gather, names, 1))
 
     def size(self, split: str) -> int:
         return int(self.y[split].shape[0]) if split in self.y else 0
@@ -140,16 +171,33 @@ class ClientContext:
         scratch: Callable[[str], Classifier],
         device: torch.device,
         public: Any = None,
+        *,
+        reset: Callable[[Classifier], None] | None = None,
     ) -> None:
+        """`reset`: applied to the resident model and to each scratch model the first time this
+        context hands it out (so a verb that never reads a model does not pay for its reset)."""
         self.client_id = client_id
         self.round = round
         self.run = run
         self.data = data
-        self.model = model
+        self._model = model
         self._scratch = scratch
+        self._reset = reset
+        self._handed_out: set[str | None] = set()  # None: the resident model; else scratch keys
         self.device = device
         self.public = public
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _hand_out(self, key: str | None, model: Classifier) -> Classifier:
+        if self._reset is not None and key not in self._handed_out:
+            self._reset(model)
+        self._handed_out.add(key)
+        return model
+
+    @property
+    def model(self) -> Classifier:
+        """The resident model, reset (when the context was given a `reset`) on first use in this context."""
+        return self._hand_out(None, self._model)
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -162,7 +210,7 @@ class ClientContext:
 
     def scratch_model(self, key: str) -> Classifier:
         """An extra resident model of the same architecture (teacher, personal copy, previous model)."""
-        return self._scratch(key)
+        return self._hand_out(key, self._scratch(key))
 
     def batches(
         self,
