@@ -87,13 +87,13 @@ class _HeadStaysHome(Algorithm):
 def test_partial_personal_weights_are_scored_on_the_reset_model_not_on_a_stale_one(tmp_path):
     fresh, run = _worker_and_run(tmp_path / "fresh")
     algorithm = _HeadStaysHome(None, run)
-    fresh.algorithm = algorithm
+    fresh.configure(algorithm, fresh.partition, run, str(tmp_path / "fresh" / "state"))
     message = {"weights": algorithm.shared_part(_message(run)["weights"])}
     assert message["weights"] and message["weights"].keys() < fresh.init_weights.keys()
     expected = fresh.evaluate([2], 1, message, [-1], batch_size=64)
 
     used, _ = _worker_and_run(tmp_path / "used")
-    used.algorithm = algorithm
+    used.configure(algorithm, used.partition, run, str(tmp_path / "used" / "state"))
     torch.manual_seed(7)
     client_module.load_weights(used.model, model_weights(run.build_model()))  # a head unlike the init's
     assert used.evaluate([2], 1, message, [-1], batch_size=64) == expected
