@@ -73,7 +73,7 @@ def test_a_model_left_in_another_state_changes_no_number(tmp_path):
     used.train(3, 1, message, -1)  # leaves client 3's trained model resident
     assert used.evaluate([0, 5], 1, message, [-1, -1], batch_size=64) == expected_eval
     update, info = used.train(1, 1, message, -1)  # after evaluation left the global weights resident
-    assert info["train_loss"] == expected_train[1]["train_loss"]
+    assert info["metrics"]["train_loss"] == expected_train[1]["metrics"]["train_loss"]
     assert all(torch.equal(update.payload[k], expected_train[0].payload[k]) for k in update.payload)
 
 
