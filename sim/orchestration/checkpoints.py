@@ -16,7 +16,6 @@ client state it points at is still there.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.files import write_atomic
+from sim.files import sha256_file, write_atomic
 from sim.typed import ConfigError
 
 FORMAT = 2
@@ -47,14 +46,6 @@ class Checkpoint:
     versions: np.ndarray
     server_path: Path
     done: bool = False
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,7 +10,6 @@ indices against the dataset size. A file that fails any check is never used: `lo
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.files import sha256_file
 from sim.partition.base import SPLITS, Partition, PartitionError, SplitFractions
 from sim.partition.build import ALGORITHM_VERSION, build_partition, check_arrays, key_of_spec, partition_spec
 from sim.partition.stats import heterogeneity, label_count_table, plot_heatmap
@@ -47,14 +47,6 @@ _SPEC_FIELDS = (
 )
 _META_KEY = b"warmfed.partition"
 _KEY_RE = re.compile(r"^[0-9a-f]{16}$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -155,7 +147,7 @@ class PartitionStore:
         ppath = path / PARQUET
         if not ppath.is_file():
             raise PartitionError(f"{ppath}: missing")
-        sha = _sha256(ppath)
+        sha = sha256_file(ppath)
         if sha != manifest["partition_sha256"]:
             expected = str(manifest["partition_sha256"])[:12]
             raise PartitionError(f"{ppath}: sha256 {sha[:12]}... differs from the manifest's {expected}...")
@@ -306,7 +298,7 @@ class PartitionStore:
                     s: {"min": int(sizes[s].min()), "median": float(np.median(sizes[s])), "max": int(sizes[s].max())}
                     for s in SPLITS
                 },
-                "partition_sha256": _sha256(tmp / PARQUET),
+                "partition_sha256": sha256_file(tmp / PARQUET),
                 "heterogeneity": het,
                 "clients_with_majority_domain": int((part.client_domain >= 0).sum()),
                 "build_seconds": round(build_seconds, 3),
