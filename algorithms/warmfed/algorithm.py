@@ -57,8 +57,8 @@ from algorithms.base import (
     rng_seed,
 )
 from algorithms.registry import register
-from algorithms.warmfed.lora import LORA_DEFAULTS
 from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
+from algorithms.warmfed.lora import LORA_DEFAULTS
 from sim.devices import process_device
 from sim.training import cross_entropy, evaluate, local_sgd
 
@@ -66,7 +66,11 @@ BACKBONES = ("tiny", "stable-diffusion")
 SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
 UPLOADS = ("ce", "dsd")
 TEACHERS = ("personal", "global")
-PRETRAIN_AUGMENTATIONS = ("none", "photometric", "polarity")  # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
+PRETRAIN_AUGMENTATIONS = (
+    "none",
+    "photometric",
+    "polarity",
+)  # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,11 @@ class WarmFedParams:
             )
         if self.pretrain_steps is not None and self.pretrain_steps < 1:
             raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
-        for name, value, allowed in (("sampler", self.sampler, SAMPLERS), ("upload", self.upload, UPLOADS),
-                                     ("dsd_teacher", self.dsd_teacher, TEACHERS)):
+        for name, value, allowed in (
+            ("sampler", self.sampler, SAMPLERS),
+            ("upload", self.upload, UPLOADS),
+            ("dsd_teacher", self.dsd_teacher, TEACHERS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for name in ("personal_lr", "round_server_lr"):
@@ -154,8 +161,16 @@ class WarmFedParams:
         self.dsd_config()  # validates the DSD fields
 
     def dsd_config(self) -> DSDConfig:
-        return DSDConfig(self.dsd_tau, self.dsd_lambda0, self.dsd_schedule, self.dsd_selection, self.dsd_threshold,
-                         self.dsd_client_weighting, self.dsd_margin, self.dsd_teacher_mode)
+        return DSDConfig(
+            self.dsd_tau,
+            self.dsd_lambda0,
+            self.dsd_schedule,
+            self.dsd_selection,
+            self.dsd_threshold,
+            self.dsd_client_weighting,
+            self.dsd_margin,
+            self.dsd_teacher_mode,
+        )
 
     @property
     def uses_synthetic(self) -> bool:
@@ -182,6 +197,7 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
     server loads it itself.
     """
     from algorithms.warmfed.diffusion import (
+        DiffusionBackbone,
         StableDiffusionBackbone,
         StableDiffusionConfig,
         TinyBackboneConfig,
@@ -189,15 +205,33 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
     )
 
     c, size = run.model_spec.in_channels, run.model_spec.image_size
-    key = (params.backbone, params.sd_model, params.prompt_template, params.pretrain_steps, params.pretrain_augment, c, size,
-           run.model_spec.num_classes, run.cache_dir, run.dataset_fingerprint)
+    key = (
+        params.backbone,
+        params.sd_model,
+        params.prompt_template,
+        params.pretrain_steps,
+        params.pretrain_augment,
+        c,
+        size,
+        run.model_spec.num_classes,
+        run.cache_dir,
+        run.dataset_fingerprint,
+    )
     with _LOCK:
         if key in _BACKBONES:
             return _BACKBONES[key]
+        backbone: DiffusionBackbone
         if params.backbone == "stable-diffusion":
-            backbone = StableDiffusionBackbone(StableDiffusionConfig(
-                model=params.sd_model, class_names=tuple(run.class_names), prompt_template=params.prompt_template,
-                image_size=size, in_channels=c))
+            assert params.sd_model, "WarmFedParams validates sd_model for stable-diffusion"
+            backbone = StableDiffusionBackbone(
+                StableDiffusionConfig(
+                    model=params.sd_model,
+                    class_names=tuple(run.class_names),
+                    prompt_template=params.prompt_template,
+                    image_size=size,
+                    in_channels=c,
+                )
+            )
             trained_now = False
         else:
             public = public if public is not None else _public_split(run)
@@ -206,12 +240,13 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
                     f"dataset {run.dataset_name!r} has no public split to pretrain the tiny backbone on; set "
                     "data.public_fraction (digits-domains) or data.public_domain, or use backbone=stable-diffusion"
                 )
-            steps = {} if params.pretrain_steps is None else {"train_steps": params.pretrain_steps}
+            steps: dict[str, Any] = {} if params.pretrain_steps is None else {"train_steps": params.pretrain_steps}
             if params.pretrain_augment is not None:
                 steps["augment"] = params.pretrain_augment
             cfg = TinyBackboneConfig(image_size=size, in_channels=c, num_classes=run.model_spec.num_classes, **steps)
             backbone, _, trained_now = get_or_pretrain_tiny_backbone(
-                Path(run.cache_dir), public.images, public.labels, cfg, public.fingerprint())
+                Path(run.cache_dir), public.images, public.labels, cfg, public.fingerprint()
+            )
         if report is not None:
             report("pretrained_now", float(trained_now))
             report("backbone_bytes", float(backbone.num_bytes()))
@@ -291,13 +326,37 @@ def content_key(*parts: Any) -> str:
 
 # Fields that cannot change a client's LoRA upload; every other field (so any LoRA field added
 # later) is part of the upload's key.
-_NOT_LORA = frozenset({
-    "synth_per_class", "sampler", "sampler_steps", "guidance_scale", "save_grids", "server_finetune", "server_epochs",
-    "server_lr", "server_batch_size", "augment_shift", "round_server_epochs", "round_server_lr", "round_lr",
-    "upload", "oneshot_personal", "personal_lr", "dsd", "dsd_teacher", "dsd_tau", "dsd_lambda0",
-    "dsd_schedule", "dsd_selection", "dsd_threshold", "dsd_client_weighting", "dsd_margin", "dsd_teacher_mode",
-    "reuse",
-})
+_NOT_LORA = frozenset(
+    {
+        "synth_per_class",
+        "sampler",
+        "sampler_steps",
+        "guidance_scale",
+        "save_grids",
+        "server_finetune",
+        "server_epochs",
+        "server_lr",
+        "server_batch_size",
+        "augment_shift",
+        "round_server_epochs",
+        "round_server_lr",
+        "round_lr",
+        "upload",
+        "oneshot_personal",
+        "personal_lr",
+        "dsd",
+        "dsd_teacher",
+        "dsd_tau",
+        "dsd_lambda0",
+        "dsd_schedule",
+        "dsd_selection",
+        "dsd_threshold",
+        "dsd_client_weighting",
+        "dsd_margin",
+        "dsd_teacher_mode",
+        "reuse",
+    }
+)
 # Fields that cannot change a client's synthetic set once its LoRA upload is fixed.
 _NOT_SYNTHESIS = _NOT_LORA - {"synth_per_class", "sampler", "sampler_steps", "guidance_scale"}
 
@@ -316,7 +375,7 @@ def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch
     pad = F.pad(x, (max_shift,) * 4, mode="replicate")
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
     h, w = x.shape[-2:]
-    return pad[..., dy:dy + h, dx:dx + w]
+    return pad[..., dy : dy + h, dx : dx + w]
 
 
 @register("warmfed")
@@ -332,7 +391,7 @@ class WarmFed(Algorithm):
 
     def __init__(self, params: WarmFedParams, run: Any) -> None:
         super().__init__(params, run)
-        if params.backbone == "stable-diffusion":
+        if params.backbone == "stable-diffusion" and params.sd_model:
             self._check_sd_path(params.sd_model)
 
     @staticmethod
@@ -361,8 +420,12 @@ class WarmFed(Algorithm):
             phases += [
                 SetupPhase("backbone", None, self._server_backbone),
                 SetupPhase("lora", self._client_lora_reused, self._server_collect, lambda upload: upload.nbytes),
-                SetupPhase("synthesis", server=self._server_synthesis, work=self._synthesize_one,
-                           work_items=self._synthesis_jobs),
+                SetupPhase(
+                    "synthesis",
+                    server=self._server_synthesis,
+                    work=self._synthesize_one,
+                    work_items=self._synthesis_jobs,
+                ),
                 SetupPhase("server_finetune", None, self._server_finetune),
             ]
         if self.params.oneshot_personal and self.run.train.finetune_epochs > 0:
@@ -382,22 +445,36 @@ class WarmFed(Algorithm):
             return ClientUploadBundle(None, counts)
         backbone = load_backbone(self.params, self.run, public=ctx.public)
         cfg = LoraConfig(
-            rank=self.params.lora_rank, steps=self.params.lora_steps, lr=self.params.lora_lr,
-            batch_size=self.params.lora_batch_size, include_resnet_convs=self.params.lora_resnet_convs,
+            rank=self.params.lora_rank,
+            steps=self.params.lora_steps,
+            lr=self.params.lora_lr,
+            batch_size=self.params.lora_batch_size,
+            include_resnet_convs=self.params.lora_resnet_convs,
             include_embeddings=self.params.lora_embeddings,
             seed=rng_seed(self.run.seed, ctx.client_id, "lora") % (2**31),
         )
         upload = train_client_lora(backbone, ctx.data.x["train"], ctx.data.y["train"], cfg)
         if self.params.dp_clip > 0:
-            upload = privatize_upload(upload, clip_norm=self.params.dp_clip, noise_multiplier=self.params.dp_noise,
-                                      seed=rng_seed(self.run.seed, ctx.client_id, "dp") % (2**31))
+            upload = privatize_upload(
+                upload,
+                clip_norm=self.params.dp_clip,
+                noise_multiplier=self.params.dp_noise,
+                seed=rng_seed(self.run.seed, ctx.client_id, "dp") % (2**31),
+            )
         return ClientUploadBundle(upload, counts)
 
     def _lora_key(self, ctx: ClientContext, backbone: Any) -> str:
         """Everything that determines a client's upload: backbone, LoRA fields, seed, client, its data."""
         fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _NOT_LORA}
-        return content_key("lora", backbone.fingerprint(), fields, self.run.seed, ctx.client_id,
-                           ctx.data.x["train"], ctx.data.y["train"])
+        return content_key(
+            "lora",
+            backbone.fingerprint(),
+            fields,
+            self.run.seed,
+            ctx.client_id,
+            ctx.data.x["train"],
+            ctx.data.y["train"],
+        )
 
     def _client_lora_reused(self, ctx: ClientContext) -> ClientUploadBundle:
         """`_client_lora`, or the upload an earlier variant of this run trained from the same inputs."""
@@ -454,8 +531,14 @@ class WarmFed(Algorithm):
         start = time.perf_counter()
         scope = apply_lora(backbone, job.lora) if job.lora is not None else contextlib.nullcontext(backbone)
         with scope as personalized:
-            x, y = synthesize(personalized, job.want, steps=self.params.sampler_steps,
-                              guidance_scale=self.params.guidance_scale, seed=job.seed, sampler=self.params.sampler)
+            x, y = synthesize(
+                personalized,
+                job.want,
+                steps=self.params.sampler_steps,
+                guidance_scale=self.params.guidance_scale,
+                seed=job.seed,
+                sampler=self.params.sampler,
+            )
         seconds = time.perf_counter() - start
         if path is not None:
             buffer = io.BytesIO()
@@ -470,8 +553,13 @@ class WarmFed(Algorithm):
         for res in results[: self.params.save_grids]:
             if len(res.labels):
                 pick = np.concatenate([np.flatnonzero(res.labels == c)[:4] for c in np.unique(res.labels)])
-                save_sample_grid(res.images[pick], res.labels[pick], grid_dir / f"client{res.client_id:03d}.png",
-                                 nrow=12, title=f"client {res.client_id}")
+                save_sample_grid(
+                    res.images[pick],
+                    res.labels[pick],
+                    grid_dir / f"client{res.client_id:03d}.png",
+                    nrow=12,
+                    title=f"client {res.client_id}",
+                )
         sampled = [r for r in results if not r.reused]
         seconds = sum(r.seconds for r in sampled)
         n_sampled = sum(len(r.labels) for r in sampled)
@@ -491,13 +579,19 @@ class WarmFed(Algorithm):
         if not self.params.server_finetune or not wf.has_synthetic:
             return state
         weights, loss = self._train_on_synthetic(
-            state["weights"], wf, self.params.server_epochs, self.params.server_lr,
-            rng_seed(self.run.seed, "server_finetune"), ctx.device)
+            state["weights"],
+            wf,
+            self.params.server_epochs,
+            self.params.server_lr,
+            rng_seed(self.run.seed, "server_finetune"),
+            ctx.device,
+        )
         ctx.report("final_loss", loss)
         return {**state, "weights": weights}
 
-    def _train_on_synthetic(self, weights: Weights, wf: WarmFedServerState, epochs: int, lr: float, seed: int,
-                            device: torch.device) -> tuple[Weights, float]:
+    def _train_on_synthetic(
+        self, weights: Weights, wf: WarmFedServerState, epochs: int, lr: float, seed: int, device: torch.device
+    ) -> tuple[Weights, float]:
         """Server-side cross-entropy on the synthetic union (shift augmentation, cosine rate): the warm
         start and every round's fine-tune. Returns the new weights and the mean loss."""
         model = self.run.build_model().to(device)
@@ -513,7 +607,7 @@ class WarmFed(Algorithm):
         for _ in range(epochs):
             order = torch.randperm(len(y), generator=g)
             for s in range(0, len(y), bs):
-                idx = order[s:s + bs].to(device)
+                idx = order[s : s + bs].to(device)
                 if len(idx) < 2:
                     continue  # BatchNorm cannot train on a single sample
                 xb = _shift(x[idx], self.params.augment_shift, g)
@@ -541,8 +635,13 @@ class WarmFed(Algorithm):
         if self.params.round_server_epochs > 0 and wf.has_synthetic and aggregator.count > 0:
             device = process_device()  # what Ray gave the server actor (CPU without a share)
             weights, _ = self._train_on_synthetic(
-                state["weights"], wf, self.params.round_server_epochs, self.params.round_server_lr,
-                rng_seed(self.run.seed, "round_finetune", wf.rounds_done + 1), device)
+                state["weights"],
+                wf,
+                self.params.round_server_epochs,
+                self.params.round_server_lr,
+                rng_seed(self.run.seed, "round_finetune", wf.rounds_done + 1),
+                device,
+            )
             state = {**state, "weights": weights}
         return {**state, "warmfed": dataclasses.replace(wf, rounds_done=wf.rounds_done + 1)}
 
@@ -573,7 +672,9 @@ class WarmFed(Algorithm):
         objective = DSDObjective(teacher, cfg, total, weight)
         metrics = local_sgd(ctx, student, loss_fn=objective, epochs=epochs, lr=lr, purpose="personal")
         return model_weights(student), {
-            "personal_loss": metrics["train_loss"], "dsd_steps": float(objective.step), "dsd_client_weight": weight,
+            "personal_loss": metrics["train_loss"],
+            "dsd_steps": float(objective.step),
+            "dsd_client_weight": weight,
             "dsd_kl": float(np.mean(objective.kls)) if objective.kls else 0.0,
         }
 

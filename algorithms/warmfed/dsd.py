@@ -59,9 +59,12 @@ class DSDConfig:
             raise ValueError(f"dsd lambda0 must be >= 0, got {self.lambda0}")
         if self.margin <= 0:
             raise ValueError(f"dsd margin must be > 0, got {self.margin}")
-        for field, value, allowed in (("schedule", self.schedule, SCHEDULES), ("selection", self.selection, SELECTIONS),
-                                      ("client_weighting", self.client_weighting, CLIENT_WEIGHTINGS),
-                                      ("teacher_mode", self.teacher_mode, TEACHER_MODES)):
+        for field, value, allowed in (
+            ("schedule", self.schedule, SCHEDULES),
+            ("selection", self.selection, SELECTIONS),
+            ("client_weighting", self.client_weighting, CLIENT_WEIGHTINGS),
+            ("teacher_mode", self.teacher_mode, TEACHER_MODES),
+        ):
             if value not in allowed:
                 raise ValueError(f"dsd {field} must be one of {', '.join(allowed)}, got {value!r}")
 

@@ -14,13 +14,16 @@ gives the judges' accuracy on held-out real images: the ceiling a perfect genera
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from sim.config import TrainConfig
+from sim.models import Classifier
 
 __all__ = ["JudgeConfig", "FidelityJudges", "fidelity_report"]
 
@@ -46,12 +49,19 @@ class JudgeConfig:
             raise ValueError(f"judge holdout must be in [0, 0.9), got {self.holdout}")
 
 
-def _cnn(in_channels: int, size: int, outputs: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * (size // 4) ** 2, outputs),
+def _cnn(in_channels: int, size: int, outputs: int) -> Classifier:
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
     )
+    return Classifier(features, 32 * (size // 4) ** 2, outputs)  # the head is built last, as before
 
 
 class _Batches:
@@ -59,9 +69,11 @@ class _Batches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, cfg: JudgeConfig, salt: int) -> None:
         self.x, self.y, self.cfg, self.salt = x, y, cfg, salt
-        self.train_cfg = SimpleNamespace(lr=cfg.lr, momentum=0.9, weight_decay=5e-4, local_epochs=cfg.epochs)
+        self.train_cfg = TrainConfig(lr=cfg.lr, momentum=0.9, weight_decay=5e-4, local_epochs=cfg.epochs)
 
-    def batches(self, split: str, purpose: str = "train", epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, split: str = "train", *, purpose: str = "train", epoch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.salt * 100 + epoch)
         order = torch.randperm(len(self.y), generator=g)
         s = self.cfg.shift
@@ -97,7 +109,10 @@ class _Judge:
             return np.zeros(0, np.int64)
         if self.kind == "logreg":
             return self.model.predict(np.asarray(x).reshape(len(x), -1)).astype(np.int64)
-        out = [self.model(torch.from_numpy(np.ascontiguousarray(x[i : i + 1024]))).argmax(1) for i in range(0, len(x), 1024)]
+        out = [
+            self.model(torch.from_numpy(np.ascontiguousarray(x[i : i + 1024]))).argmax(1)
+            for i in range(0, len(x), 1024)
+        ]
         return torch.cat(out).numpy().astype(np.int64)
 
 
@@ -114,9 +129,17 @@ def _check(x: Any, labels: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
 class FidelityJudges:
     """Class and domain judges fitted once on real data, then used on any number of synthetic sets."""
 
-    def __init__(self, real_x: np.ndarray, real_y: np.ndarray, real_domain: np.ndarray,
-                 cfg: JudgeConfig = JudgeConfig(), *, num_classes: int | None = None,
-                 num_domains: int | None = None, public_x: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        real_x: np.ndarray,
+        real_y: np.ndarray,
+        real_domain: np.ndarray,
+        cfg: JudgeConfig = JudgeConfig(),
+        *,
+        num_classes: int | None = None,
+        num_domains: int | None = None,
+        public_x: np.ndarray | None = None,
+    ) -> None:
         """``public_x``: images of the backbone's public (pretraining) look; the domain judge then
         has one more output for it, so an unadapted sample is not forced onto some client domain."""
         x, y = _check(real_x, real_y, "real")
@@ -136,7 +159,9 @@ class FidelityJudges:
         if self.has_public:
             px = np.asarray(public_x, dtype=np.float32)
             if px.shape[1:] != x.shape[1:]:
-                raise ValueError(f"public images must have shape (N, {', '.join(map(str, x.shape[1:]))}), got {px.shape}")
+                raise ValueError(
+                    f"public images must have shape (N, {', '.join(map(str, x.shape[1:]))}), got {px.shape}"
+                )
             dx = np.concatenate([dx, px])
             dd = np.concatenate([dd, np.full(len(px), self.num_domains, np.int64)])
         outputs = self.num_domains + int(self.has_public)
@@ -146,9 +171,15 @@ class FidelityJudges:
             float((self.domain_judge.predict(x[held]) == d[held]).mean()) if k and self.domain_judge else float("nan")
         )
 
-    def report(self, synth_x: np.ndarray, synth_y: np.ndarray, synth_domain: np.ndarray | Sequence[int],
-               *, synth_client: np.ndarray | None = None,
-               domain_names: Sequence[str] | None = None) -> dict[str, Any]:
+    def report(
+        self,
+        synth_x: np.ndarray,
+        synth_y: np.ndarray,
+        synth_domain: np.ndarray | Sequence[int],
+        *,
+        synth_client: np.ndarray | None = None,
+        domain_names: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         """Fidelity of one synthetic set; ``synth_domain`` is the domain each sample should show
         (its client's), ``synth_client`` (optional) groups the rows per client."""
         x, y = _check(synth_x, synth_y, "synthetic")
@@ -163,8 +194,11 @@ class FidelityJudges:
 
         def summary(mask: np.ndarray) -> dict[str, float]:
             n = int(mask.sum())
-            return {"n": n, "class_fidelity": float(class_ok[mask].mean()) if n else float("nan"),
-                    "domain_fidelity": float(domain_ok[mask].mean()) if n else float("nan")}
+            return {
+                "n": n,
+                "class_fidelity": float(class_ok[mask].mean()) if n else float("nan"),
+                "domain_fidelity": float(domain_ok[mask].mean()) if n else float("nan"),
+            }
 
         def name(k: int) -> str:
             if k == self.num_domains and self.has_public:
@@ -190,11 +224,20 @@ class FidelityJudges:
         return out
 
 
-def fidelity_report(real_x: np.ndarray, real_y: np.ndarray, real_domain: np.ndarray,
-                    synth_x: np.ndarray, synth_y: np.ndarray, synth_domain: np.ndarray,
-                    *, synth_client: np.ndarray | None = None, domain_names: Sequence[str] | None = None,
-                    cfg: JudgeConfig = JudgeConfig(), num_classes: int | None = None,
-                    num_domains: int | None = None) -> dict[str, Any]:
+def fidelity_report(
+    real_x: np.ndarray,
+    real_y: np.ndarray,
+    real_domain: np.ndarray,
+    synth_x: np.ndarray,
+    synth_y: np.ndarray,
+    synth_domain: np.ndarray,
+    *,
+    synth_client: np.ndarray | None = None,
+    domain_names: Sequence[str] | None = None,
+    cfg: JudgeConfig = JudgeConfig(),
+    num_classes: int | None = None,
+    num_domains: int | None = None,
+) -> dict[str, Any]:
     """Fit the judges on the real data and score one synthetic set (see :class:`FidelityJudges`).
 
     To score several sets (base beside LoRA) fit :class:`FidelityJudges` once and call
@@ -210,5 +253,7 @@ def format_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     for label, rep in rows.items():
         for dom, s in rep["per_domain"].items():
             lines.append(f"| {label} | {dom} | {s['n']} | {s['class_fidelity']:.3f} | {s['domain_fidelity']:.3f} |")
-        lines.append(f"| {label} | **all** | {rep['n']} | **{rep['class_fidelity']:.3f}** | **{rep['domain_fidelity']:.3f}** |")
+        lines.append(
+            f"| {label} | **all** | {rep['n']} | **{rep['class_fidelity']:.3f}** | **{rep['domain_fidelity']:.3f}** |"
+        )
     return "\n".join(lines)

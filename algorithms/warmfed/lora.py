@@ -19,13 +19,16 @@ import json
 import math
 import struct
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from algorithms.warmfed.diffusion.base import DiffusionBackbone, as_images as _as_images, as_labels as _as_labels
+from algorithms.warmfed.diffusion.base import DiffusionBackbone
+from algorithms.warmfed.diffusion.base import as_images as _as_images
+from algorithms.warmfed.diffusion.base import as_labels as _as_labels
 from sim.errors import UserError
 
 __all__ = [
@@ -123,7 +126,7 @@ class LoraConfig:
                 alpha_pattern[name] = self.lora_alpha * self.io_rank / self.rank
         return PeftLoraConfig(
             r=int(self.rank),
-            lora_alpha=self.lora_alpha,
+            lora_alpha=self.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it scales by any float
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
             target_modules=list(self.modules),
@@ -138,7 +141,7 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "target_modules" in d:
@@ -179,7 +182,7 @@ class LoraUpload:
         return save({k: v.contiguous() for k, v in self.state.items()}, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "LoraUpload":
+    def from_bytes(cls, data: bytes) -> LoraUpload:
         from safetensors.torch import load
 
         meta = _safetensors_metadata(data)
@@ -353,8 +356,9 @@ def _load_upload(unet: torch.nn.Module, upload: LoraUpload, where: str) -> None:
         )
     dtype = next(unet.parameters()).dtype
     result = set_peft_model_state_dict(unet, {k: v.to(dtype) for k, v in upload.state.items()}, adapter_name=_ADAPTER)
-    if getattr(result, "unexpected_keys", None):
-        raise LoraMismatchError(f"LoRA tensors not loaded: {result.unexpected_keys[:3]}")
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise LoraMismatchError(f"LoRA tensors not loaded: {unexpected[:3]}")
     for p in unet.parameters():
         p.requires_grad_(False)
 
@@ -396,13 +400,15 @@ def apply_lora(
             f"({backbone.name})"
         )
     unet = backbone.unet
-    can_copy = hasattr(backbone, "with_unet")
+    with_unet = getattr(backbone, "with_unet", None)  # only backbones that can copy themselves merge
+    can_copy = with_unet is not None
     if merge is None:
         merge = can_copy and sum(p.numel() for p in unet.parameters()) <= MERGE_MAX_PARAMETERS
     if merge:
         if not can_copy:
             raise ValueError(f"backbone {backbone.name} cannot sample with a merged copy (no with_unet)")
-        personalized = backbone.with_unet(_merged_copy(unet, upload, backbone.name))
+        assert with_unet is not None
+        personalized = with_unet(_merged_copy(unet, upload, backbone.name))
         with personalized.use_domain(upload.config.domain):
             yield personalized
         return

@@ -125,8 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=500, help="samples for the accuracy check")
     ap.add_argument("--dataset", help="pretrain for this dataset's public split into --cache-dir instead")
     ap.add_argument("--cache-dir", type=Path, default=Path("results/cache"))
-    ap.add_argument("--steps", type=int, help="train_steps (WarmFed's algo.warmfed.pretrain_steps; default: the config's)")
-    ap.add_argument("--augment", choices=("none", "photometric", "polarity"), help="as algo.warmfed.pretrain_augment (default: the config's)")
+    ap.add_argument(
+        "--steps", type=int, help="train_steps (WarmFed's algo.warmfed.pretrain_steps; default: the config's)"
+    )
+    ap.add_argument(
+        "--augment",
+        choices=("none", "photometric", "polarity"),
+        help="as algo.warmfed.pretrain_augment (default: the config's)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TinyBackboneConfig(
             **({"train_steps": args.steps} if args.steps else {}), **({"augment": args.augment} if args.augment else {})
         )
-        bb, path, trained = get_or_pretrain_tiny_backbone(args.cache_dir, pub.images, pub.labels, cfg, pub.fingerprint(),
-                                                          asset_dir=None)
+        bb, path, trained = get_or_pretrain_tiny_backbone(
+            args.cache_dir, pub.images, pub.labels, cfg, pub.fingerprint(), asset_dir=None
+        )
         print(f"{'pretrained' if trained else 'already cached'}: {path} ({bb.info.get('train_seconds', '?')} s)")
         return 0
     images, labels, fp = public_digits()
@@ -164,14 +171,20 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"images_per_second_g{g:g}"] = round(len(y) / (time.perf_counter() - t), 1)
     metrics["sample_mean_pixel"] = round(float(x.mean()), 4)
     metrics["public_mean_pixel"] = round(float(images.mean()), 4)
-    bb.info.update(metrics, judge=f"sklearn SVC(C=5) on real {'digits of all domains' if cfg.augment == 'photometric' else 'plain digits'} (client split)", sampler="DDIM 25 steps")
+    bb.info.update(
+        metrics,
+        judge=f"sklearn SVC(C=5) on real {'digits of all domains' if cfg.augment == 'photometric' else 'plain digits'} (client split)",
+        sampler="DDIM 25 steps",
+    )
     out = bb.save(args.out, dtype=getattr(torch, args.dtype))
     back = TinyBackbone.load(out, expected_key=cfg.key(fp))
     x = back.sample(y, steps=25, guidance_scale=DEFAULT_GUIDANCE_SCALE, seed=1, batch_size=100)
     reloaded_acc = sample_class_accuracy(judge, x, y)
     print(json.dumps(bb.info, indent=2))
-    print(f"saved {out} ({sum(p.stat().st_size for p in out.iterdir() if p.name.startswith('tiny_backbone'))} bytes); "
-          f"reloaded ({args.dtype}) sample accuracy {reloaded_acc:.3f}")
+    print(
+        f"saved {out} ({sum(p.stat().st_size for p in out.iterdir() if p.name.startswith('tiny_backbone'))} bytes); "
+        f"reloaded ({args.dtype}) sample accuracy {reloaded_acc:.3f}"
+    )
     return 0
 
 

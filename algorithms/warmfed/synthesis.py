@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -53,8 +53,9 @@ def synthesize(
     """
     labels = class_counts_to_labels(class_counts, backbone.num_classes)
     extra = {} if sampler is None else {"sampler": sampler}  # None: the backbone's default solver
-    images = backbone.sample(labels, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
-                             **extra)
+    images = backbone.sample(
+        labels, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, **extra
+    )
     if images.shape[0] != labels.shape[0]:
         raise RuntimeError(f"backbone returned {images.shape[0]} images for {labels.shape[0]} labels")
     return np.ascontiguousarray(images, dtype=np.float32), labels

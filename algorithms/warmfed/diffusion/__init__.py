@@ -16,8 +16,6 @@ from algorithms.warmfed.diffusion.base import (
     ProgressFn,
     UNetBackbone,
     array_fingerprint,
-    as_images as _as_images,
-    as_labels as _as_labels,
     weights_fingerprint,
 )
 from algorithms.warmfed.diffusion.loaders import (

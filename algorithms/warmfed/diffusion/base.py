@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -54,7 +56,7 @@ class DiffusionBackbone(Protocol):
         """Images in [-1, 1], float32 (N, C, H, W) at the classifier size, one per label."""
         ...
 
-    def use_domain(self, domain: str | None) -> ContextManager[None]:
+    def use_domain(self, domain: str | None) -> AbstractContextManager[None]:
         """Temporarily set the prompt's ``{domain}`` slot (no-op for class-conditional backbones)."""
         ...
 
@@ -158,7 +160,7 @@ class UNetBackbone:
         """Size of the UNet's base weights as held in memory."""
         return sum(t.numel() * t.element_size() for t in self._unet.state_dict().values())
 
-    def with_unet(self, unet: torch.nn.Module) -> "UNetBackbone":
+    def with_unet(self, unet: torch.nn.Module) -> UNetBackbone:
         """A shallow copy sampling with another UNet (e.g. one with a LoRA merged in); the
         schedulers and config are shared, this backbone is left as it is."""
         import copy

@@ -95,8 +95,7 @@ def load_tiny_backbone(path: str | os.PathLike, *, expected_key: str | None = No
     bb = TinyBackbone(unet, cfg, data_fp, info=meta.get("info"))
     if meta.get("weights_fingerprint") and bb.fingerprint() != meta["weights_fingerprint"]:
         raise BackboneError(
-            f"weights in {wpath} do not match {jpath} (fingerprint {bb.fingerprint()} != "
-            f"{meta['weights_fingerprint']})"
+            f"weights in {wpath} do not match {jpath} (fingerprint {bb.fingerprint()} != {meta['weights_fingerprint']})"
         )
     return bb
 
@@ -155,8 +154,9 @@ def get_or_pretrain_tiny_backbone(
         bb = load_default_asset(cfg, data_fingerprint, asset_dir)
         if bb is not None:
             return bb, Path(asset_dir), False
-    bb = pretrain_tiny_backbone(images, labels, cfg, progress, data_fingerprint=data_fingerprint,
-                                show_progress=show_progress)
+    bb = pretrain_tiny_backbone(
+        images, labels, cfg, progress, data_fingerprint=data_fingerprint, show_progress=show_progress
+    )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

@@ -76,7 +76,7 @@ class _EMA:
 def pretrain_tiny_backbone(
     images: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
-    cfg: TinyBackboneConfig = TinyBackboneConfig(),
+    cfg: TinyBackboneConfig | None = None,
     progress: ProgressFn | None = None,
     *,
     data_fingerprint: str | None = None,
@@ -87,6 +87,7 @@ def pretrain_tiny_backbone(
     ``progress(step, total, loss)`` is called every step (cheap; throttle in the callback);
     ``show_progress`` draws a tqdm bar on stderr.
     """
+    cfg = cfg or TinyBackboneConfig()
     x = match_channels(resize(as_images(images), cfg.image_size), cfg.in_channels).contiguous()
     y = as_labels(labels, cfg.num_classes)
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:

@@ -7,7 +7,8 @@ or text embeddings), which the caller passes in as ``eps_fn``.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -52,8 +53,11 @@ def make_sample_scheduler(sampler: str, config: Mapping[str, Any]) -> Any:
     extra: dict[str, Any] = {}
     if cfg.pop("clip_sample", False):
         # ratio 1.0: the threshold is max |x0| floored at sample_max_value, i.e. a plain clip
-        extra = {"thresholding": True, "dynamic_thresholding_ratio": 1.0,
-                 "sample_max_value": float(cfg.pop("clip_sample_range", 1.0))}
+        extra = {
+            "thresholding": True,
+            "dynamic_thresholding_ratio": 1.0,
+            "sample_max_value": float(cfg.pop("clip_sample_range", 1.0)),
+        }
     cfg.pop("clip_sample_range", None)
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2, **extra)

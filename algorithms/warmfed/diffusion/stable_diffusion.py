@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import string
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -99,10 +100,11 @@ class StableDiffusionBackbone(UNetBackbone):
                 dtype=dtype,
                 variant=cfg.variant,
             )
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError) as e:
             where = f"path {p}" if p.is_dir() else f"{src!r} (not a local folder, not in the local Hugging Face cache)"
             raise BackboneError(f"cannot load a Stable Diffusion pipeline from {where}: {e}") from e
         self._unet = pipe.unet.eval()
+        self._unet_config: Any = cast(Any, self._unet).config  # diffusers typed as a plain module
         self.vae = pipe.vae.eval()
         self.text_encoder = pipe.text_encoder.eval()
         self.tokenizer = pipe.tokenizer
@@ -112,7 +114,7 @@ class StableDiffusionBackbone(UNetBackbone):
         self.train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.sample_config = dict(pipe.scheduler.config)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        native = self._unet.config.sample_size
+        native = self._unet_config.sample_size
         native = native[0] if isinstance(native, (tuple, list)) else native
         self.generation_size = int(cfg.generation_size or native * self.vae_scale)
         if self.generation_size % self.vae_scale:
@@ -152,14 +154,14 @@ class StableDiffusionBackbone(UNetBackbone):
                 return_tensors="pt",
             )
             emb = self.text_encoder(tok.input_ids)[0].to(self.dtype)
-            for q, e in zip(missing, emb):
+            for q, e in zip(missing, emb, strict=True):
                 self._emb_cache[q] = e
         return torch.stack([self._emb_cache[q] for q in prompts])
 
     def prompts(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> list[str]:
         out = [self.cfg.prompt(int(c), self.domain) for c in labels]
         if drop is not None:
-            out = [self.cfg.negative_prompt if d else q for q, d in zip(out, drop.tolist())]
+            out = [self.cfg.negative_prompt if d else q for q, d in zip(out, drop.tolist(), strict=True)]
         return out
 
     # -- interface -------------------------------------------------------------------
@@ -203,7 +205,7 @@ class StableDiffusionBackbone(UNetBackbone):
             return np.zeros((0, c, s, s), np.float32)
         if steps < 1 or batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
-        lat_c = self._unet.config.in_channels
+        lat_c = int(self._unet_config.in_channels)
         ls = self.generation_size // self.vae_scale
         noise = torch.randn((n, lat_c, ls, ls), generator=torch.Generator().manual_seed(int(seed)))
         sched = make_sample_scheduler(sampler, self.sample_config)
@@ -217,7 +219,9 @@ class StableDiffusionBackbone(UNetBackbone):
                 cond = self._embed(self.prompts(y))
                 both = torch.cat([cond, self._embed([self.cfg.negative_prompt] * b)])
 
-                def eps_fn(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+                def eps_fn(
+                    x: torch.Tensor, t: torch.Tensor, guided: bool, both: torch.Tensor = both, cond: torch.Tensor = cond
+                ) -> torch.Tensor:  # defaults bind this batch's prompts
                     return self._unet(x, t, encoder_hidden_states=both if guided else cond).sample
 
                 lat = denoise(eps_fn, noise[start : start + b].to(self.dtype), sched, steps, guidance_scale)

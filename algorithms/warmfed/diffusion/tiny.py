@@ -12,9 +12,10 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,9 +72,7 @@ class TinyBackboneConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         if self.image_size < 4 or self.image_size % (2 ** (len(self.block_out_channels) - 1)):
-            raise BackboneError(
-                f"image_size {self.image_size} must be divisible by 2^(len(block_out_channels)-1)"
-            )
+            raise BackboneError(f"image_size {self.image_size} must be divisible by 2^(len(block_out_channels)-1)")
         if self.num_classes < 1 or self.in_channels < 1:
             raise BackboneError("num_classes and in_channels must be >= 1")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
@@ -101,7 +100,7 @@ class TinyBackboneConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TinyBackboneConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> TinyBackboneConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -174,7 +173,7 @@ class TinyBackbone(UNetBackbone):
         self.in_channels = cfg.in_channels
         self.key = cfg.key(data_fingerprint)
         self.name = f"tiny-unet-{self.key}"
-        self.train_scheduler = DDPMScheduler(**cfg.scheduler_config())
+        self.train_scheduler: Any = DDPMScheduler(**cfg.scheduler_config())  # diffusers is untyped here
         self._fingerprint = weights_fingerprint({"unet": self._unet})
 
     @contextlib.contextmanager
@@ -222,7 +221,13 @@ class TinyBackbone(UNetBackbone):
                 y = y_all[start : start + batch_size]
                 y_guided = torch.cat([y, torch.full_like(y, self.cfg.null_class)])
 
-                def eps_fn(x: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
+                def eps_fn(
+                    x: torch.Tensor,
+                    t: torch.Tensor,
+                    guided: bool,
+                    y: torch.Tensor = y,
+                    y_guided: torch.Tensor = y_guided,
+                ) -> torch.Tensor:  # defaults bind this batch's labels
                     return self._unet(x, t, class_labels=y_guided if guided else y).sample
 
                 x = denoise(eps_fn, noise[start : start + len(y)], sched, steps, guidance_scale)
@@ -238,7 +243,7 @@ class TinyBackbone(UNetBackbone):
         return save_tiny_backbone(self, path, dtype=dtype)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, expected_key: str | None = None) -> "TinyBackbone":
+    def load(cls, path: str | os.PathLike, *, expected_key: str | None = None) -> TinyBackbone:
         """See :func:`loaders.load_tiny_backbone`."""
         from algorithms.warmfed.diffusion.loaders import load_tiny_backbone
 
