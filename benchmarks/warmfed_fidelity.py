@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-steps", type=int, help="backbone train_steps (as algo.warmfed.pretrain_steps)")
     ap.add_argument(
         "--pretrain-augment",
-        choices=("none", "photometric", "polarity"),
+        choices=("none", "photometric", "polarity", "textures"),
         help="backbone augment (as algo.warmfed.pretrain_augment)",
     )
     ap.add_argument("--train-per-domain", type=int, default=240, help="real images a client trains its LoRA on")

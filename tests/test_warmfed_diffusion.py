@@ -456,3 +456,28 @@ def test_pretraining_augmentations_keep_shapes_and_polarity_inverts_about_half()
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 20 <= sum(flipped) <= 44
     colours = augment_batch(x, "photometric", torch.Generator().manual_seed(0))
     assert colours.shape == x.shape and colours.abs().max() <= 1 and not torch.equal(colours, x)
+
+
+def test_texture_augmentation_keeps_the_digit_over_varied_backgrounds():
+    """`textures` redraws about three quarters of the digits over generic backgrounds (seeded), and the
+    digit stays readable: ink pixels contrast with the background around them."""
+    from algorithms.warmfed.diffusion.pretrain import augment_batch
+
+    ink = torch.zeros(200, 1, 16, 16)
+    ink[:, :, 3:13, 7:9] = 1.0  # a bar: the "digit"
+    x = ink.repeat(1, 3, 1, 1) * 2 - 1  # white on black, as the public split
+    a = augment_batch(x, "textures", torch.Generator().manual_seed(0))
+    assert torch.equal(a, augment_batch(x, "textures", torch.Generator().manual_seed(0)))
+    assert a.shape == x.shape and a.abs().max() <= 1
+    kept = [bool(torch.equal(a[i], x[i])) for i in range(200)]
+    assert 30 <= sum(kept) <= 70
+    drawn = a[[i for i in range(200) if not kept[i]]]
+    on, off = ink[0, 0].bool(), ~ink[0, 0].bool()
+    fg = drawn[:, :, on].mean(2)  # (n, 3): the ink colour
+    bg = drawn[:, :, off]
+    # the ink differs from the background by a clear margin in every redrawn image
+    gap = (bg - fg[:, :, None]).abs().amax(1).mean(1)
+    assert float(gap.min()) > 0.3
+    # backgrounds vary: flat ones and textured ones (a spread of pixel values)
+    spread = bg.std(2).amax(1)
+    assert int((spread < 1e-4).sum()) > 10 and int((spread > 0.2).sum()) > 50

@@ -66,11 +66,8 @@ BACKBONES = ("tiny", "stable-diffusion")
 SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
 UPLOADS = ("ce", "dsd")
 TEACHERS = ("personal", "global")
-PRETRAIN_AUGMENTATIONS = (
-    "none",
-    "photometric",
-    "polarity",
-)  # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
+# diffusion.AUGMENTATIONS (not imported: it loads diffusers)
+PRETRAIN_AUGMENTATIONS = ("none", "photometric", "polarity", "textures")
 
 
 @dataclass(frozen=True)

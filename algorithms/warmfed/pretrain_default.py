@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--augment",
-        choices=("none", "photometric", "polarity"),
+        choices=("none", "photometric", "polarity", "textures"),
         help="as algo.warmfed.pretrain_augment (default: the config's)",
     )
     args = ap.parse_args(argv)

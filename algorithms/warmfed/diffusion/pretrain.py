@@ -17,7 +17,7 @@ from algorithms.warmfed.diffusion.base import (
 )
 from algorithms.warmfed.diffusion.tiny import TinyBackbone, TinyBackboneConfig
 
-__all__ = ["pretrain_tiny_backbone", "photometric", "polarity", "augment_batch"]
+__all__ = ["pretrain_tiny_backbone", "photometric", "polarity", "textures", "augment_batch"]
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -49,12 +49,55 @@ def polarity(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], -x, x)
 
 
+def textures(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Three quarters of a batch redrawn as its ink over a random generic background -- flat, a hard
+    grating of random angle and period, block noise of 1-4 px cells, or a linear ramp -- in random
+    colours, ink in a colour that contrasts with both background colours; a quarter kept as is.
+
+    A foundation model has drawn shapes over many textures; a backbone that has only drawn plain
+    digits must invent a client's texture in its LoRA, and at this size it breaks the digit instead.
+    The families are generic (no frame, no shadow, no regular checkerboard), so base samples stay
+    off every client style; the fidelity benchmark's base rows measure that.
+    """
+    n, c, h, w = x.shape
+    g = generator
+    ink = ((x.mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)  # (n, 1, h, w)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    angle = torch.rand((n, 1, 1, 1), generator=g) * torch.pi
+    along = xx * torch.cos(angle) + yy * torch.sin(angle)  # (n, 1, h, w)
+    period = 2.0 + torch.rand((n, 1, 1, 1), generator=g) * 6.0
+    phase = torch.rand((n, 1, 1, 1), generator=g) * period
+    grating = (torch.remainder(along + phase, period) < period / 2).to(x.dtype)
+    ramp = (along - along.amin((2, 3), keepdim=True)) / (
+        along.amax((2, 3), keepdim=True) - along.amin((2, 3), keepdim=True) + 1e-6
+    )
+    cells = [1, 2, 4]
+    cell = torch.randint(0, len(cells), (n,), generator=g)
+    blocks = torch.zeros((n, 1, h, w), dtype=x.dtype)
+    for i, s in enumerate(cells):
+        low = torch.rand((n, 1, -(-h // s), -(-w // s)), generator=g).round()
+        up = low.repeat_interleave(s, 2).repeat_interleave(s, 3)[:, :, :h, :w]
+        blocks = torch.where((cell == i)[:, None, None, None], up, blocks)
+    family = torch.randint(0, 4, (n,), generator=g)[:, None, None, None]
+    t = torch.where(family == 1, grating, torch.where(family == 2, blocks, torch.where(family == 3, ramp, 0.0 * ramp)))
+    bg_a = torch.rand((n, c, 1, 1), generator=g) * 2 - 1
+    bg_b = torch.rand((n, c, 1, 1), generator=g) * 2 - 1
+    fg = torch.rand((n, c, 1, 1), generator=g) * 2 - 1
+    low_contrast = torch.minimum((fg - bg_a).abs().amax(1, keepdim=True), (fg - bg_b).abs().amax(1, keepdim=True)) < 0.7
+    fg = torch.where(low_contrast, -(bg_a + bg_b) / 2, fg)  # opposite of the background's mean colour
+    drawn = (bg_a + (bg_b - bg_a) * t) * (1 - ink) + fg * ink
+    keep = torch.rand((n,), generator=g)[:, None, None, None] < 0.25
+    return torch.where(keep, x, drawn).clamp(-1, 1)
+
+
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """The pretraining augmentation named by TinyBackboneConfig.augment."""
     if kind == "photometric":
         return photometric(x, generator)
     if kind == "polarity":
         return polarity(x, generator)
+    if kind == "textures":
+        return textures(x, generator)
     return x
 
 

@@ -42,8 +42,9 @@ __all__ = ["TinyBackboneConfig", "TinyBackbone", "AUGMENTATIONS"]
 
 #: ``none``; ``photometric``: each training image as it is, inverted, or in random
 #: ink/background colours (a third each), so the class features do not hinge on one look;
-#: ``polarity``: as it is or inverted (half each), grey only.
-AUGMENTATIONS: tuple[str, ...] = ("none", "photometric", "polarity")
+#: ``polarity``: as it is or inverted (half each), grey only; ``textures``: the ink over random
+#: generic backgrounds in random colours (pretrain.textures).
+AUGMENTATIONS: tuple[str, ...] = ("none", "photometric", "polarity", "textures")
 
 
 @dataclass(frozen=True)
