@@ -24,16 +24,22 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    """How the dataset is split over clients; scheme-specific fields are used only by their scheme."""
+    """How the dataset is split over clients: the keys every scheme shares, plus the scheme's own.
+
+    The scheme's own keys sit flat beside these in YAML and `--set` (`partition: {scheme: dirichlet,
+    alpha: 0.1}`) and land in `params`, validated against the params class the scheme registered
+    (as `algo.<name>.*` are), so a new scheme brings its knobs in its own file.
+    """
 
     scheme: str = "domain-dirichlet"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    sigma: float = 1.0
     min_size: int = 10
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int | None = None  # None: the run's seed, so each seed of a comparison gets its own split
+    params: dict[str, Any] = field(default_factory=dict)  # the scheme's own keys; complete after load_config
+
+
+_SHARED_PARTITION_KEYS = frozenset({"scheme", "min_size", "val_fraction", "test_fraction", "seed"})
 
 
 @dataclass(frozen=True)
@@ -199,9 +205,39 @@ def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: S
         _set_dotted(tree, key, value)
     if tree.get("clients_per_round") == "all":
         tree["clients_per_round"] = None
+    _nest_partition_params(tree)
     cfg = from_mapping(RunConfig, tree)
     validate(cfg)
     return resolve(cfg)
+
+
+def _nest_partition_params(tree: dict[str, Any]) -> None:
+    """Move the scheme's own keys of the flat `partition:` section into `partition.params`."""
+    section = tree.get("partition")
+    if not isinstance(section, dict):
+        return  # from_mapping reports the wrong type
+    shared = {k: v for k, v in section.items() if k in _SHARED_PARTITION_KEYS}
+    tree["partition"] = {**shared, "params": {k: v for k, v in section.items() if k not in _SHARED_PARTITION_KEYS}}
+
+
+def partition_params(partition: PartitionConfig) -> Any:
+    """The chosen scheme's typed params. Another scheme's key is ignored, so one config can sweep
+    `partition.scheme` (alpha set for dirichlet does not stop a shards cell); a key no scheme has is an error."""
+    from sim.partition import scheme_names, scheme_params_cls
+
+    def keys(scheme: str) -> set[str]:
+        return {f.name for f in dataclasses.fields(scheme_params_cls(scheme))}
+
+    own = keys(partition.scheme)
+    known = set().union(*(keys(s) for s in scheme_names()))
+    unknown = sorted(set(partition.params) - known)
+    if unknown:
+        raise ConfigError(
+            f"partition.{unknown[0]}: no partition scheme has this parameter; scheme {partition.scheme!r} takes: "
+            f"{', '.join(sorted(own)) or 'none'} (and every scheme: {', '.join(sorted(_SHARED_PARTITION_KEYS))})"
+        )
+    mine = {k: v for k, v in partition.params.items() if k in own}
+    return from_mapping(scheme_params_cls(partition.scheme), mine, prefix="partition")
 
 
 def resolved(value: T | None, key: str) -> T:
@@ -217,7 +253,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         cfg = dataclasses.replace(cfg, clients_per_round=cfg.num_clients - cfg.holdout_clients)
     if cfg.eval.new_client_epochs is None:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, new_client_epochs=cfg.train.finetune_epochs))
-    return cfg
+    params = to_mapping(partition_params(cfg.partition))  # every field, typed: alpha=1 and alpha=1.0 are one config
+    return dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, params=params))
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -290,6 +327,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"partition.scheme: unknown scheme {cfg.partition.scheme!r}; registered: {', '.join(scheme_names())}"
         )
+    partition_params(cfg.partition)
     if cfg.model.name not in model_names():
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(model_names())}")
 
@@ -322,5 +360,13 @@ def algorithm_spec(cfg: RunConfig, name: str) -> tuple[type[Any], Any]:
     return cls, convert(cfg.algo.get(name, {}), cls.Params, f"algo.{name}")
 
 
+def config_mapping(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain data, in the shape YAML and `--set` use (the scheme's keys flat in `partition`)."""
+    tree = to_mapping(cfg)
+    part = tree["partition"]
+    tree["partition"] = {"scheme": part.pop("scheme"), **part.pop("params"), **part}
+    return tree
+
+
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_mapping(cfg), sort_keys=False)
+    return yaml.safe_dump(config_mapping(cfg), sort_keys=False)

@@ -36,7 +36,7 @@ def test_yaml_and_overrides(tmp_path):
     )
     assert cfg.rounds == 3 and cfg.algorithms == ["fedavg", "fedprox"]
     assert cfg.num_clients == 20 and cfg.clients_per_round == 5 and cfg.seeds == [0, 1, 2]
-    assert cfg.partition.scheme == "dirichlet" and cfg.partition.alpha == 0.1
+    assert cfg.partition.scheme == "dirichlet" and cfg.partition.params == {"alpha": 0.1}
     assert cfg.client_resources.num_cpus == 0.5 and cfg.client_resources.num_gpus == "auto"
     assert cfg.ray.address == "auto" and cfg.out == "/tmp/x"
     assert cfg.algo["fedprox"]["mu"] == 0.5
@@ -62,6 +62,10 @@ def test_round_trip_through_yaml(tmp_path):
         (["num_clients=2.5"], ["num_clients", "integer"]),
         (["nonsense=1"], ["nonsense", "allowed keys"]),
         (["partition.alpah=1"], ["partition.alpah", "alpha"]),
+        (["partition.scheme=shards", "partition.alpah=0.1"], ["partition.alpah", "shards", "classes_per_client"]),
+        (["partition.scheme=iid", "partition.beta=0.1"], ["partition.beta", "iid", "none", "val_fraction"]),
+        (["partition.alpha=high"], ["partition.alpha", "high"]),
+        (["partition.alpha=-1"], ["alpha", "-1"]),
         (["partition.scheme=spiral"], ["partition.scheme", "dirichlet"]),
         (["dataset=mnist"], ["dataset", "digits-domains"]),
         (["data.colour=red"], ["colour"]),
@@ -129,3 +133,20 @@ def test_clients_per_round_defaults_to_every_training_client():
 def test_new_client_budget_follows_the_finetune_budget_unless_set():
     assert load_config(None, ["train.finetune_epochs=3"]).eval.new_client_epochs == 3
     assert load_config(None, ["train.finetune_epochs=3", "eval.new_client_epochs=1"]).eval.new_client_epochs == 1
+
+
+def test_a_scheme_owns_its_parameters_and_the_config_keeps_them_flat(tmp_path):
+    """`partition: {scheme, <its keys>}`: the scheme's keys are validated against its params class, filled
+    with its defaults (the run directory records the numbers used) and written back flat."""
+    cfg = load_config(None, ["partition.scheme=shards"])
+    assert cfg.partition.params == {"classes_per_client": 2}  # the scheme's default, recorded
+    # another scheme's key does not stop a shards run (a sweep over schemes shares one config) and is not recorded
+    assert load_config(None, ["partition.scheme=shards", "partition.alpha=0.1"]) == cfg
+    one = load_config(None, ["partition.scheme=dirichlet", "partition.alpha=1"])
+    assert one.partition.params == {"alpha": 1.0} and isinstance(one.partition.params["alpha"], float)
+    text = dump_config(one)
+    assert "partition:\n  scheme: dirichlet\n  alpha: 1.0\n" in text and "params" not in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert load_config(path) == one  # what a run directory holds loads back to the same config
+    assert dump_config(load_config(None, ["partition.scheme=dirichlet", "partition.alpha=1.0"])) == text

@@ -22,7 +22,6 @@ from sim.partition import (
     describe,
     heterogeneity,
     min_total_per_client,
-    params_for_scheme,
     partition_key,
     scheme_names,
     scheme_params_cls,
@@ -84,8 +83,6 @@ def test_registry_lists_all_schemes_with_defaults():
     assert scheme_params_cls("dirichlet")().alpha == 0.5
     assert scheme_params_cls("shards")().classes_per_client == 2
     assert scheme_params_cls("quantity")().sigma == 1.0
-    flat = {"alpha": 0.3, "classes_per_client": 3, "sigma": 2.0, "min_size": 10}
-    assert params_for_scheme("dirichlet", flat) == DirichletParams(alpha=0.3)
 
 
 def test_unknown_scheme_lists_registered_names():

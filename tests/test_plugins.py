@@ -15,6 +15,7 @@ from sim import plugins
 from sim.config import load_config
 from sim.data import registry as data_registry
 from sim.partition import base as partition_base
+from sim.typed import ConfigError
 from tests.conftest import small_overrides
 
 BASELINE = """
@@ -64,7 +65,8 @@ class ToyHalvesParams:
 @register_scheme("toy-halves", ToyHalvesParams)
 class ToyHalves:
     def assign(self, data, params, rng):
-        return np.zeros(data.labels.size, dtype=np.int64)
+        # the first `first` of the samples to client 0, the rest to client 1
+        return (np.arange(data.labels.size) >= round(params.first * data.labels.size)).astype(np.int64)
 """
 
 
@@ -116,6 +118,29 @@ def test_a_new_file_in_each_scanned_package_is_listed_and_configurable(registrie
     assert run_sim.main(argv) == 2
     err = capsys.readouterr().err
     assert err == "error: toy-blobs: no 5 blobs on this machine\n"
+
+    # the scheme's own parameter, declared only in its file, is a config key and reaches the scheme
+    from sim.data import load_dataset
+    from sim.orchestration.partition_build import partition_for
+
+    cfg = load_config(
+        None,
+        [
+            *small_overrides(tmp_path),
+            "num_clients=2",
+            "clients_per_round=all",
+            "partition.scheme=toy-halves",
+            "partition.first=0.25",
+        ],
+    )
+    dataset = load_dataset(cfg.dataset, cfg.data)
+    partition, _ = partition_for(cfg, dataset, 0)
+    sizes = [sum(len(partition.client_indices(c, s)) for s in ("train", "val", "test")) for c in (0, 1)]
+    assert sizes[0] == round(0.25 * len(dataset.labels)) and sum(sizes) == len(dataset.labels)
+    with pytest.raises(
+        ConfigError, match="partition.frist: no partition scheme has this parameter; scheme 'toy-halves' takes: first"
+    ):
+        load_config(None, ["partition.scheme=toy-halves", "partition.frist=0.1"])
 
 
 def test_without_the_file_the_names_are_unknown(registries, capsys):

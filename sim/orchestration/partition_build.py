@@ -1,22 +1,18 @@
-"""From the run config to a stored partition: the glue between `partition.*` keys and the store.
-
-Only the fields the chosen scheme declares are passed to it, so changing `partition.alpha`
-does not change the hash (and the stored file) of a `shards` partition.
-"""
+"""From the run config to a stored partition: the glue between `partition.*` keys and the store."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from sim.config import RunConfig
-from sim.partition import PartitionStore, SplitFractions, scheme_params_cls
+from sim.config import RunConfig, partition_params
+from sim.partition import PartitionStore, SplitFractions
+from sim.typed import to_mapping
 
 
 def scheme_params(cfg: RunConfig) -> dict[str, Any]:
-    wanted = {f.name for f in dataclasses.fields(scheme_params_cls(cfg.partition.scheme))}
-    return {name: getattr(cfg.partition, name) for name in sorted(wanted)}
+    """Every field of the scheme's params, sorted: the partition's hash does not depend on how the config spelt them."""
+    return dict(sorted(to_mapping(partition_params(cfg.partition)).items()))
 
 
 def partition_for(cfg: RunConfig, dataset: Any, seed: int) -> tuple[Any, Path]:

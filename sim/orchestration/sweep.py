@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sim.config import RunConfig, dump_config, load_config, parse_override
+from sim.config import RunConfig, config_mapping, dump_config, load_config, parse_override
 from sim.files import replacing, write_json
 from sim.typed import ConfigError, to_mapping
 
@@ -129,7 +129,7 @@ def _lookup(tree: Any, dotted: str) -> Any:
 
 
 def _canonical(cfg: RunConfig, key: str) -> Any:
-    value = _lookup(to_mapping(cfg), key)
+    value = _lookup(config_mapping(cfg), key)
     if key == "algorithms" and isinstance(value, list) and len(value) == 1:
         return value[0]
     return value

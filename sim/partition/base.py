@@ -263,14 +263,3 @@ def resolve_params(scheme: str, params: Mapping[str, Any] | Any | None) -> Any:
         raise
     except (ConfigError, TypeError, ValueError) as exc:
         raise PartitionError(str(exc)) from exc
-
-
-def params_for_scheme(scheme: str, flat: Mapping[str, Any]) -> Any:
-    """Pick the fields of `scheme`'s params out of a flat config section (e.g. PartitionConfig).
-
-    The run config keeps alpha / classes_per_client / sigma side by side; only the chosen
-    scheme's fields are meaningful, the others are ignored here on purpose.
-    """
-    cls = scheme_params_cls(scheme)
-    names = {f.name for f in dataclasses.fields(cls)}
-    return resolve_params(scheme, {k: v for k, v in flat.items() if k in names})
