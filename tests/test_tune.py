@@ -143,3 +143,23 @@ def test_a_tuned_run_is_reproducible_and_resumes(tmp_path, capsys):
     tune("a")  # again: every cell is finished, nothing reruns
     out = capsys.readouterr().out
     assert "all 2 cells finished earlier" in out
+
+
+def test_the_report_names_the_commits_the_runs_recorded_not_the_one_at_the_end(tmp_path):
+    """A tune outlives edits: its report's git line is what each run recorded when it started."""
+    import json
+
+    from sim.config import load_config
+    from sim.orchestration.sweep import Cell, Sweep
+    from sim.orchestration.tune import _recorded_commits
+
+    cells = []
+    for i, commit in enumerate(["aaa", "bbb", "aaa", None]):
+        cfg = load_config(None, [f"out={tmp_path}", f"run_id=c{i}"])
+        cell = Cell(id=f"c{i}", values={}, cfg=cfg)
+        cell.dir.mkdir()
+        (cell.dir / "manifest.json").write_text(json.dumps({"git_commit": commit}))
+        cells.append(cell)
+    unrun = Cell(id="never", values={}, cfg=load_config(None, [f"out={tmp_path}", "run_id=never"]))
+    sweeps = [Sweep("s", tmp_path, {}, cells[:2], None, []), Sweep("f", tmp_path, {}, [*cells[2:], unrun], None, [])]
+    assert _recorded_commits(sweeps) == ["aaa", "bbb"]

@@ -358,6 +358,18 @@ def _point_text(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_text(v)}" for k, v in point.items()) or "(defaults)"
 
 
+def _recorded_commits(sweeps: Sequence[Sweep]) -> list[str]:
+    """The commits the runs recorded when each started: a tune that outlived a code change lists both."""
+    commits: list[str] = []
+    for sweep in sweeps:
+        for cell in sweep.cells:
+            path = cell.dir / "manifest.json"
+            commit = json.loads(path.read_text()).get("git_commit") if path.is_file() else None
+            if commit and commit not in commits:
+                commits.append(commit)
+    return commits
+
+
 def write_tune_report(
     plan: Plan,
     scores: pd.DataFrame,
@@ -390,7 +402,8 @@ def write_tune_report(
     lines = [
         f"# Tuning {plan.name}",
         "",
-        f"Config: {plan.config or '(defaults)'}; --set: {' '.join(plan.sets) or '(none)'}; git {git_commit()}.",
+        f"Config: {plan.config or '(defaults)'}; --set: {' '.join(plan.sets) or '(none)'}; "
+        f"git {', '.join(_recorded_commits([plan.search, final])) or git_commit()}.",
         "",
         f"Search: {sum(plan.points(a) for a in plan.algorithms)} grid points ({len(plan.search.cells)} sweep cells) "
         f"at {search_cfg.rounds} rounds, seeds {search_cfg.seeds}; "
