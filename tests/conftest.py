@@ -39,3 +39,26 @@ def small_overrides(tmp_path, *extra: str) -> list[str]:
         f"cache_dir={tmp_path / 'cache'}",
         *extra,
     ]
+
+
+def attached(ray, items: list[str]) -> list[str]:
+    """Overrides that make a CLI subprocess join the session's Ray instead of starting its own
+    (a Ray start costs seconds; only tests about the Ray a run starts need their own)."""
+    return [*items, f"ray.address={ray.get_runtime_context().gcs_address}"]
+
+
+def run_in_process(items: list[str]):
+    """An undisturbed reference run on the session's Ray; returns its run directory."""
+    from sim.config import load_config
+    from sim.runner import run_comparison
+
+    return run_comparison(load_config(None, items)).run_dir
+
+
+@pytest.fixture(scope="session")
+def straight_local_fedavg(ray_local, tmp_path_factory):
+    """The undisturbed Local-only + FedAvg run (4 rounds) the crash-and-resume tests compare with."""
+    from sim.results import outcome_frame
+
+    tmp = tmp_path_factory.mktemp("straight_local_fedavg")
+    return outcome_frame(run_in_process(small_overrides(tmp, "algorithms=local,fedavg", "rounds=4", "run_id=straight")))
