@@ -1,5 +1,8 @@
 """Ctrl-C and SIGTERM end a run with one line and 130 / 143, shut down the Ray it started, and the
-run resumes to the numbers of an undisturbed one. Also: a truncated newest checkpoint falls back."""
+run resumes to the numbers of an undisturbed one. Also: a truncated newest checkpoint falls back.
+
+Only the interrupted run starts its own Ray (its shutdown is under test); the resumes and the
+undisturbed references run in-process on the session's Ray, and the crashed run joins it."""
 
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import pandas as pd
 import psutil
 import pytest
 
+import run_sim
 from sim.results import outcome_frame
-from tests.conftest import small_overrides
+from tests.conftest import attached, run_in_process, small_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,9 +74,16 @@ def _interrupt(tmp_path, items, sig, after_round, group):
     return proc.returncode, out, err, ray_procs
 
 
+@pytest.fixture(scope="module")
+def straight_fedavg(ray_local, tmp_path_factory) -> pd.DataFrame:
+    """The undisturbed run both signal tests are compared with."""
+    tmp = tmp_path_factory.mktemp("straight")
+    return outcome_frame(run_in_process(small_overrides(tmp, "algorithms=fedavg", "rounds=6", "run_id=straight")))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
-def test_a_signal_ends_the_run_in_one_line_and_it_resumes(tmp_path, sig, code, group):
+def test_a_signal_ends_the_run_in_one_line_and_it_resumes(straight_fedavg, capsys, tmp_path, sig, code, group):
     items = small_overrides(tmp_path, "algorithms=fedavg", "rounds=6", "run_id=sig")
     returncode, _, err, ray_procs = _interrupt(tmp_path, items, sig, after_round=2, group=group)
     run_dir = tmp_path / "results" / "sig"
@@ -85,25 +96,24 @@ def test_a_signal_ends_the_run_in_one_line_and_it_resumes(tmp_path, sig, code, g
     k = int(last.split("round ")[1].split()[0])
     assert k >= 2
     assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+    assert "Token authentication" not in err  # a default local run: no Ray warning noise
     # The Ray this run started is gone with it (no daemon or agent left behind).
     psutil.wait_procs(ray_procs, timeout=30)
     assert not [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-    resumed = _cli(["run", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = _cli(["run", *_sets(small_overrides(tmp_path, "algorithms=fedavg", "rounds=6", "run_id=straight"))])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "Token authentication" not in straight.stderr  # a default local run: no Ray warning noise
-    pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
+    assert run_sim.main(["run", "--resume", str(run_dir)]) == 0, capsys.readouterr().err[-3000:]
+    pd.testing.assert_frame_equal(outcome_frame(run_dir), straight_fedavg)
 
 
 @pytest.mark.slow
-def test_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(tmp_path):
+def test_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(
+    ray_local, straight_local_fedavg, capsys, tmp_path
+):
     """Local-only (per-client state) and FedAvg crash after round 3; the newest checkpoint of each is
     torn: the resume says so in one line, goes back to round 2, and ends as an undisturbed run."""
     from sim.orchestration.engine import CRASH_ENV
 
-    items = small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4")
+    items = attached(ray_local, small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4"))
     crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], {CRASH_ENV: "3"})
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     run_dir = tmp_path / "results" / "crashed"
@@ -111,10 +121,9 @@ def test_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(tmp_p
     data = torn.read_bytes()
     torn.write_bytes(data[: len(data) // 2])
 
-    resumed = _cli(["run", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    notices = [line for line in resumed.stderr.splitlines() if line.startswith("notice: ")]
-    assert len(notices) == 1 and str(torn) in notices[0] and "resuming from round 2" in notices[0], resumed.stderr
-    straight = _cli(["run", *_sets(items + ["run_id=straight"])])
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
+    code = run_sim.main(["run", "--resume", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    notices = [line for line in err.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 1 and str(torn) in notices[0] and "resuming from round 2" in notices[0], err
+    pd.testing.assert_frame_equal(outcome_frame(run_dir), straight_local_fedavg)
