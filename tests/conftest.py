@@ -50,7 +50,7 @@ def attached(ray, items: list[str]) -> list[str]:
 def run_in_process(items: list[str]):
     """An undisturbed reference run on the session's Ray; returns its run directory."""
     from sim.config import load_config
-    from sim.runner import run_comparison
+    from sim.orchestration.runner import run_comparison
 
     return run_comparison(load_config(None, items)).run_dir
 
