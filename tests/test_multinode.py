@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from sim.results import outcome_frame, read_metrics
+from tests.conftest import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 HEALTH = {
@@ -155,6 +156,23 @@ def _wait_nodes(address: str, n: int, head: subprocess.Popen, temp: Path) -> Non
     pytest.fail(f"{n} Ray nodes did not come up:\n{(temp / 'nodes.log').read_text()[-3000:]}")
 
 
+def _undisturbed(tmp_path_factory, name: str, *extra: str) -> pd.DataFrame:
+    """The same config run alone on the session's local Ray, in-process: the numbers do not depend
+    on the cluster or the actor count, and no driver process or cluster node is spent on it."""
+    tmp = tmp_path_factory.mktemp(name)
+    items = [i for i in _items(tmp, "", name, *extra) if not i.startswith("ray.address=")]
+    return outcome_frame(run_in_process(items))
+
+
+@pytest.fixture(scope="module")
+def straight(ray_local, tmp_path_factory) -> pd.DataFrame:
+    """The undisturbed reference of both node-loss tests (they run the same config)."""
+    return _undisturbed(tmp_path_factory, "straight")
+
+
+SOAK = ["rounds=3", "algorithms=fedavg,local", "client_resources.num_cpus=1"]
+
+
 def _driver(args, env=None):
     return subprocess.Popen(
         [sys.executable, str(ROOT / "run_sim.py"), "run", *args],
@@ -167,7 +185,7 @@ def _driver(args, env=None):
 
 
 @pytest.mark.slow
-def test_a_worker_node_dies_mid_run_and_the_run_ends_as_an_undisturbed_one(two_nodes, tmp_path):
+def test_a_worker_node_dies_mid_run_and_the_run_ends_as_an_undisturbed_one(two_nodes, straight, tmp_path):
     cluster = two_nodes
     ck = tmp_path / "results" / "hit" / "checkpoints" / "fedavg" / "seed0"
     killed: dict[str, float] = {}
@@ -197,11 +215,7 @@ def test_a_worker_node_dies_mid_run_and_the_run_ends_as_an_undisturbed_one(two_n
     manifest = (run_dir / "manifest.json").read_text()
     assert '"size": 4' in manifest  # four actors to start with: two on each node
 
-    # The same config undisturbed, on what is left of the cluster (one node, two actors).
-    straight = _driver(_sets(_items(tmp_path, cluster.address, "straight")))
-    out2, err2 = straight.communicate(timeout=300)
-    assert straight.returncode == 0, err2[-4000:]
-    pd.testing.assert_frame_equal(outcome_frame(run_dir), outcome_frame(tmp_path / "results" / "straight"))
+    pd.testing.assert_frame_equal(outcome_frame(run_dir), straight)  # the same config undisturbed
     df = read_metrics(run_dir).to_pandas()
     assert sorted(df[df.algorithm == "fedavg"]["round"].unique()) == list(range(6))
     print(
@@ -211,20 +225,16 @@ def test_a_worker_node_dies_mid_run_and_the_run_ends_as_an_undisturbed_one(two_n
 
 
 @pytest.mark.slow
-def test_several_runs_at_once_on_one_cluster_each_end_correct(two_nodes, tmp_path):
+def test_several_runs_at_once_on_one_cluster_each_end_correct(ray_local, two_nodes, tmp_path_factory, tmp_path):
     """A soak: three comparisons started together on one two-node cluster (together they ask for
     more actors than it has CPUs, so they wait for each other); each ends with the numbers of the
     same run made alone, in its own directory."""
     cluster = two_nodes
-    items = ["rounds=3", "algorithms=fedavg,local", "client_resources.num_cpus=1"]
-    procs = [_driver(_sets(_items(tmp_path, cluster.address, f"soak{i}", *items))) for i in range(3)]
+    procs = [_driver(_sets(_items(tmp_path, cluster.address, f"soak{i}", *SOAK))) for i in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-4000:]
-    alone = _driver(_sets(_items(tmp_path, cluster.address, "alone", *items)))
-    _, err = alone.communicate(timeout=300)
-    assert alone.returncode == 0, err[-4000:]
-    reference = outcome_frame(tmp_path / "results" / "alone")
+    reference = _undisturbed(tmp_path_factory, "alone", *SOAK)
     for i in range(3):
         run_dir = tmp_path / "results" / f"soak{i}"
         assert set(read_metrics(run_dir).to_pandas().run_id) == {f"soak{i}"}
@@ -233,7 +243,7 @@ def test_several_runs_at_once_on_one_cluster_each_end_correct(two_nodes, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("two_nodes", [True], indirect=True)
-def test_node_loss_under_ray_job_submit(two_nodes, tmp_path):
+def test_node_loss_under_ray_job_submit(two_nodes, straight, tmp_path):
     """The same through the Ray Jobs CLI, as a user submits to a cluster."""
     from tests.test_cluster_submit import RAY
 
@@ -271,9 +281,4 @@ def test_node_loss_under_ray_job_submit(two_nodes, tmp_path):
     log, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0 and "succeeded" in log, log[-4000:]
     assert "resumes from its last checkpoint" in log, log[-4000:]
-    straight = _driver(_sets(_items(tmp_path, cluster.address, "straight")))
-    _, err = straight.communicate(timeout=300)
-    assert straight.returncode == 0, err[-4000:]
-    pd.testing.assert_frame_equal(
-        outcome_frame(tmp_path / "results" / "job"), outcome_frame(tmp_path / "results" / "straight")
-    )
+    pd.testing.assert_frame_equal(outcome_frame(tmp_path / "results" / "job"), straight)
