@@ -10,8 +10,11 @@ setup:
 run: setup
 	$(PY) run_sim.py run $(ARGS)
 
+# Two workers, each test file on one (its module fixtures -- clusters, reference runs -- are built once);
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: setup  # ruff (lint + format) and mypy, as configured in pyproject.toml; CI runs it before the tests
 	$(VENV)/bin/ruff check .
