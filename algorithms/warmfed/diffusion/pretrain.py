@@ -57,7 +57,9 @@ def textures(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     A foundation model has drawn shapes over many textures; a backbone that has only drawn plain
     digits must invent a client's texture in its LoRA, and at this size it breaks the digit instead.
     The families are generic (no frame, no shadow, no regular checkerboard), so base samples stay
-    off every client style; the fidelity benchmark's base rows measure that.
+    off every client style; the fidelity benchmark's base rows measure that. Measured on font-digits,
+    the tiny UNet does not learn the digits under it in 1,200 steps (README, fidelity): kept as the
+    recorded negative result and for larger backbones.
     """
     n, c, h, w = x.shape
     g = generator
