@@ -22,7 +22,7 @@ lint: setup  # ruff (lint + format) and mypy, as configured in pyproject.toml; C
 	$(VENV)/bin/mypy
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/engine_vs_plain.py $(ARGS)
