@@ -368,5 +368,12 @@ def config_mapping(cfg: RunConfig) -> dict[str, Any]:
     return tree
 
 
+def stored_config_matches(path: Path, cfg: RunConfig) -> bool:
+    """Whether the config stored at `path` (a run's config.yaml) is `cfg`, up to the progress bar
+    (a display choice, so a resumed run may switch it)."""
+    previous = load_config(path)
+    return dump_config(dataclasses.replace(previous, progress=cfg.progress)) == dump_config(cfg)
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_mapping(cfg), sort_keys=False)

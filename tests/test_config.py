@@ -150,3 +150,29 @@ def test_a_scheme_owns_its_parameters_and_the_config_keeps_them_flat(tmp_path):
     path.write_text(text)
     assert load_config(path) == one  # what a run directory holds loads back to the same config
     assert dump_config(load_config(None, ["partition.scheme=dirichlet", "partition.alpha=1.0"])) == text
+
+
+def test_a_run_directory_or_sweep_cell_refuses_a_different_config_but_not_another_progress_bar(tmp_path):
+    """Reusing a run_id (or a sweep's --name) with another config is one clear error, not a mixed run;
+    the progress bar is a display choice and may differ on resume."""
+    import dataclasses
+
+    from sim.orchestration.runner import prepare_run_dir
+    from sim.orchestration.sweep import check_cells, plan_sweep
+
+    base = [f"out={tmp_path / 'out'}", "run_id=same", "progress=false"]
+    cfg, run_dir, lock, created = prepare_run_dir(load_config(None, base))
+    lock.release()
+    assert created and (run_dir / "config.yaml").is_file()
+    again = prepare_run_dir(load_config(None, [*base, "progress=true"]))
+    again[2].release()
+    assert again[1] == run_dir and not again[3]
+    with pytest.raises(ConfigError, match="holds a run with a different config"):
+        prepare_run_dir(load_config(None, [*base, "rounds=3"]))
+
+    sweep = plan_sweep(None, [f"out={tmp_path / 'out'}", "progress=false"], ["rounds=1,2"], "s")
+    cell = sweep.cells[0]
+    cell.dir.mkdir(parents=True)
+    (cell.dir / "config.yaml").write_text(dump_config(dataclasses.replace(cell.cfg, num_clients=12)))
+    with pytest.raises(ConfigError, match=f"cell {cell.id} .* was run with a different config"):
+        check_cells(sweep)

@@ -30,7 +30,14 @@ from actors.client import ClientActor
 from actors.pool import ActorPool, NodeLostError
 from actors.server import ServerActor
 from algorithms.base import RunContext
-from sim.config import RunConfig, algorithm_spec, dump_config, load_config, resolved, run_algorithms
+from sim.config import (
+    RunConfig,
+    algorithm_spec,
+    dump_config,
+    resolved,
+    run_algorithms,
+    stored_config_matches,
+)
 from sim.data import ArrayDataset, forget_dataset, load_dataset
 from sim.files import write_json, write_text
 from sim.models import ModelSpec
@@ -154,8 +161,7 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunConfig, Path, RunLock, bool]:
     try:
         config_path = run_dir / "config.yaml"
         if config_path.exists():
-            previous = load_config(config_path)
-            if dump_config(replace(previous, progress=cfg.progress)) != dump_config(cfg):
+            if not stored_config_matches(config_path, cfg):
                 raise ConfigError(
                     f"run directory {run_dir} holds a run with a different config; "
                     f"choose another run_id (or out) or resume it with `run_sim.py run --resume {run_dir}`"

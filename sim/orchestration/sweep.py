@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sim.config import RunConfig, config_mapping, dump_config, load_config, parse_override
+from sim.config import RunConfig, config_mapping, load_config, parse_override, stored_config_matches
 from sim.files import replacing, write_json
 from sim.typed import ConfigError, to_mapping
 
@@ -189,13 +189,11 @@ def check_cells(sweep: Sweep, note: Callable[[str], None] = print) -> None:
 
     for cell in sweep.cells:
         path = cell.dir / "config.yaml"
-        if path.exists():
-            previous = load_config(path)
-            if dump_config(dataclasses.replace(previous, progress=cell.cfg.progress)) != dump_config(cell.cfg):
-                raise ConfigError(
-                    f"sweep {sweep.name}: cell {cell.id} ({cell.label()}) was run with a different config "
-                    f"({path}); keep the sweep's --config/--set or start another sweep with --name"
-                )
+        if path.exists() and not stored_config_matches(path, cell.cfg):
+            raise ConfigError(
+                f"sweep {sweep.name}: cell {cell.id} ({cell.label()}) was run with a different config "
+                f"({path}); keep the sweep's --config/--set or start another sweep with --name"
+            )
         make_params(cell.cfg.dataset, cell.cfg.data)
     done: set[str] = set()
     todo = [c for c in sweep.cells if not c.finished]
