@@ -481,3 +481,25 @@ def test_texture_augmentation_keeps_the_digit_over_varied_backgrounds():
     # backgrounds vary: flat ones and textured ones (a spread of pixel values)
     spread = bg.std(2).amax(1)
     assert int((spread < 1e-4).sum()) > 10 and int((spread > 0.2).sum()) > 50
+
+
+@pytest.mark.parametrize(
+    "source, local",
+    [
+        ("org/name", False),
+        ("runwayml/stable-diffusion-v1-5", False),
+        ("./sd", True),
+        ("~/sd", True),
+        ("/abs/sd", True),
+        ("a/b/c", True),
+    ],
+)
+def test_a_model_source_is_a_local_folder_or_a_hub_id(source, local, tmp_path, monkeypatch):
+    """One rule for the config check and the loader: a path is never looked up on the hub, a hub id
+    never read as a missing folder (so each says the right thing when it is not found)."""
+    from algorithms.warmfed.diffusion.base import local_model_path
+
+    monkeypatch.chdir(tmp_path)
+    assert (local_model_path(source) is not None) is local
+    (tmp_path / "sd-here").mkdir()
+    assert local_model_path("sd-here") == Path("sd-here")  # an existing folder, even with one part

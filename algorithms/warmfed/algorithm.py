@@ -395,10 +395,10 @@ class WarmFed(Algorithm):
     def _check_sd_path(model: str) -> None:
         """Fail in the driver, before any actor starts, when a local backbone folder is missing."""
         from algorithms.warmfed.diffusion import BackboneError
+        from algorithms.warmfed.diffusion.base import local_model_path
 
-        path = Path(model).expanduser()
-        looks_like_path = path.is_absolute() or model.startswith((".", "~")) or len(path.parts) > 2
-        if looks_like_path and not path.exists():
+        path = local_model_path(model)
+        if path is not None and not path.exists():
             raise BackboneError(f"backbone path does not exist: {path} (algo.warmfed.sd_model)")
 
     # ----- server state ------------------------------------------------------------------

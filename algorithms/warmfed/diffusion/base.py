@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -168,3 +169,12 @@ class UNetBackbone:
         other = copy.copy(self)
         other._unet = unet
         return other
+
+
+def local_model_path(source: str) -> Path | None:
+    """The folder `source` names when it is meant as a local path, else None (a Hugging Face hub id,
+    "org/name", looked up in the local cache): absolute, `./` or `~`, deeper than org/name, or existing."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or source.startswith((".", "~")) or len(path.parts) > 2 or path.exists():
+        return path
+    return None

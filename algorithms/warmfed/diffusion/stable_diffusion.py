@@ -19,6 +19,7 @@ from algorithms.warmfed.diffusion.base import (
     UNetBackbone,
     as_images,
     as_labels,
+    local_model_path,
     match_channels,
     resize,
     weights_fingerprint,
@@ -85,10 +86,10 @@ class StableDiffusionBackbone(UNetBackbone):
 
         self.cfg = cfg
         src = cfg.model
-        p = Path(src).expanduser()
-        looks_like_path = p.is_absolute() or src.startswith((".", "~")) or p.exists()
-        if looks_like_path and not p.is_dir():
-            raise BackboneError(f"Stable Diffusion backbone path not found: {p}")
+        local = local_model_path(src)
+        if local is not None and not local.is_dir():
+            raise BackboneError(f"Stable Diffusion backbone path not found: {local}")
+        p = local or Path(src)
         dtype = getattr(torch, cfg.torch_dtype)
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
