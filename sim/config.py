@@ -253,7 +253,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         cfg = dataclasses.replace(cfg, clients_per_round=cfg.num_clients - cfg.holdout_clients)
     if cfg.eval.new_client_epochs is None:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, new_client_epochs=cfg.train.finetune_epochs))
-    params = to_mapping(partition_params(cfg.partition))  # every field, typed: alpha=1 and alpha=1.0 are one config
+    # validates the scheme's keys too; every field, typed: alpha=1 and alpha=1.0 are one config
+    params = to_mapping(partition_params(cfg.partition))
     return dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, params=params))
 
 
@@ -327,7 +328,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"partition.scheme: unknown scheme {cfg.partition.scheme!r}; registered: {', '.join(scheme_names())}"
         )
-    partition_params(cfg.partition)
     if cfg.model.name not in model_names():
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(model_names())}")
 
