@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("none", "photometric", "polarity", "textures"),
         help="backbone augment (as algo.warmfed.pretrain_augment)",
     )
+    ap.add_argument("--backbone-channels", help="comma list of UNet widths (as algo.warmfed.backbone_channels)")
     ap.add_argument("--train-per-domain", type=int, default=240, help="real images a client trains its LoRA on")
     ap.add_argument("--clients-per-domain", type=int, default=1)
     ap.add_argument("--domains", help="comma list: train LoRA clients for these domains only (judges see all)")
@@ -122,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         pub = ds.public
         if pub is None:
             raise SystemExit(f"dataset {args.dataset} has no public split to pretrain the backbone on")
-        steps = {"train_steps": args.pretrain_steps} if args.pretrain_steps else {}
+        steps: dict[str, Any] = {"train_steps": args.pretrain_steps} if args.pretrain_steps else {}
         if args.pretrain_augment:
             steps["augment"] = args.pretrain_augment
+        if args.backbone_channels:
+            steps["block_out_channels"] = tuple(int(c) for c in args.backbone_channels.split(","))
         bb, where, trained = get_or_pretrain_tiny_backbone(
             args.cache_dir, pub.images, pub.labels, TinyBackboneConfig(**steps), pub.fingerprint()
         )

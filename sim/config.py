@@ -95,6 +95,8 @@ class ServerResources:
 
     num_cpus: float = 0.0
     num_gpus: float | str = "auto"
+    # torch threads; None: every core of its node, as its heavy phases run while the clients wait
+    threads: int | None = None
 
 
 MIXED_PRECISION = ("fp32", "fp16", "bf16")  # fp32: off
@@ -304,6 +306,8 @@ def validate(cfg: RunConfig) -> None:
     _positive("client_resources.num_cpus", cfg.client_resources.num_cpus)
     _check_gpus("client_resources.num_gpus", cfg.client_resources.num_gpus)
     _positive("server_resources.num_cpus", cfg.server_resources.num_cpus, allow_zero=True)
+    if cfg.server_resources.threads is not None:
+        _positive("server_resources.threads", cfg.server_resources.threads)
     _check_gpus("server_resources.num_gpus", cfg.server_resources.num_gpus)
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")

@@ -21,9 +21,12 @@ def init_local_ray() -> None:
 def ray_local():
     import ray
 
+    from sim.orchestration.warm_actors import keeping_actors
+
     if not ray.is_initialized():
         init_local_ray()
-    yield ray
+    with keeping_actors():  # in-process runs hand their actors on to the next, as a sweep's cells do
+        yield ray
     ray.shutdown()
 
 
@@ -35,16 +38,26 @@ def small_overrides(tmp_path, *extra: str) -> list[str]:
         "rounds=2",
         "progress=false",
         "train.batch_size=32",
+        "server_resources.threads=1",  # two test workers share two cores: no oversubscribed server
         f"out={tmp_path / 'results'}",
         f"cache_dir={tmp_path / 'cache'}",
         *extra,
     ]
 
 
+def session_address(ray) -> str:
+    """The session Ray's address, for a CLI subprocess to join it. The actors an in-process run
+    left warm are released first: the subprocess needs their CPUs."""
+    from sim.orchestration.warm_actors import release
+
+    release()
+    return ray.get_runtime_context().gcs_address
+
+
 def attached(ray, items: list[str]) -> list[str]:
     """Overrides that make a CLI subprocess join the session's Ray instead of starting its own
     (a Ray start costs seconds; only tests about the Ray a run starts need their own)."""
-    return [*items, f"ray.address={ray.get_runtime_context().gcs_address}"]
+    return [*items, f"ray.address={session_address(ray)}"]
 
 
 def run_in_process(items: list[str]):

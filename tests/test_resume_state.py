@@ -26,6 +26,7 @@ import sim.orchestration.engine
 from sim.config import load_config
 from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame, read_metrics
+from tests.conftest import session_address
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_ENV = getattr(sim.orchestration.engine, "CRASH_ENV", "WARMFED_SIM_CRASH_AFTER_ROUND")
@@ -89,7 +90,7 @@ def undisturbed(ray_local, tmp_path_factory) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_crashes_in_both_algorithms_of_a_comparison_resume_to_the_undisturbed_numbers(ray_local, undisturbed, tmp_path):
-    address = ray_local.get_runtime_context().gcs_address
+    address = session_address(ray_local)
     items = [
         *SMALL,
         f"algorithms={ALGORITHMS}",
@@ -116,7 +117,7 @@ def test_crashes_in_both_algorithms_of_a_comparison_resume_to_the_undisturbed_nu
 
 @pytest.mark.slow
 def test_a_crashed_sweep_cell_resumes_to_the_undisturbed_numbers(ray_local, undisturbed, tmp_path):
-    address = ray_local.get_runtime_context().gcs_address
+    address = session_address(ray_local)
     sets = [*SMALL, f"out={tmp_path / 'out'}", f"ray.address={address}"]
     argv = ["sweep", *_sets(sets), "--grid", f"algorithms={ALGORITHMS}", "--name", "resume"]
     crashed = _cli(argv, crash_after=2)  # the first cell dies after round 2

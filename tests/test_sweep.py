@@ -15,6 +15,7 @@ import run_sim
 from sim.orchestration.engine import CRASH_ENV
 from sim.orchestration.sweep import cell_id, parse_grid, plan_sweep
 from sim.typed import ConfigError
+from tests.conftest import session_address
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ def _cli(args, env_extra=None):
 @pytest.mark.slow
 def test_interrupted_cell_resumes_from_its_checkpoint_and_seeds_are_averaged(ray_local, tmp_path):
     # The CLI in subprocesses, attached to the session's Ray (saves starting one per process).
-    address = ray_local.get_runtime_context().gcs_address
+    address = session_address(ray_local)
     sets = _base(tmp_path, "algorithms=fedavg", "num_clients=5", "rounds=2", f"ray.address={address}")
     argv = ["sweep", *_argv(sets, ["seed=0,1"], "--name", "seeds")]
     crashed = _cli(argv, {CRASH_ENV: "1"})  # the process dies hard after round 1 of the first cell

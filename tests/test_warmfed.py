@@ -15,6 +15,7 @@ from tests.conftest import attached, run_in_process, small_overrides
 # sampler steps. The numbers are meaningless; the mechanics are what these tests check.
 TINY = [
     "algo.warmfed.pretrain_steps=20",
+    "algo.warmfed.backbone_channels=[8,16]",  # a UNet a tenth the default's cost
     "algo.warmfed.lora_steps=3",
     "algo.warmfed.lora_batch_size=16",
     "algo.warmfed.synth_per_class=3",
@@ -54,7 +55,7 @@ def test_warmfed_phases_bytes_and_determinism(two_pool_runs):
         assert run[f"{phase}/server_peak_rss_mb"] > 50  # every phase reports its own peak memory
     assert run["lora/client_peak_rss_mb"] > 50
     lora_bytes, backbone_bytes = run["lora/lora_bytes_per_client"], run["backbone/backbone_bytes"]
-    assert 0 < lora_bytes < 0.25 * backbone_bytes
+    assert 0 < lora_bytes < backbone_bytes  # (8, 16) widths: the conv_in/conv_out LoRA weighs as much as them
     # Only LoRA tensors (+ 10 int32 class counts) travel up in the one-shot phase.
     assert run["lora/bytes_up"] == 4 * (lora_bytes + 10 * 4)
     assert run["synthesis/images"] > 0

@@ -79,6 +79,8 @@ class WarmFedParams:
     pretrain_steps: int | None = None  # None: the committed default backbone's config (no pretraining needed)
     # None: the tiny backbone's default; "none" keeps the public data's one look, which a LoRA then recolours
     pretrain_augment: str | None = None
+    # None: the committed default backbone's widths (32, 64); wider learns more looks, at a pretraining cost
+    backbone_channels: tuple[int, ...] | None = None
     # client personalization (one shot)
     personalize: bool = True
     # the one LoRA default set is algorithms/warmfed/lora.py's LORA_DEFAULTS (see its docstring)
@@ -135,6 +137,12 @@ class WarmFedParams:
         if self.pretrain_augment is not None and self.pretrain_augment not in PRETRAIN_AUGMENTATIONS:
             raise ValueError(
                 f"pretrain_augment must be one of {', '.join(PRETRAIN_AUGMENTATIONS)}, got {self.pretrain_augment!r}"
+            )
+        if self.backbone_channels is not None and (
+            not self.backbone_channels or any(c < 8 or c % 8 for c in self.backbone_channels)
+        ):
+            raise ValueError(
+                f"backbone_channels must be multiples of 8 (one per UNet level), got {self.backbone_channels}"
             )
         if self.pretrain_steps is not None and self.pretrain_steps < 1:
             raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
@@ -208,6 +216,7 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
         params.prompt_template,
         params.pretrain_steps,
         params.pretrain_augment,
+        params.backbone_channels,
         c,
         size,
         run.model_spec.num_classes,
@@ -240,6 +249,8 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
             steps: dict[str, Any] = {} if params.pretrain_steps is None else {"train_steps": params.pretrain_steps}
             if params.pretrain_augment is not None:
                 steps["augment"] = params.pretrain_augment
+            if params.backbone_channels is not None:
+                steps["block_out_channels"] = params.backbone_channels
             cfg = TinyBackboneConfig(image_size=size, in_channels=c, num_classes=run.model_spec.num_classes, **steps)
             backbone, _, trained_now = get_or_pretrain_tiny_backbone(
                 Path(run.cache_dir), public.images, public.labels, cfg, public.fingerprint()

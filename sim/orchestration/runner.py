@@ -41,6 +41,7 @@ from sim.config import (
 from sim.data import ArrayDataset, forget_dataset, load_dataset
 from sim.files import write_json, write_text
 from sim.models import ModelSpec
+from sim.orchestration import warm_actors
 from sim.orchestration.cluster import check_local_resources, connect, plan_pool
 from sim.orchestration.engine import Simulation
 from sim.orchestration.interrupts import status as interrupt_status
@@ -260,21 +261,28 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
     started_ray = False
     pool: ActorPool | None = None
     server: Any = None
+    parked = False  # the actors wait in warm_actors for the next comparison of this process
     begun = False  # a run folder made by this call holds nothing worth keeping until the actors exist
     try:
         started_ray = connect(cfg, run_dir.name)
-        plan = plan_pool(cfg)
+        plan = plan_pool(cfg, available=warm_actors.with_parked(ray.available_resources()))
+        warm = warm_actors.take(plan, dataset.fingerprint(), cfg.server_resources.threads)
         manifest["pool"] = to_mapping(plan)
         manifest["ray_address"] = cfg.ray.address or "local"
         progress.note(
             f"{plan.size} client actors ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU each); "
             f"server {plan.server_num_cpus:g} CPU, {plan.server_num_gpus:g} GPU"
         )
-        dataset, dataset_ref = share_dataset(dataset, keep_dataset_cached)
-        # Both start in the background (their processes import torch) while partitions are sent.
-        # ray.remote turns the classes into ActorClasses; mypy still sees the plain classes
-        server = ServerActor.options(**plan.server_options(), scheduling_strategy=_on_this_node()).remote()  # type: ignore[attr-defined]
-        pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)  # type: ignore[attr-defined]
+        if warm is not None:
+            server, pool, dataset_ref = warm.server, warm.pool, warm.dataset_ref
+        else:
+            dataset, dataset_ref = share_dataset(dataset, keep_dataset_cached)
+            # Both start in the background (their processes import torch) while partitions are sent.
+            # ray.remote turns the classes into ActorClasses; mypy still sees the plain classes
+            server = ServerActor.options(**plan.server_options(), scheduling_strategy=_on_this_node()).remote(  # type: ignore[attr-defined]
+                cfg.server_resources.threads
+            )
+            pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)  # type: ignore[attr-defined]
         begun = True
         manifest["partitions"] = {}
         for seed in cfg.seeds:
@@ -292,6 +300,19 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
         manifest["devices"] = _devices(server, pool)
         write_json(run_dir / "manifest.json", manifest)
         ResultsWriter(run_dir, run_dir.name).consolidate()
+        if warm_actors.keeping() and not started_ray and pool.size == plan.size:
+            warm_actors.park(
+                warm_actors.WarmActors(
+                    warm_actors.session(),
+                    plan,
+                    dataset.fingerprint(),
+                    cfg.server_resources.threads,
+                    dataset_ref,
+                    pool,
+                    server,
+                )
+            )
+            parked = True
     except BaseException:
         if created and not begun:
             shutil.rmtree(run_dir, ignore_errors=True)  # e.g. the attached cluster cannot host the actors
@@ -299,7 +320,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
     finally:
         lock.release()
         del dataset  # may be a view into the object store, which shutdown unmaps
-        if ray.is_initialized():
+        if ray.is_initialized() and not parked:
             for actor in [*(pool.actors if pool else []), *([server] if server is not None else [])]:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)

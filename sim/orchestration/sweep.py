@@ -258,9 +258,11 @@ def _wait_for_free_cpus(baseline: float, timeout: float = 20.0) -> None:
     gets the full pool (wall times stay comparable across cells)."""
     import ray
 
+    from sim.orchestration.warm_actors import with_parked
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU", 0.0) >= baseline - 1e-6:
+        if with_parked(ray.available_resources()).get("CPU", 0.0) >= baseline - 1e-6:
             return
         time.sleep(0.1)
 
@@ -286,6 +288,7 @@ def execute_sweep(
 
     from sim.orchestration.cluster import connect
     from sim.orchestration.runner import run_comparison
+    from sim.orchestration.warm_actors import keeping_actors, with_parked
 
     config = sweep.config
     check_cells(sweep, note)
@@ -310,27 +313,28 @@ def execute_sweep(
     if todo:
         started = connect(todo[0].cfg, f"sweep-{sweep.name}")  # one Ray connection for every cell
         try:
-            baseline = ray.available_resources().get("CPU", 0.0)
-            for i, cell in enumerate(sweep.cells, 1):
-                head = f"[{i}/{len(sweep.cells)}] cell {cell.id} ({cell.label()})"
-                if cell.finished:
-                    note(f"{head}: finished earlier, skipped")
-                    continue
-                _wait_for_free_cpus(baseline)
-                began = time.perf_counter()
-                run_comparison(cell.cfg, keep_dataset_cached=True)  # the next cell reuses it
-                append_results(sweep, cell)
-                write_json(
-                    cell.dir / DONE,
-                    {
-                        "cell": cell.id,
-                        "values": cell.values,
-                        "wall_s": time.perf_counter() - began,
-                        "finished": dt.datetime.now().isoformat(timespec="seconds"),
-                    },
-                )
-                ran.append(cell.id)
-                note(f"{head}: done in {time.perf_counter() - began:.1f}s")
+            with keeping_actors():  # a cell that would start the last cell's actors takes them warm
+                baseline = with_parked(ray.available_resources()).get("CPU", 0.0)
+                for i, cell in enumerate(sweep.cells, 1):
+                    head = f"[{i}/{len(sweep.cells)}] cell {cell.id} ({cell.label()})"
+                    if cell.finished:
+                        note(f"{head}: finished earlier, skipped")
+                        continue
+                    _wait_for_free_cpus(baseline)  # what the last cell did not park
+                    began = time.perf_counter()
+                    run_comparison(cell.cfg, keep_dataset_cached=True)  # the next cell reuses it
+                    append_results(sweep, cell)
+                    write_json(
+                        cell.dir / DONE,
+                        {
+                            "cell": cell.id,
+                            "values": cell.values,
+                            "wall_s": time.perf_counter() - began,
+                            "finished": dt.datetime.now().isoformat(timespec="seconds"),
+                        },
+                    )
+                    ran.append(cell.id)
+                    note(f"{head}: done in {time.perf_counter() - began:.1f}s")
         finally:
             if started:
                 ray.shutdown()

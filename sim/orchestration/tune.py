@@ -318,25 +318,27 @@ def run_tune(plan: Plan, note: Callable[[str], None] = print, reference: str | N
     import ray
 
     from sim.orchestration.cluster import connect
+    from sim.orchestration.warm_actors import keeping_actors
 
     started = connect(plan.base, f"tune-{plan.name}")  # one Ray connection for the search and the final runs
     try:
-        began = time.perf_counter()
-        if plan.search.cells:
-            note(f"tune {plan.name}: search, {len(plan.search.cells)} cells of {len(plan.labels)} runs each")
-            execute_sweep(plan.search, note, summary=False)
-        search_s = time.perf_counter() - began
-        scores = validation_scores(_search_results(plan), plan)
-        chosen = choose(scores) if not scores.empty else {}
-        for algo in plan.untuned:
-            chosen[algo] = {}
-        plan.dir.mkdir(parents=True, exist_ok=True)
-        (plan.dir / "chosen.json").write_text(json.dumps(chosen, indent=2, default=str))
-        began = time.perf_counter()
-        final = final_sweep(plan, chosen)
-        note(f"tune {plan.name}: final runs of the chosen settings, {len(final.cells)} cells")
-        execute_sweep(final, note, reference)
-        final_s = time.perf_counter() - began
+        with keeping_actors():  # the search's actors go on to the final runs when they fit
+            began = time.perf_counter()
+            if plan.search.cells:
+                note(f"tune {plan.name}: search, {len(plan.search.cells)} cells of {len(plan.labels)} runs each")
+                execute_sweep(plan.search, note, summary=False)
+            search_s = time.perf_counter() - began
+            scores = validation_scores(_search_results(plan), plan)
+            chosen = choose(scores) if not scores.empty else {}
+            for algo in plan.untuned:
+                chosen[algo] = {}
+            plan.dir.mkdir(parents=True, exist_ok=True)
+            (plan.dir / "chosen.json").write_text(json.dumps(chosen, indent=2, default=str))
+            began = time.perf_counter()
+            final = final_sweep(plan, chosen)
+            note(f"tune {plan.name}: final runs of the chosen settings, {len(final.cells)} cells")
+            execute_sweep(final, note, reference)
+            final_s = time.perf_counter() - began
     finally:
         if started:
             ray.shutdown()
