@@ -289,7 +289,6 @@ class ClientActor(ClientWorker):
         message: dict[str, Any],
         versions: list[int],
     ):
-        _trace_first_train()
         return ClientWorker.train_many(self, client_ids, start, round, message, versions)
 
     @ray.method(num_returns=2)
@@ -309,22 +308,3 @@ class ClientActor(ClientWorker):
     @ray.method(num_returns=2)
     def run_setup_work(self, phase_index: int, item_index: int, item: Any):  # type: ignore[override]
         return ClientWorker.run_setup_work(self, phase_index, item_index, item)
-
-
-FIRST_TRAIN_ENV = "WARMFED_SIM_FIRST_TRAIN_FILE"  # benchmarks/startup.py: where the first training task notes its start
-
-
-def _trace_first_train() -> None:
-    """If FIRST_TRAIN_ENV names a file, the first training task of the run (over all actors) writes the
-    wall clock into it: the start-up benchmark's "first client update" mark. Free when unset."""
-    import os
-
-    path = os.environ.get(FIRST_TRAIN_ENV)
-    if not path or os.path.exists(path):
-        return
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    except OSError:
-        return  # another actor was first
-    with os.fdopen(fd, "w") as f:
-        f.write(repr(time.time()))

@@ -7,8 +7,8 @@ timestamps, from just before the process is spawned:
 
 - `ray up`:     the "N client actors" note: Python and imports, data, partition, ray.init, pool plan;
 - `round 0`:    the round-0 summary line: client actors started and configured, round-0 evaluation;
-- `1st update`: the first `train` call starts in an actor (the hook in actors/client.py,
-  WARMFED_SIM_FIRST_TRAIN_FILE);
+- `1st update`: round 1 starts dispatching client updates (`RoundOneMark`, a callback the
+  benchmark adds to the run's process through WARMFED_SIM_CALLBACKS);
 - `exit`:       the process ends (one round, report, Ray shutdown).
 
 `imports` is `python -c "import run_sim, sim.orchestration.runner, actors.client"` alone, for reference. With
@@ -29,7 +29,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.client import FIRST_TRAIN_ENV  # noqa: E402
+from sim.callbacks import CALLBACKS_ENV, Callback, RunInfo  # noqa: E402
+
+MARK_FILE_ENV = "WARMFED_SIM_BENCH_ROUND1_FILE"
+
+
+class RoundOneMark(Callback):
+    """Writes the wall clock into MARK_FILE_ENV's file when round 1 of the first run starts."""
+
+    def on_round_start(self, run: RunInfo, round: int) -> None:
+        path = Path(os.environ[MARK_FILE_ENV])
+        if round == 1 and not path.exists():
+            path.write_text(repr(time.time()))
+
 
 MARKS = (("ray up", "client actors ("), ("round 0", " round 0:"))
 
@@ -58,7 +70,12 @@ def one_run(address: str | None, out: str) -> dict[str, float]:
     if address:
         sets.append(f"ray.address={address}")
     cmd = [sys.executable, str(ROOT / "run_sim.py"), "run", *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, FIRST_TRAIN_ENV: str(first), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        CALLBACKS_ENV: "benchmarks.startup:RoundOneMark",
+        MARK_FILE_ENV: str(first),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen: dict[str, float] = {}

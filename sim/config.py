@@ -139,6 +139,8 @@ class RunConfig:
     checkpoint_every: int = 1
     checkpoint_keep: int = 2  # newest checkpoints kept: a corrupt one falls back to the one before
     progress: bool = True
+    # `module:attribute` paths of sim.callbacks.Callback subclasses (trackers, loggers)
+    callbacks: list[str] = field(default_factory=list)
 
     @property
     def seeds(self) -> list[int]:
@@ -179,7 +181,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-_LIST_KEYS = {"algorithms"}
+_LIST_KEYS = {"algorithms", "callbacks"}
 
 
 def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -278,11 +280,14 @@ def _check_gpus(name: str, gpus: float | str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Semantic checks, including registry names; raises ConfigError naming key and allowed values."""
+    from sim.callbacks import load_callback
     from sim.data import dataset_names, dataset_params_cls
     from sim.models import model_names
     from sim.partition import scheme_names
 
     _positive("rounds", cfg.rounds, allow_zero=True)
+    for path in cfg.callbacks:
+        load_callback(path, "callbacks")
     _positive("num_clients", cfg.num_clients)
     if cfg.clients_per_round is not None:
         _positive("clients_per_round", cfg.clients_per_round)

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 import run_sim
-from sim.orchestration.engine import CRASH_ENV
 from sim.results import outcome_frame, read_metrics
 from tests.conftest import attached, small_overrides
+from tests.faults import crash_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_killed_run_resumes_to_the_same_metrics(ray_local, straight_local_fedavg
     """The crashed run joins the session's Ray and the resume runs in-process (the resume, not Ray's
     start, is under test); the reference is the session's undisturbed run of the same config."""
     items = attached(ray_local, small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4"))
-    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], {CRASH_ENV: "2"})
+    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], crash_env(2))
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     run_dir = tmp_path / "results" / "crashed"
     partial = read_metrics(run_dir).to_pandas()  # what was written before the crash stays readable

@@ -111,10 +111,10 @@ def test_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(
 ):
     """Local-only (per-client state) and FedAvg crash after round 3; the newest checkpoint of each is
     torn: the resume says so in one line, goes back to round 2, and ends as an undisturbed run."""
-    from sim.orchestration.engine import CRASH_ENV
+    from tests.faults import crash_env
 
     items = attached(ray_local, small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4"))
-    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], {CRASH_ENV: "3"})
+    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], crash_env(3))
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     run_dir = tmp_path / "results" / "crashed"
     torn = run_dir / "checkpoints" / "local" / "seed0" / "server_r3.pt"

@@ -22,14 +22,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import sim.orchestration.engine
 from sim.config import load_config
 from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame, read_metrics
 from tests.conftest import session_address
+from tests.faults import crash_env
 
 ROOT = Path(__file__).resolve().parents[1]
-CRASH_ENV = getattr(sim.orchestration.engine, "CRASH_ENV", "WARMFED_SIM_CRASH_AFTER_ROUND")
 
 # Pinned (defaults may change): 4 clients, 2 a round, 3 rounds, one domain of the digits, a narrow model.
 SMALL = [
@@ -56,9 +55,9 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def _cli(args: list[str], crash_after: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in crash_env(0)}
     if crash_after is not None:
-        env[CRASH_ENV] = str(crash_after)
+        env.update(crash_env(crash_after))
     return subprocess.run(
         [sys.executable, str(ROOT / "run_sim.py"), *args],
         cwd=ROOT,

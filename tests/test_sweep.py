@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 import run_sim
-from sim.orchestration.engine import CRASH_ENV
 from sim.orchestration.sweep import cell_id, parse_grid, plan_sweep
 from sim.typed import ConfigError
 from tests.conftest import session_address
+from tests.faults import crash_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_interrupted_cell_resumes_from_its_checkpoint_and_seeds_are_averaged(ray
     address = session_address(ray_local)
     sets = _base(tmp_path, "algorithms=fedavg", "num_clients=5", "rounds=2", f"ray.address={address}")
     argv = ["sweep", *_argv(sets, ["seed=0,1"], "--name", "seeds")]
-    crashed = _cli(argv, {CRASH_ENV: "1"})  # the process dies hard after round 1 of the first cell
+    crashed = _cli(argv, crash_env(1))  # the process dies hard after round 1 of the first cell
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     cells = tmp_path / "out" / "sweeps" / "seeds" / "cells"
     (first,) = [d for d in cells.iterdir()]

@@ -229,11 +229,11 @@ def test_killed_warmfed_run_resumes_to_the_same_metrics(ray_local, two_pool_runs
     models in the state store: a run killed after round 1 ends with the numbers of an unbroken one.
     The killed run joins the session's Ray and the resume runs in-process; the unbroken reference
     is the one-actor run of the phases test (same config but the pool, which changes no number)."""
-    from sim.orchestration.engine import CRASH_ENV
+    from tests.faults import crash_env
     from tests.test_cli import _cli, _sets
 
     items = small_overrides(tmp_path, "algorithms=warmfed", *TINY, "rounds=2")
-    crashed = _cli(["run", *_sets(attached(ray_local, items) + ["run_id=crashed"])], {CRASH_ENV: "1"})
+    crashed = _cli(["run", *_sets(attached(ray_local, items) + ["run_id=crashed"])], crash_env(1))
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     code = run_sim.main(["run", "--resume", str(tmp_path / "results" / "crashed")])
     assert code == 0, capsys.readouterr().err[-2000:]

@@ -11,8 +11,8 @@ cut), clients are evaluated, rows are appended, and a checkpoint makes the run r
 from __future__ import annotations
 
 import itertools
-import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,11 @@ import ray
 
 from actors.pool import ActorPool, Task
 from algorithms.base import Algorithm, RunContext
+from sim.callbacks import Callback, RoundEnd, RunInfo
 from sim.config import RunConfig, resolved
 from sim.orchestration.checkpoints import CheckpointStore
 from sim.orchestration.progress import Progress
 from sim.results import RUN_LEVEL, ResultsWriter, Row
-
-CRASH_ENV = "WARMFED_SIM_CRASH_AFTER_ROUND"  # fault injection for the resume test: exit hard after round k
 
 
 class Simulation:
@@ -44,6 +43,7 @@ class Simulation:
         server: Any,
         results: ResultsWriter,
         progress: Progress,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.algorithm = algorithm
         self.run = run
@@ -54,6 +54,7 @@ class Simulation:
         self.server = server
         self.results = results
         self.progress = progress
+        self.callbacks = list(callbacks)
         self.name = algorithm.name
         self.seed = run.seed
         base = Path(run.run_dir)
@@ -87,23 +88,30 @@ class Simulation:
         configured = server.configure.remote(self.algorithm, self.run)
         self.pool.setup("configure", self.algorithm, self.partition_ref, self.run, str(self.state_dir))
         ray.get(configured)
+        info = RunInfo(self.name, self.seed, self.run.rounds, Path(self.run.run_dir))
+        start = 1 if loaded is None else loaded[0].round + 1
+        for callback in self.callbacks:
+            callback.on_run_start(info, 0 if loaded is None else start)
         if loaded is None:
             self.results.drop_run(self.name, self.seed)
             versions = np.full(self.run.num_clients, -1, dtype=np.int64)
+            for callback in self.callbacks:
+                callback.on_round_start(info, 0)
             began = time.perf_counter()
             rows = self._setup_phases(server, versions)
             rows += self._evaluate(server, 0, versions)
             rows.append((RUN_LEVEL, "run", "wall_s", time.perf_counter() - began))
             self.results.write(self.name, self.seed, 0, rows)
             self.checkpoints.save(0, server, versions, done=self.run.rounds == 0)
-            start = 1
+            self._round_end(info, 0, rows, checkpointed=True)
         else:
             checkpoint = loaded[0]
             ray.get(server.load.remote(str(checkpoint.server_path)))
             versions = checkpoint.versions.copy()
             self.results.drop_after(self.name, self.seed, checkpoint.round)
-            start = checkpoint.round + 1
         for r in range(start, self.run.rounds + 1):
+            for callback in self.callbacks:
+                callback.on_round_start(info, r)
             began = time.perf_counter()
             rows = self._round(server, r, versions)
             last = r == self.run.rounds
@@ -111,10 +119,17 @@ class Simulation:
                 rows += self._evaluate(server, r, versions)
             rows.append((RUN_LEVEL, "run", "wall_s", time.perf_counter() - began))
             self.results.write(self.name, self.seed, r, rows)
-            if r % self.cfg.checkpoint_every == 0 or last:
+            saved = r % self.cfg.checkpoint_every == 0 or last
+            if saved:
                 self.checkpoints.save(r, server, versions, done=last)
-            if os.environ.get(CRASH_ENV) == str(r):
-                os._exit(17)
+            self._round_end(info, r, rows, checkpointed=saved)
+        for callback in self.callbacks:
+            callback.on_run_end(info)
+
+    def _round_end(self, info: RunInfo, r: int, rows: list[Row], checkpointed: bool) -> None:
+        event = RoundEnd(info, r, rows, checkpointed)
+        for callback in self.callbacks:
+            callback.on_round_end(event)
 
     # ------------------------------------------------------------------------------------
     def _setup_phases(self, server: Any, versions: np.ndarray) -> list[Row]:

@@ -30,6 +30,7 @@ from actors.client import ClientActor
 from actors.pool import ActorPool, NodeLostError
 from actors.server import ServerActor
 from algorithms.base import RunContext
+from sim.callbacks import load_callbacks
 from sim.config import (
     RunConfig,
     algorithm_spec,
@@ -210,8 +211,8 @@ def run_context(cfg: RunConfig, dataset: ArrayDataset, seed: int, run_dir: str) 
 
 def preflight(cfg: RunConfig, dataset: ArrayDataset) -> dict[int, tuple[Any, Path]]:
     """Everything knowable without Ray, checked before Ray starts or a run folder exists: the
-    partition of every seed (scheme vs clients; built or found in the cache), every algorithm's
-    own checks (e.g. a missing algo.warmfed.sd_model path) and, for a Ray started here, the
+    partition of every seed (scheme vs clients; built or found in the cache), every
+    algorithm's own checks (e.g. a missing algo.warmfed.sd_model path) and, for a Ray started here, the
     machine's CPUs and GPUs against client_resources. Returns the partitions."""
     check_local_resources(cfg)
     ctx = run_context(cfg, dataset, cfg.seeds[0], str(Path(cfg.out) / "preflight"))
@@ -387,6 +388,7 @@ def _execute(
             server=server,
             results=ResultsWriter(run_dir, run_dir.name),
             progress=progress,
+            callbacks=load_callbacks(cfg.callbacks),
         )
         simulation.checkpoints.guard = pool.check_nodes  # never checkpoint a round a dead node may have cut short
         interrupt_status.where = lambda store=simulation.checkpoints: (
