@@ -258,6 +258,7 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
         if report is not None:
             report("pretrained_now", float(trained_now))
             report("backbone_bytes", float(backbone.num_bytes()))
+        backbone.to(process_device())  # the GPU Ray gave this actor, or the CPU
         _BACKBONES.clear()  # a process serves one run at a time
         _BACKBONES[key] = backbone
         return backbone
@@ -461,7 +462,8 @@ class WarmFed(Algorithm):
             include_embeddings=self.params.lora_embeddings,
             seed=rng_seed(self.run.seed, ctx.client_id, "lora") % (2**31),
         )
-        upload = train_client_lora(backbone, ctx.data.x["train"], ctx.data.y["train"], cfg)
+        with self.run.autocast(ctx.device):  # mixed precision on a GPU when the run asks; CPU: exact fp32
+            upload = train_client_lora(backbone, ctx.data.x["train"], ctx.data.y["train"], cfg)
         if self.params.dp_clip > 0:
             upload = privatize_upload(
                 upload,
@@ -538,7 +540,7 @@ class WarmFed(Algorithm):
                     return SynthesisResult(job.client_id, cached["images"], cached["labels"], 0.0, True)
         start = time.perf_counter()
         scope = apply_lora(backbone, job.lora) if job.lora is not None else contextlib.nullcontext(backbone)
-        with scope as personalized:
+        with scope as personalized, self.run.autocast(process_device()):
             x, y = synthesize(
                 personalized,
                 job.want,

@@ -286,7 +286,7 @@ def train_client_lora(
         raise ValueError(f"need the same non-zero number of images and labels, got {n} and {y.shape[0]}")
     unet = backbone.unet
     t0 = time.perf_counter()
-    losses: list[float] = []
+    step_losses: list[torch.Tensor] = []  # read once at the end: no device sync per step
     with _preserved(unet):
         _inject(unet, cfg)
         params = []
@@ -299,6 +299,9 @@ def train_client_lora(
         unet.train()
         if cfg.steps > 0:
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            # under the caller's fp16 autocast, loss scaling keeps small LoRA gradients from underflowing
+            fp16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
+            scaler = torch.amp.GradScaler("cuda", enabled=fp16)
             with backbone.use_domain(cfg.domain):
                 perm, pos = torch.randperm(n, generator=gen), 0
                 for step in range(cfg.steps):
@@ -312,12 +315,14 @@ def train_client_lora(
                     idx = torch.cat(parts)
                     loss = backbone.training_loss(x[idx], y[idx], gen)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(loss.item())
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    step_losses.append(loss.detach())
                     if progress is not None:
-                        progress(step + 1, cfg.steps, losses[-1])
+                        progress(step + 1, cfg.steps, float(loss))
         state = _lora_state(unet)
+    losses = torch.stack(step_losses).float().cpu().tolist() if step_losses else []
     seconds = time.perf_counter() - t0
     info = {
         "num_images": int(n),

@@ -151,6 +151,16 @@ class UNetBackbone:
     def unet(self) -> torch.nn.Module:
         return self._unet
 
+    @property
+    def device(self) -> torch.device:
+        return next(self._unet.parameters()).device
+
+    def to(self, device: torch.device | str) -> UNetBackbone:
+        """Move the networks it trains and samples with. Random draws stay on CPU generators
+        and are moved after, so a GPU run draws the same noise as a CPU one."""
+        self._unet.to(device)
+        return self
+
     def fingerprint(self) -> str:
         return self._fingerprint
 

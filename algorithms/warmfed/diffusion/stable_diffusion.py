@@ -132,6 +132,12 @@ class StableDiffusionBackbone(UNetBackbone):
         self._emb_cache: dict[str, torch.Tensor] = {}
         del pipe
 
+    def to(self, device: torch.device | str) -> StableDiffusionBackbone:
+        for m in (self._unet, self.vae, self.text_encoder):
+            m.to(device)
+        self._emb_cache.clear()
+        return self
+
     @contextlib.contextmanager
     def use_domain(self, domain: str | None) -> Iterator[None]:
         old = self.domain
@@ -154,7 +160,7 @@ class StableDiffusionBackbone(UNetBackbone):
                 truncation=True,
                 return_tensors="pt",
             )
-            emb = self.text_encoder(tok.input_ids)[0].to(self.dtype)
+            emb = self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
             for q, e in zip(missing, emb, strict=True):
                 self._emb_cache[q] = e
         return torch.stack([self._emb_cache[q] for q in prompts])
@@ -170,14 +176,15 @@ class StableDiffusionBackbone(UNetBackbone):
         x = as_images(images)
         y = as_labels(labels, self.num_classes)
         x = match_channels(x, 3)
-        x = resize(x, self.generation_size).to(self.dtype)
+        d = self.device
+        x = resize(x, self.generation_size).to(d, self.dtype)
         n = x.shape[0]
         with torch.no_grad():
             latents = self.vae.encode(x).latent_dist.sample(generator)
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
             latents = (latents - shift) * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (n,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(d)
+        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (n,), generator=generator).to(d)
         drop = torch.rand(n, generator=generator) < self.cfg.cond_dropout
         emb = self._embed(self.prompts(y, drop))
         noisy = self.train_scheduler.add_noise(latents, noise, t)
@@ -225,9 +232,11 @@ class StableDiffusionBackbone(UNetBackbone):
                 ) -> torch.Tensor:  # defaults bind this batch's prompts
                     return self._unet(x, t, encoder_hidden_states=both if guided else cond).sample
 
-                lat = denoise(eps_fn, noise[start : start + b].to(self.dtype), sched, steps, guidance_scale)
+                lat = denoise(
+                    eps_fn, noise[start : start + b].to(self.device, self.dtype), sched, steps, guidance_scale
+                )
                 shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-                img = self.vae.decode(lat / self.vae.config.scaling_factor + shift).sample.float()
+                img = self.vae.decode(lat / self.vae.config.scaling_factor + shift).sample.float().cpu()
                 img = match_channels(resize(img.clamp(-1, 1), s), c)
                 out[start : start + b] = img.clamp(-1, 1).numpy()
         finally:

@@ -190,8 +190,9 @@ class TinyBackbone(UNetBackbone):
         drop = torch.rand(n, generator=generator) < self.cfg.cond_dropout
         y[drop] = self.cfg.null_class
         xt = self.train_scheduler.add_noise(x0, noise, t)
-        pred = self._unet(xt, t, class_labels=y).sample
-        return F.mse_loss(pred, noise)
+        d = self.device
+        pred = self._unet(xt.to(d), t.to(d), class_labels=y.to(d)).sample
+        return F.mse_loss(pred, noise.to(d))
 
     @torch.no_grad()
     def sample(
@@ -217,9 +218,10 @@ class TinyBackbone(UNetBackbone):
         was_training = self._unet.training
         self._unet.eval()
         out = np.empty((n, c, s, s), np.float32)
+        d = self.device
         try:
             for start in range(0, n, batch_size):
-                y = y_all[start : start + batch_size]
+                y = y_all[start : start + batch_size].to(d)
                 y_guided = torch.cat([y, torch.full_like(y, self.cfg.null_class)])
 
                 def eps_fn(
@@ -231,8 +233,8 @@ class TinyBackbone(UNetBackbone):
                 ) -> torch.Tensor:  # defaults bind this batch's labels
                     return self._unet(x, t, class_labels=y_guided if guided else y).sample
 
-                x = denoise(eps_fn, noise[start : start + len(y)], sched, steps, guidance_scale)
-                out[start : start + len(y)] = x.clamp(-1, 1).numpy()
+                x = denoise(eps_fn, noise[start : start + len(y)].to(d), sched, steps, guidance_scale)
+                out[start : start + len(y)] = x.clamp(-1, 1).cpu().numpy()
         finally:
             self._unet.train(was_training)
         return out
