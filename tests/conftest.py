@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Two test workers share two cores with their Ray actors: a test's own torch work (reference
+# trainings, judges) takes one thread, as every actor does, instead of oversubscribing the cores.
+torch.set_num_threads(1)
 
 
 def init_local_ray() -> None:
