@@ -211,8 +211,8 @@ def run_context(cfg: RunConfig, dataset: ArrayDataset, seed: int, run_dir: str) 
 
 def preflight(cfg: RunConfig, dataset: ArrayDataset) -> dict[int, tuple[Any, Path]]:
     """Everything knowable without Ray, checked before Ray starts or a run folder exists: the
-    partition of every seed (scheme vs clients; built or found in the cache), every
-    algorithm's own checks (e.g. a missing algo.warmfed.sd_model path) and, for a Ray started here, the
+    partition of every seed (scheme vs clients; built or found in the cache), every algorithm's
+    own checks (e.g. a missing algo.warmfed.sd_model path) and, for a Ray started here, the
     machine's CPUs and GPUs against client_resources. Returns the partitions."""
     check_local_resources(cfg)
     ctx = run_context(cfg, dataset, cfg.seeds[0], str(Path(cfg.out) / "preflight"))
