@@ -77,6 +77,29 @@ class Callback:
         """After the last round."""
 
 
+class Callbacks(Callback):
+    """Several callbacks as one: each hook calls theirs in order (what the engine holds)."""
+
+    def __init__(self, callbacks: Sequence[Callback] = ()) -> None:
+        self.callbacks = list(callbacks)
+
+    def on_run_start(self, run: RunInfo, start_round: int) -> None:
+        for callback in self.callbacks:
+            callback.on_run_start(run, start_round)
+
+    def on_round_start(self, run: RunInfo, round: int) -> None:
+        for callback in self.callbacks:
+            callback.on_round_start(run, round)
+
+    def on_round_end(self, event: RoundEnd) -> None:
+        for callback in self.callbacks:
+            callback.on_round_end(event)
+
+    def on_run_end(self, run: RunInfo) -> None:
+        for callback in self.callbacks:
+            callback.on_run_end(run)
+
+
 class JsonlLogger(Callback):
     """Appends one JSON line per round to `<run_dir>/rounds.jsonl`: algorithm, seed, round and the
     round's run-level metrics, plus the size-weighted test mean of every per-client metric."""

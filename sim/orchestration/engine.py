@@ -21,7 +21,7 @@ import ray
 
 from actors.pool import ActorPool, Task
 from algorithms.base import Algorithm, RunContext
-from sim.callbacks import Callback, RoundEnd, RunInfo
+from sim.callbacks import Callback, Callbacks, RoundEnd, RunInfo
 from sim.config import RunConfig, resolved
 from sim.orchestration.checkpoints import CheckpointStore
 from sim.orchestration.progress import Progress
@@ -54,7 +54,7 @@ class Simulation:
         self.server = server
         self.results = results
         self.progress = progress
-        self.callbacks = list(callbacks)
+        self.callbacks = Callbacks(callbacks)
         self.name = algorithm.name
         self.seed = run.seed
         base = Path(run.run_dir)
@@ -90,28 +90,25 @@ class Simulation:
         ray.get(configured)
         info = RunInfo(self.name, self.seed, self.run.rounds, Path(self.run.run_dir))
         start = 1 if loaded is None else loaded[0].round + 1
-        for callback in self.callbacks:
-            callback.on_run_start(info, 0 if loaded is None else start)
+        self.callbacks.on_run_start(info, 0 if loaded is None else start)
         if loaded is None:
             self.results.drop_run(self.name, self.seed)
             versions = np.full(self.run.num_clients, -1, dtype=np.int64)
-            for callback in self.callbacks:
-                callback.on_round_start(info, 0)
+            self.callbacks.on_round_start(info, 0)
             began = time.perf_counter()
             rows = self._setup_phases(server, versions)
             rows += self._evaluate(server, 0, versions)
             rows.append((RUN_LEVEL, "run", "wall_s", time.perf_counter() - began))
             self.results.write(self.name, self.seed, 0, rows)
             self.checkpoints.save(0, server, versions, done=self.run.rounds == 0)
-            self._round_end(info, 0, rows, checkpointed=True)
+            self.callbacks.on_round_end(RoundEnd(info, 0, rows, checkpointed=True))
         else:
             checkpoint = loaded[0]
             ray.get(server.load.remote(str(checkpoint.server_path)))
             versions = checkpoint.versions.copy()
             self.results.drop_after(self.name, self.seed, checkpoint.round)
         for r in range(start, self.run.rounds + 1):
-            for callback in self.callbacks:
-                callback.on_round_start(info, r)
+            self.callbacks.on_round_start(info, r)
             began = time.perf_counter()
             rows = self._round(server, r, versions)
             last = r == self.run.rounds
@@ -122,14 +119,8 @@ class Simulation:
             saved = r % self.cfg.checkpoint_every == 0 or last
             if saved:
                 self.checkpoints.save(r, server, versions, done=last)
-            self._round_end(info, r, rows, checkpointed=saved)
-        for callback in self.callbacks:
-            callback.on_run_end(info)
-
-    def _round_end(self, info: RunInfo, r: int, rows: list[Row], checkpointed: bool) -> None:
-        event = RoundEnd(info, r, rows, checkpointed)
-        for callback in self.callbacks:
-            callback.on_round_end(event)
+            self.callbacks.on_round_end(RoundEnd(info, r, rows, checkpointed=saved))
+        self.callbacks.on_run_end(info)
 
     # ------------------------------------------------------------------------------------
     def _setup_phases(self, server: Any, versions: np.ndarray) -> list[Row]:

@@ -267,6 +267,38 @@ def _wait_for_free_cpus(baseline: float, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+def _run_cells(sweep: Sweep, note: Callable[[str], None]) -> list[str]:
+    """Run every unfinished cell in order on the connected Ray; returns the ids of those run."""
+    import ray
+
+    from sim.orchestration.runner import run_comparison
+    from sim.orchestration.warm_actors import with_parked
+
+    ran: list[str] = []
+    baseline = with_parked(ray.available_resources()).get("CPU", 0.0)
+    for i, cell in enumerate(sweep.cells, 1):
+        head = f"[{i}/{len(sweep.cells)}] cell {cell.id} ({cell.label()})"
+        if cell.finished:
+            note(f"{head}: finished earlier, skipped")
+            continue
+        _wait_for_free_cpus(baseline)  # what the last cell did not park
+        began = time.perf_counter()
+        run_comparison(cell.cfg, keep_dataset_cached=True)  # the next cell reuses it
+        append_results(sweep, cell)
+        write_json(
+            cell.dir / DONE,
+            {
+                "cell": cell.id,
+                "values": cell.values,
+                "wall_s": time.perf_counter() - began,
+                "finished": dt.datetime.now().isoformat(timespec="seconds"),
+            },
+        )
+        ran.append(cell.id)
+        note(f"{head}: done in {time.perf_counter() - began:.1f}s")
+    return ran
+
+
 def run_sweep(
     config: str | None,
     sets: Sequence[str],
@@ -287,8 +319,7 @@ def execute_sweep(
     import ray
 
     from sim.orchestration.cluster import connect
-    from sim.orchestration.runner import run_comparison
-    from sim.orchestration.warm_actors import keeping_actors, with_parked
+    from sim.orchestration.warm_actors import keeping_actors
 
     config = sweep.config
     check_cells(sweep, note)
@@ -314,27 +345,7 @@ def execute_sweep(
         started = connect(todo[0].cfg, f"sweep-{sweep.name}")  # one Ray connection for every cell
         try:
             with keeping_actors():  # a cell that would start the last cell's actors takes them warm
-                baseline = with_parked(ray.available_resources()).get("CPU", 0.0)
-                for i, cell in enumerate(sweep.cells, 1):
-                    head = f"[{i}/{len(sweep.cells)}] cell {cell.id} ({cell.label()})"
-                    if cell.finished:
-                        note(f"{head}: finished earlier, skipped")
-                        continue
-                    _wait_for_free_cpus(baseline)  # what the last cell did not park
-                    began = time.perf_counter()
-                    run_comparison(cell.cfg, keep_dataset_cached=True)  # the next cell reuses it
-                    append_results(sweep, cell)
-                    write_json(
-                        cell.dir / DONE,
-                        {
-                            "cell": cell.id,
-                            "values": cell.values,
-                            "wall_s": time.perf_counter() - began,
-                            "finished": dt.datetime.now().isoformat(timespec="seconds"),
-                        },
-                    )
-                    ran.append(cell.id)
-                    note(f"{head}: done in {time.perf_counter() - began:.1f}s")
+                ran = _run_cells(sweep, note)
         finally:
             if started:
                 ray.shutdown()
