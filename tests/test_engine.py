@@ -109,33 +109,35 @@ def test_fedavg_on_iid_reaches_centralized_accuracy(ray_local, tmp_path):
         "algorithms=fedavg",
         "num_clients=4",
         "clients_per_round=4",
-        "rounds=10",
+        "rounds=6",
         "partition.scheme=iid",
         "train.local_epochs=2",
+        "model.width=16",
         "run_id=iid",
     )
     cfg = load_config(None, overrides)
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
-    final = df[(df.metric == "global_acc") & (df.split == "test") & (df["round"] == 10)]
-    sizes = df[(df.metric == "n") & (df.split == "test") & (df["round"] == 10) & (df.algorithm == "fedavg")]
+    final = df[(df.metric == "global_acc") & (df.split == "test") & (df["round"] == 6)]
+    sizes = df[(df.metric == "n") & (df.split == "test") & (df["round"] == 6) & (df.algorithm == "fedavg")]
     fed_acc = float(
         (final.sort_values("client_id").value.values * sizes.sort_values("client_id").value.values).sum()
         / sizes.value.sum()
     )
 
     # Centralized reference: the same model and data, and the same number of passes over the data
-    # (10 rounds × 2 local epochs = 20 epochs over the union of the train splits).
+    # (6 rounds × 2 local epochs = 12 epochs over the union of the train splits).
     dataset = load_dataset(cfg.dataset, cfg.data)
     partition, _ = partition_for(cfg, dataset, 0)
     train_idx = np.concatenate([partition.client_indices(c, "train") for c in range(4)])
     test_idx = np.concatenate([partition.client_indices(c, "test") for c in range(4)])
     torch.manual_seed(0)
-    model = build_model("small_cnn", ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1]))
+    spec = ModelSpec(dataset.image_shape[0], dataset.num_classes, dataset.image_shape[1], cfg.model.width)
+    model = build_model("small_cnn", spec)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
     x, y = torch.from_numpy(dataset.images[train_idx]), torch.from_numpy(dataset.labels[train_idx])
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
+    for _ in range(12):
         model.train()
         order = torch.randperm(len(y), generator=g)
         for s in range(0, len(y), 32):
