@@ -70,12 +70,3 @@ def run_in_process(items: list[str]):
     from sim.orchestration.runner import run_comparison
 
     return run_comparison(load_config(None, items)).run_dir
-
-
-@pytest.fixture(scope="session")
-def straight_local_fedavg(ray_local, tmp_path_factory):
-    """The undisturbed Local-only + FedAvg run (4 rounds) the crash-and-resume tests compare with."""
-    from sim.results import outcome_frame
-
-    tmp = tmp_path_factory.mktemp("straight_local_fedavg")
-    return outcome_frame(run_in_process(small_overrides(tmp, "algorithms=local,fedavg", "rounds=4", "run_id=straight")))

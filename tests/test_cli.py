@@ -11,9 +11,7 @@ import pandas as pd
 import pytest
 
 import run_sim
-from sim.results import outcome_frame, read_metrics
-from tests.conftest import attached, small_overrides
-from tests.faults import crash_env
+from tests.conftest import small_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,23 +106,6 @@ def _cli(args, env_extra=None):
         text=True,
         timeout=600,
     )
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(ray_local, straight_local_fedavg, capsys, tmp_path):
-    """The crashed run joins the session's Ray and the resume runs in-process (the resume, not Ray's
-    start, is under test); the reference is the session's undisturbed run of the same config."""
-    items = attached(ray_local, small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4"))
-    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], crash_env(2))
-    assert crashed.returncode == 17, crashed.stderr[-2000:]
-    run_dir = tmp_path / "results" / "crashed"
-    partial = read_metrics(run_dir).to_pandas()  # what was written before the crash stays readable
-    assert sorted(set(partial[partial.algorithm == "local"]["round"])) == [0, 1, 2]
-
-    code, out, err = _run(["run", "--resume", str(run_dir)], capsys)
-    assert code == 0, err[-2000:]
-    pd.testing.assert_frame_equal(outcome_frame(run_dir), straight_local_fedavg)
-    assert "results:" in out and "report:" in out
 
 
 def test_list_shows_every_new_algorithm_with_its_hyper_parameters(capsys, monkeypatch):

@@ -81,6 +81,13 @@ def straight_fedavg(ray_local, tmp_path_factory) -> pd.DataFrame:
     return outcome_frame(run_in_process(small_overrides(tmp, "algorithms=fedavg", "rounds=6", "run_id=straight")))
 
 
+@pytest.fixture(scope="module")
+def straight_local_fedavg(ray_local, tmp_path_factory) -> pd.DataFrame:
+    """The undisturbed Local-only + FedAvg run (4 rounds) the killed run is compared with."""
+    tmp = tmp_path_factory.mktemp("straight_local_fedavg")
+    return outcome_frame(run_in_process(small_overrides(tmp, "algorithms=local,fedavg", "rounds=4", "run_id=straight")))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
 def test_a_signal_ends_the_run_in_one_line_and_it_resumes(straight_fedavg, capsys, tmp_path, sig, code, group):
@@ -106,24 +113,30 @@ def test_a_signal_ends_the_run_in_one_line_and_it_resumes(straight_fedavg, capsy
 
 
 @pytest.mark.slow
-def test_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(
+def test_a_killed_run_with_a_truncated_checkpoint_falls_back_and_resumes_to_the_same_numbers(
     ray_local, straight_local_fedavg, capsys, tmp_path
 ):
-    """Local-only (per-client state) and FedAvg crash after round 3; the newest checkpoint of each is
-    torn: the resume says so in one line, goes back to round 2, and ends as an undisturbed run."""
+    """Local-only (per-client state) and FedAvg crash after round 3; what was written stays readable;
+    the newest checkpoint of each is torn: the resume says so in one line, goes back to round 2, and
+    ends as an undisturbed run. The crashed run joins the session's Ray and the resume runs
+    in-process (the resume, not Ray's start, is under test)."""
+    from sim.results import read_metrics
     from tests.faults import crash_env
 
     items = attached(ray_local, small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4"))
     crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], crash_env(3))
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     run_dir = tmp_path / "results" / "crashed"
+    partial = read_metrics(run_dir).to_pandas()  # what was written before the crash stays readable
+    assert sorted(set(partial[partial.algorithm == "local"]["round"])) == [0, 1, 2, 3]
     torn = run_dir / "checkpoints" / "local" / "seed0" / "server_r3.pt"
     data = torn.read_bytes()
     torn.write_bytes(data[: len(data) // 2])
 
     code = run_sim.main(["run", "--resume", str(run_dir)])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
     notices = [line for line in err.splitlines() if line.startswith("notice: ")]
     assert len(notices) == 1 and str(torn) in notices[0] and "resuming from round 2" in notices[0], err
     pd.testing.assert_frame_equal(outcome_frame(run_dir), straight_local_fedavg)
+    assert "results:" in out and "report:" in out

@@ -22,7 +22,7 @@ def _pids(run_dir) -> set[int]:
 
 def test_the_next_comparison_takes_the_warm_actors_and_gets_the_same_numbers(ray_local, tmp_path):
     assert warm_actors.keeping()  # the session fixture keeps actors, as a sweep does
-    items = ["algorithms=fedavg,scaffold", "rounds=2", "model.width=8", "run_id=r"]
+    items = ["algorithms=scaffold", "rounds=2", "model.width=8", "run_id=r"]  # client and server state
     warm_actors.release()
     cold = run_in_process(small_overrides(tmp_path / "cold", *items))
     warm = run_in_process(small_overrides(tmp_path / "warm", *items))
