@@ -111,6 +111,21 @@ class ActorPool:
             ray.get([getattr(actor, m).remote(*a, **k) for m, a, k in self._setup_calls] or [actor.ping.remote()])
             self.actors.append(actor)
 
+    def resize(self, n: int) -> None:
+        """`n` actors, for a new comparison: the newest go (killed) or fresh ones join. What the
+        last comparison set up is forgotten: the new one sets every actor up again."""
+        self._setup_calls = []
+        for actor in self.actors[n:]:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+            self._nodes.pop(actor, None)
+            self._node_refs.pop(actor, None)
+        self.actors = self.actors[:n]
+        for _ in range(n - len(self.actors)):  # they start in the background; the first call waits
+            actor = self._make_actor()
+            self._node_refs[actor] = actor.__ray_call__.remote(_node_of)
+            self.actors.append(actor)
+
     @property
     def size(self) -> int:
         return len(self.actors)

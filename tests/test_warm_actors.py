@@ -40,6 +40,18 @@ def test_the_next_comparison_takes_the_warm_actors_and_gets_the_same_numbers(ray
     assert ray_local.available_resources().get("CPU", 0.0) == 2.0  # released: the session Ray is free again
 
 
+def test_a_pool_of_another_size_is_grown_or_cut_from_the_warm_actors(ray_local, tmp_path):
+    items = ["algorithms=scaffold", "rounds=1", "model.width=8", "run_id=r"]
+    warm_actors.release()
+    one = run_in_process(small_overrides(tmp_path / "one", *items, "ray.pool_size=1"))
+    two = run_in_process(small_overrides(tmp_path / "two", *items, "ray.pool_size=2"))
+    again = run_in_process(small_overrides(tmp_path / "again", *items, "ray.pool_size=1"))
+    assert len(_pids(one)) == 2 and len(_pids(two)) == 3 and _pids(one) < _pids(two)  # server + client kept
+    assert _pids(again) == _pids(one)  # the newest client actor went
+    for run in (two, again):
+        pd.testing.assert_frame_equal(outcome_frame(run), outcome_frame(one))
+
+
 def test_a_failed_comparison_parks_nothing(ray_local, tmp_path, monkeypatch):
     import sim.orchestration.runner as runner
 

@@ -31,14 +31,20 @@ PHASES = ("backbone", "lora", "synthesis", "server_finetune", "personalize")
 
 
 @pytest.fixture(scope="module")
-def two_pool_runs(ray_local, tmp_path_factory) -> list:
+def tiny(tmp_path_factory) -> list[str]:
+    """TINY with one cache for the module: the backbone is pretrained once, by the first run."""
+    return [*TINY, f"cache_dir={tmp_path_factory.mktemp('warmfed_cache')}"]
+
+
+@pytest.fixture(scope="module")
+def two_pool_runs(ray_local, tmp_path_factory, tiny) -> list:
     """Two rounds of TINY WarmFed on one and on two client actors: the determinism and phase checks
     read them, and they are the unbroken reference of the killed-run test."""
     tmp = tmp_path_factory.mktemp("warmfed_pools")
     runs = []
-    for pool, cpus in ((1, 1.0), (2, 0.5)):
-        items = small_overrides(tmp, "algorithms=warmfed", *TINY, "rounds=2", f"ray.pool_size={pool}")
-        runs.append(run_in_process([*items, f"client_resources.num_cpus={cpus}", f"run_id=wf{pool}"]))
+    for pool in (1, 2):  # two actors is the other tests' plan: they take these actors warm
+        items = small_overrides(tmp, "algorithms=warmfed", *tiny, "rounds=2", f"ray.pool_size={pool}")
+        runs.append(run_in_process([*items, f"run_id=wf{pool}"]))
     return runs
 
 
@@ -72,7 +78,7 @@ def test_warmfed_phases_bytes_and_determinism(two_pool_runs):
 
 
 @pytest.mark.slow
-def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
+def test_ablation_switches_each_change_their_part(ray_local, tiny, tmp_path):
     variants = [
         "variants.warmfed-nolora.algorithm=warmfed",
         "variants.warmfed-nolora.personalize=false",
@@ -83,7 +89,7 @@ def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
         "variants.warmfed-plain.round_lr=0.05",  # = train.lr, as FedAvg
     ]
     cfg = load_config(
-        None, small_overrides(tmp_path, "algorithms=fedavg,warmfed-nolora,warmfed-plain", *TINY, *variants)
+        None, small_overrides(tmp_path, "algorithms=fedavg,warmfed-nolora,warmfed-plain", *tiny, *variants)
     )
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
@@ -109,7 +115,7 @@ def test_ablation_switches_each_change_their_part(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-def test_variants_reuse_lora_and_synthesis_and_report_one_shot_personal_models(ray_local, tmp_path):
+def test_variants_reuse_lora_and_synthesis_and_report_one_shot_personal_models(ray_local, tiny, tmp_path):
     variants = [
         "variants.warmfed-nodsd.algorithm=warmfed",
         "variants.warmfed-nodsd.dsd=false",
@@ -118,7 +124,7 @@ def test_variants_reuse_lora_and_synthesis_and_report_one_shot_personal_models(r
         "variants.warmfed-no1shot.round_server_epochs=0",
     ]
     cfg = load_config(
-        None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-nodsd,warmfed-no1shot", *TINY, *variants)
+        None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-nodsd,warmfed-no1shot", *tiny, *variants)
     )
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
@@ -224,7 +230,7 @@ def test_missing_backbone_path_is_one_clear_line(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_warmfed_run_resumes_to_the_same_metrics(ray_local, two_pool_runs, capsys, tmp_path):
+def test_killed_warmfed_run_resumes_to_the_same_metrics(ray_local, two_pool_runs, tiny, capsys, tmp_path):
     """The synthetic set and round counter live in the checkpointed server state and the personalized
     models in the state store: a run killed after round 1 ends with the numbers of an unbroken one.
     The killed run joins the session's Ray and the resume runs in-process; the unbroken reference
@@ -232,7 +238,7 @@ def test_killed_warmfed_run_resumes_to_the_same_metrics(ray_local, two_pool_runs
     from tests.faults import crash_env
     from tests.test_cli import _cli, _sets
 
-    items = small_overrides(tmp_path, "algorithms=warmfed", *TINY, "rounds=2")
+    items = small_overrides(tmp_path, "algorithms=warmfed", *tiny, "rounds=2")
     crashed = _cli(["run", *_sets(attached(ray_local, items) + ["run_id=crashed"])], crash_env(1))
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     code = run_sim.main(["run", "--resume", str(tmp_path / "results" / "crashed")])

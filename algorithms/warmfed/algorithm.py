@@ -224,7 +224,10 @@ def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -
         run.dataset_fingerprint,
     )
     with _LOCK:
-        if key in _BACKBONES:
+        if key in _BACKBONES:  # a warm actor's: reported as any cache hit, so metrics never depend on warmth
+            if report is not None:
+                report("pretrained_now", 0.0)
+                report("backbone_bytes", float(_BACKBONES[key].num_bytes()))
             return _BACKBONES[key]
         backbone: DiffusionBackbone
         if params.backbone == "stable-diffusion":

@@ -4,8 +4,9 @@ A sweep, a tune or a test session runs many comparisons on one Ray. Starting the
 each comparison seconds (a process per actor, torch and the algorithms' libraries imported,
 the dataset mapped), often more than a small comparison's rounds. Inside `keeping_actors()`, a
 comparison that ends cleanly parks its actors here, and the next one takes them when it would
-have started the same ones (same pool plan, dataset and server threads, same Ray session);
-otherwise they are killed before it plans. Numbers do not change: every task is seeded by
+have started actors like them (same per-actor resources, dataset and server threads, same Ray
+session; a pool of another size is grown or cut to the new plan); otherwise they are killed
+before it plans. Numbers do not change: every task is seeded by
 (seed, round, client), never by what its actor ran before (the engine's pool-size tests).
 
 Parked actors hold their Ray resources, so anything else that needs the cluster (a subprocess
@@ -16,6 +17,7 @@ releases them too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -97,19 +99,22 @@ def park(warm: WarmActors) -> None:
 
 
 def take(plan: Any, dataset_key: str, server_threads: int | None) -> WarmActors | None:
-    """The parked actors if they are the ones this comparison would start (and all answer);
-    otherwise they are killed and None is returned."""
+    """The parked actors, resized to `plan`, if they are like the ones this comparison would
+    start (and all answer); otherwise they are killed and None is returned."""
     global _parked
     warm = _ours()
     if warm is None:
         return None
-    if (warm.plan, warm.dataset_key, warm.server_threads) == (plan, dataset_key, server_threads):
+    like = dataclasses.replace(warm.plan, size=plan.size) == plan
+    if like and (warm.dataset_key, warm.server_threads) == (dataset_key, server_threads):
         refs = [actor.ping.remote() for actor in [warm.server, *warm.pool.actors]]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
         if len(ready) == len(refs):
             with contextlib.suppress(Exception):
                 ray.get(ready)
                 _parked = None
+                warm.pool.resize(plan.size)
+                warm.plan = plan
                 return warm
     release()
     return None
