@@ -14,6 +14,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules with the most slow tests first: each runs whole on one worker (--dist
+    loadfile), and a long module handed out last leaves the other worker idle at the end."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + int(
+            item.get_closest_marker("slow") is not None
+        )
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: each module keeps its order
+
+
 def init_local_ray() -> None:
     """The tests' shared Ray: two CPUs, no GPU."""
     import ray

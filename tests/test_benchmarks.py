@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import session_address
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,8 +28,10 @@ def _run(script: str, *args: str) -> str:
 
 
 @pytest.mark.slow
-def test_engine_vs_plain_prints_both_ratios():
-    out = _run("engine_vs_plain.py", "--clients", "12", "--per-round", "4", "--rounds", "2")
+def test_engine_vs_plain_prints_both_ratios(ray_local):
+    # attached to the session's Ray: the script, not a Ray start, is under test
+    address = session_address(ray_local)
+    out = _run("engine_vs_plain.py", "--clients", "12", "--per-round", "4", "--rounds", "2", "--ray-address", address)
     match = re.search(
         r"ratio engine/plain: wall ([\d.]+) \(rounds only ([\d.]+)\)\s+memory RSS ([\d.]+) \(PSS ([\d.]+)\)", out
     )

@@ -228,15 +228,15 @@ SOAK = ["rounds=2", "algorithms=fedavg,local", "client_resources.num_cpus=1"]
 
 @pytest.mark.slow
 def test_several_runs_at_once_on_one_cluster_each_end_correct(ray_local, cluster, tmp_path_factory, tmp_path):
-    """A soak: three comparisons started together on one two-node cluster (together they ask for
-    more actors than it has CPUs, so they wait for each other); each ends with the numbers of the
-    same run made alone, in its own directory."""
-    procs = [_driver(cluster, _sets([*_items(tmp_path, cluster.address, *SOAK), f"run_id=soak{i}"])) for i in range(3)]
+    """A soak: two comparisons started together on one two-node cluster (each asks for every CPU,
+    so one waits for the other); each ends with the numbers of the same run made alone, in its
+    own directory."""
+    procs = [_driver(cluster, _sets([*_items(tmp_path, cluster.address, *SOAK), f"run_id=soak{i}"])) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-4000:]
     reference = _undisturbed(tmp_path_factory, "alone", *SOAK)
-    for i in range(3):
+    for i in range(2):
         run_dir = tmp_path / "results" / f"soak{i}"
         assert set(read_metrics(run_dir).to_pandas().run_id) == {f"soak{i}"}
         pd.testing.assert_frame_equal(outcome_frame(run_dir), reference)
