@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import run_sim
+from tests.cli import cli_main, sets
 from tests.conftest import small_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(argv, capsys):
-    code = run_sim.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
 
 
 @pytest.mark.parametrize(
@@ -36,7 +23,7 @@ def _sets(items):
     ],
 )
 def test_bad_input_is_one_clear_line(items, words, capsys, tmp_path):
-    code, out, err = _run(["run", *_sets(small_overrides(tmp_path, *items))], capsys)
+    code, out, err = cli_main(["run", *sets(small_overrides(tmp_path, *items))], capsys)
     assert code == 2
     assert err.startswith("error: ") and "Traceback" not in err
     for word in words:
@@ -47,7 +34,7 @@ def test_bad_input_is_one_clear_line(items, words, capsys, tmp_path):
 def test_bad_yaml(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rounds: 3\n  algorithms: [fedavg\n")
-    code, _, err = _run(["run", "--config", str(bad)], capsys)
+    code, _, err = cli_main(["run", "--config", str(bad)], capsys)
     assert code == 2 and "not valid YAML" in err and str(bad) in err
 
 
@@ -56,12 +43,12 @@ def test_gpu_request_on_a_machine_without_gpus_fails_fast(capsys, tmp_path):
 
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
         pytest.skip("this machine has GPUs")
-    code, _, err = _run(["run", *_sets(small_overrides(tmp_path, "client_resources.num_gpus=0.5"))], capsys)
+    code, _, err = cli_main(["run", *sets(small_overrides(tmp_path, "client_resources.num_gpus=0.5"))], capsys)
     assert code == 2 and "no GPUs" in err and "client_resources.num_gpus" in err
 
 
 def test_list_shows_every_registry(capsys):
-    code, out, _ = _run(["list"], capsys)
+    code, out, _ = cli_main(["list"], capsys)
     assert code == 0
     for word in (
         "fedavg",
@@ -82,30 +69,18 @@ def test_list_shows_every_registry(capsys):
 
 
 def test_partition_command_builds_then_finds_and_rebuilds_a_corrupt_file(capsys, tmp_path):
-    argv = ["partition", *_sets([f"cache_dir={tmp_path}", "partition.scheme=dirichlet", "partition.alpha=0.1"])]
-    code, out, _ = _run(argv, capsys)
+    argv = ["partition", *sets([f"cache_dir={tmp_path}", "partition.scheme=dirichlet", "partition.alpha=0.1"])]
+    code, out, _ = cli_main(argv, capsys)
     assert code == 0 and "heatmap.png" in out
     path = Path(next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("partition:")))
     assert (path / "heatmap.png").exists() and (path / "manifest.json").exists()
     original = pd.read_parquet(path / "partition.parquet")
     data = (path / "partition.parquet").read_bytes()
     (path / "partition.parquet").write_bytes(data[: len(data) // 2])  # a torn write
-    code, out2, _ = _run(argv, capsys)
+    code, out2, _ = cli_main(argv, capsys)
     assert code == 0
     assert any(p.name.startswith(path.name + ".corrupt") for p in path.parent.iterdir())
     pd.testing.assert_frame_equal(pd.read_parquet(path / "partition.parquet"), original)
-
-
-def _cli(args, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run_sim.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_list_shows_every_new_algorithm_with_its_hyper_parameters(capsys, monkeypatch):
@@ -130,7 +105,7 @@ def test_list_shows_every_new_algorithm_with_its_hyper_parameters(capsys, monkey
     class Dummy(Algorithm):
         Params = DummyParams
 
-    code, out, _ = _run(["list"], capsys)
+    code, out, _ = cli_main(["list"], capsys)
     assert code == 0
     lines = {line.split()[0]: line for line in out.split("datasets:")[0].splitlines() if line.startswith("  ")}
     assert lines["h4-dummy-method"].split(None, 1)[1] == "zeta=0.125, inner_steps=None, mode='fast'"

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from sim.results import outcome_frame, read_metrics
+from tests.cli import sets
 from tests.conftest import run_in_process
 from tests.ray_cluster import RAY, TwoNodes, two_node_cluster
 
@@ -36,10 +37,6 @@ def cluster(_cluster: TwoNodes) -> TwoNodes:
     """The module's cluster, with both nodes up."""
     _cluster.ensure_two_nodes()
     return _cluster
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def _items(out: Path, address: str, *extra: str) -> list[str]:
@@ -83,7 +80,7 @@ def _driver(cluster: TwoNodes, args: list[str]) -> subprocess.Popen:
     )
 
 
-def _submit_cmd(cluster: TwoNodes, submission_id: str, sets: list[str]) -> list[str]:
+def _submit_cmd(cluster: TwoNodes, submission_id: str, items: list[str]) -> list[str]:
     """`ray job submit --working-dir . -- python run_sim.py run ...`, exactly as a user types it."""
     return [
         RAY,
@@ -99,7 +96,7 @@ def _submit_cmd(cluster: TwoNodes, submission_id: str, sets: list[str]) -> list[
         sys.executable,
         "run_sim.py",
         "run",
-        *_sets(sets),
+        *sets(items),
     ]
 
 
@@ -231,7 +228,7 @@ def test_several_runs_at_once_on_one_cluster_each_end_correct(ray_local, cluster
     """A soak: two comparisons started together on one two-node cluster (each asks for every CPU,
     so one waits for the other); each ends with the numbers of the same run made alone, in its
     own directory."""
-    procs = [_driver(cluster, _sets([*_items(tmp_path, cluster.address, *SOAK), f"run_id=soak{i}"])) for i in range(2)]
+    procs = [_driver(cluster, sets([*_items(tmp_path, cluster.address, *SOAK), f"run_id=soak{i}"])) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-4000:]
@@ -259,7 +256,7 @@ def test_a_worker_node_dies_mid_run_and_the_run_ends_as_an_undisturbed_one(clust
             time.sleep(0.02)
         killed["recovered"] = time.monotonic()  # round 2 redone on the surviving actors and checkpointed
 
-    proc = _driver(cluster, _sets([*_items(tmp_path, cluster.address), "run_id=hit"]))
+    proc = _driver(cluster, sets([*_items(tmp_path, cluster.address), "run_id=hit"]))
     killer = threading.Thread(target=kill_after_round_1, daemon=True)
     killer.start()
     _, err = proc.communicate(timeout=300)

@@ -22,6 +22,7 @@ from sim.config import load_config
 from sim.devices import select_device
 from sim.orchestration.cluster import ResourceError, gpu_room, gpu_share, plan_pool
 from sim.typed import ConfigError
+from tests.cli import sets
 from tests.conftest import init_local_ray, small_overrides
 from tests.test_mutation_guards import client_data, context, run_context, softmax_regression
 
@@ -131,7 +132,7 @@ def test_server_gpu_request_without_gpus_fails_before_any_actor(capsys, tmp_path
     if torch.cuda.is_available() or (ray.is_initialized() and ray.cluster_resources().get("GPU")):
         pytest.skip("this machine has GPUs")
     items = small_overrides(tmp_path, "server_resources.num_gpus=0.5")
-    code = run_sim.main(["run", *[a for item in items for a in ("--set", item)]])
+    code = run_sim.main(["run", *sets(items)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "server_resources.num_gpus=0.5 but the Ray cluster has no GPUs" in err

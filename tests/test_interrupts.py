@@ -19,25 +19,10 @@ import pytest
 
 import run_sim
 from sim.results import outcome_frame
+from tests.cli import cli, sets
 from tests.conftest import attached, run_in_process, small_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
-def _cli(args, env_extra=None, timeout=600):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run_sim.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _interrupt(tmp_path, items, sig, after_round, group):
@@ -45,7 +30,7 @@ def _interrupt(tmp_path, items, sig, after_round, group):
     the group (a terminal's Ctrl-C) or to the driver alone (what docker, Kubernetes and systemd do)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "run_sim.py"), "run", *_sets(items)],
+        [sys.executable, str(ROOT / "run_sim.py"), "run", *sets(items)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -124,7 +109,7 @@ def test_a_killed_run_with_a_truncated_checkpoint_falls_back_and_resumes_to_the_
     from tests.faults import crash_env
 
     items = attached(ray_local, small_overrides(tmp_path, "algorithms=local,fedavg", "rounds=4"))
-    crashed = _cli(["run", *_sets(items + ["run_id=crashed"])], crash_env(3))
+    crashed = cli(["run", *sets(items + ["run_id=crashed"])], crash_env(3))
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     run_dir = tmp_path / "results" / "crashed"
     partial = read_metrics(run_dir).to_pandas()  # what was written before the crash stays readable

@@ -16,6 +16,7 @@ from sim.config import load_config
 from sim.data import registry as data_registry
 from sim.partition import base as partition_base
 from sim.typed import ConfigError
+from tests.cli import sets
 from tests.conftest import small_overrides
 
 BASELINE = """
@@ -110,11 +111,11 @@ def test_a_new_file_in_each_scanned_package_is_listed_and_configurable(registrie
     assert "toy-mean" in listed["algorithms"] and "fedavg" in listed["algorithms"]
     assert "toy-blobs" in listed["datasets"] and "digits-domains" in listed["datasets"]
     assert "toy-halves" in listed["partition schemes"] and "dirichlet" in listed["partition schemes"]
-    sets = ["algorithms=toy-mean", "dataset=toy-blobs", "data.blobs=5", "partition.scheme=toy-halves"]
-    cfg = load_config(None, sets)
+    items = ["algorithms=toy-mean", "dataset=toy-blobs", "data.blobs=5", "partition.scheme=toy-halves"]
+    cfg = load_config(None, items)
     assert cfg.algorithms == ["toy-mean"] and cfg.data == {"blobs": 5}
     # the plug-in's own error class derives from UserError: the CLI prints it as one line, no list to extend
-    argv = ["run", *[a for item in [*small_overrides(tmp_path), *sets] for a in ("--set", item)]]
+    argv = ["run", *sets([*small_overrides(tmp_path), *items])]
     assert run_sim.main(argv) == 2
     err = capsys.readouterr().err
     assert err == "error: toy-blobs: no 5 blobs on this machine\n"

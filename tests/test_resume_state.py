@@ -14,9 +14,6 @@ engine's fault injection (exit 17 after round k).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +22,7 @@ import pytest
 from sim.config import load_config
 from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame, read_metrics
+from tests.cli import cli, sets
 from tests.conftest import session_address
 from tests.faults import crash_env
 
@@ -48,24 +46,6 @@ SMALL = [
     "checkpoint_every=1",
 ]
 ALGORITHMS = "fedavg,scaffold"
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
-def _cli(args: list[str], crash_after: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in crash_env(0)}
-    if crash_after is not None:
-        env.update(crash_env(crash_after))
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run_sim.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def _rounds(run_dir: Path, algorithm: str) -> list[int]:
@@ -100,16 +80,16 @@ def test_crashes_in_both_algorithms_of_a_comparison_resume_to_the_undisturbed_nu
     ]
     run_dir = tmp_path / "results" / "crashed"
 
-    first = _cli(["run", *_sets(items)], crash_after=2)  # FedAvg dies after round 2
+    first = cli(["run", *sets(items)], crash_env(2))  # FedAvg dies after round 2
     assert first.returncode == 17, first.stderr[-2000:]
     assert _rounds(run_dir, "fedavg") == [0, 1, 2] and _rounds(run_dir, "scaffold") == []
 
     # FedAvg resumes at round 3 from its round-2 server state; SCAFFOLD, second, dies after round 1
-    second = _cli(["run", "--resume", str(run_dir)], crash_after=1)
+    second = cli(["run", "--resume", str(run_dir)], crash_env(1))
     assert second.returncode == 17, second.stderr[-2000:]
     assert _rounds(run_dir, "fedavg") == [0, 1, 2, 3] and _rounds(run_dir, "scaffold") == [0, 1]
 
-    third = _cli(["run", "--resume", str(run_dir)])  # SCAFFOLD resumes at round 2
+    third = cli(["run", "--resume", str(run_dir)])  # SCAFFOLD resumes at round 2
     assert third.returncode == 0, third.stderr[-2000:]
     pd.testing.assert_frame_equal(outcome_frame(run_dir), undisturbed)
 
@@ -117,9 +97,9 @@ def test_crashes_in_both_algorithms_of_a_comparison_resume_to_the_undisturbed_nu
 @pytest.mark.slow
 def test_a_crashed_sweep_cell_resumes_to_the_undisturbed_numbers(ray_local, undisturbed, tmp_path):
     address = session_address(ray_local)
-    sets = [*SMALL, f"out={tmp_path / 'out'}", f"ray.address={address}"]
-    argv = ["sweep", *_sets(sets), "--grid", f"algorithms={ALGORITHMS}", "--name", "resume"]
-    crashed = _cli(argv, crash_after=2)  # the first cell dies after round 2
+    items = [*SMALL, f"out={tmp_path / 'out'}", f"ray.address={address}"]
+    argv = ["sweep", *sets(items), "--grid", f"algorithms={ALGORITHMS}", "--name", "resume"]
+    crashed = cli(argv, crash_env(2))  # the first cell dies after round 2
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     cells = tmp_path / "out" / "sweeps" / "resume" / "cells"
     (interrupted,) = [d for d in cells.iterdir() if d.is_dir()]
@@ -127,7 +107,7 @@ def test_a_crashed_sweep_cell_resumes_to_the_undisturbed_numbers(ray_local, undi
     (algorithm,) = set(read_metrics(interrupted).to_pandas().algorithm)
     assert _rounds(interrupted, algorithm) == [0, 1, 2]
 
-    resumed = _cli(argv)
+    resumed = cli(argv)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     done = [d for d in cells.iterdir() if (d / "done.json").exists()]
     assert len(done) == 2 and interrupted in done

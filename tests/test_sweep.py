@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +11,7 @@ import pytest
 import run_sim
 from sim.orchestration.sweep import cell_id, parse_grid, plan_sweep
 from sim.typed import ConfigError
+from tests.cli import cli, sets
 from tests.conftest import session_address
 from tests.faults import crash_env
 
@@ -33,8 +31,8 @@ def _base(tmp_path, *extra: str) -> list[str]:
     ]
 
 
-def _argv(sets, grid, *more):
-    return [*[a for s in sets for a in ("--set", s)], *[a for g in grid for a in ("--grid", g)], *more]
+def _argv(items, grid, *more):
+    return [*sets(items), *[a for g in grid for a in ("--grid", g)], *more]
 
 
 def _sweep(argv, capsys):
@@ -185,25 +183,13 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
     assert set(pd.read_parquet(sweep_dir / "results.parquet").cell) == {c["id"] for c in cells}
 
 
-def _cli(args, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run_sim.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_interrupted_cell_resumes_from_its_checkpoint_and_seeds_are_averaged(ray_local, tmp_path):
     # The CLI in subprocesses, attached to the session's Ray (saves starting one per process).
     address = session_address(ray_local)
     sets = _base(tmp_path, "algorithms=fedavg", "num_clients=5", "rounds=2", f"ray.address={address}")
     argv = ["sweep", *_argv(sets, ["seed=0,1"], "--name", "seeds")]
-    crashed = _cli(argv, crash_env(1))  # the process dies hard after round 1 of the first cell
+    crashed = cli(argv, crash_env(1))  # the process dies hard after round 1 of the first cell
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     cells = tmp_path / "out" / "sweeps" / "seeds" / "cells"
     (first,) = [d for d in cells.iterdir()]
@@ -212,7 +198,7 @@ def test_interrupted_cell_resumes_from_its_checkpoint_and_seeds_are_averaged(ray
     assert not (first / "done.json").exists()
 
     drivers = len(ray_local._private.state.jobs())  # every ray.init is a job (a driver) of the cluster
-    resumed = _cli(argv)
+    resumed = cli(argv)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(ray_local._private.state.jobs()) == drivers + 1  # ONE Ray connection for both cells
     assert part.stat().st_mtime_ns == written  # round 1 was not recomputed: resumed from the checkpoint

@@ -11,9 +11,10 @@ import pytest
 import run_sim
 from sim.orchestration.tune import choose, plan_tune, validation_scores
 from sim.typed import ConfigError
+from tests.cli import sets
 
 
-def _sets(tmp_path, *extra: str) -> list[str]:
+def _items(tmp_path, *extra: str) -> list[str]:
     return [
         "num_clients=4",
         "rounds=1",
@@ -29,7 +30,7 @@ def _sets(tmp_path, *extra: str) -> list[str]:
 def test_plan_grids_criteria_and_errors(tmp_path):
     plan = plan_tune(
         None,
-        _sets(tmp_path, "algorithms=fedavg,fedprox,ditto,local"),
+        _items(tmp_path, "algorithms=fedavg,fedprox,ditto,local"),
         ["train.lr=0.01,0.05"],
         ["fedprox.mu=0.01,0.1,1"],
         search_rounds=1,
@@ -49,11 +50,11 @@ def test_plan_grids_criteria_and_errors(tmp_path):
     assert cfg.train.lr == 0.05 and cfg.seeds == [0] and "local@0" not in cfg.algorithms
     assert cfg.variants["fedprox@2"] == {"algorithm": "fedprox", "mu": 1}
     with pytest.raises(ConfigError, match="fedprox has no hyper-parameter 'nu'"):
-        plan_tune(None, _sets(tmp_path, "algorithms=fedprox"), space_items=["fedprox.nu=1"])
+        plan_tune(None, _items(tmp_path, "algorithms=fedprox"), space_items=["fedprox.nu=1"])
     with pytest.raises(ConfigError, match="not among the config's algorithms"):
-        plan_tune(None, _sets(tmp_path, "algorithms=fedavg"), untuned=["warmfed"])
+        plan_tune(None, _items(tmp_path, "algorithms=fedavg"), untuned=["warmfed"])
     with pytest.raises(ConfigError, match="train.lr must be > 0"):
-        plan_tune(None, _sets(tmp_path, "algorithms=fedavg"), ["train.lr=0.01,-1"])
+        plan_tune(None, _items(tmp_path, "algorithms=fedavg"), ["train.lr=0.01,-1"])
 
 
 def _results(plan, rng: np.random.Generator) -> pd.DataFrame:
@@ -72,7 +73,7 @@ def _results(plan, rng: np.random.Generator) -> pd.DataFrame:
 
 def test_the_choice_never_reads_test_rows(tmp_path):
     plan = plan_tune(
-        None, _sets(tmp_path, "algorithms=fedavg,fedprox,ditto"), ["train.lr=0.01,0.02,0.05"], search_seeds=[0]
+        None, _items(tmp_path, "algorithms=fedavg,fedprox,ditto"), ["train.lr=0.01,0.02,0.05"], search_seeds=[0]
     )
     results = _results(plan, np.random.default_rng(0))
     chosen = choose(validation_scores(results, plan))
@@ -98,7 +99,7 @@ def test_the_choice_never_reads_test_rows(tmp_path):
 
 
 def test_ties_go_to_the_first_point_in_grid_order(tmp_path):
-    plan = plan_tune(None, _sets(tmp_path, "algorithms=fedavg"), ["train.lr=0.01,0.02"], search_seeds=[0])
+    plan = plan_tune(None, _items(tmp_path, "algorithms=fedavg"), ["train.lr=0.01,0.02"], search_seeds=[0])
     results = _results(plan, np.random.default_rng(1))
     results.loc[results.split == "val", "value"] = 0.5
     assert choose(validation_scores(results, plan)) == {"fedavg": {"train.lr": 0.01}}
@@ -109,11 +110,7 @@ def test_a_tuned_run_is_reproducible_and_resumes(tmp_path, capsys):
     def tune(out: str) -> tuple[dict, pd.DataFrame]:
         argv = [
             "tune",
-            *[
-                a
-                for s in _sets(tmp_path, "algorithms=fedavg,fedprox", "seed=0,1", f"out={tmp_path / out}")
-                for a in ("--set", s)
-            ],
+            *sets(_items(tmp_path, "algorithms=fedavg,fedprox", "seed=0,1", f"out={tmp_path / out}")),
             "--grid",
             "train.lr=0.01,0.05",
             "--space",

@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import run_sim
 from sim.data import DatasetError, load_dataset
+from tests.cli import cli_main, sets
 from tests.conftest import small_overrides
-
-
-def _sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
-def _run(argv, capsys):
-    code = run_sim.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _run_dirs(tmp_path):
@@ -46,7 +36,7 @@ def test_config_errors_found_before_ray_leave_no_run_folder(items, words, capsys
     if "client_resources.num_gpus=0.5" in items and ray.is_initialized() and ray.cluster_resources().get("GPU"):
         pytest.skip("this machine has GPUs")
     started = time.monotonic()
-    code, _, err = _run(["run", *_sets(small_overrides(tmp_path, *items))], capsys)
+    code, _, err = cli_main(["run", *sets(small_overrides(tmp_path, *items))], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     for word in words:
         assert word in err
@@ -56,7 +46,7 @@ def test_config_errors_found_before_ray_leave_no_run_folder(items, words, capsys
 
 
 def test_a_resource_error_on_a_running_cluster_leaves_nothing_half_made(ray_local, capsys, tmp_path):
-    code, _, err = _run(["run", *_sets(small_overrides(tmp_path, "client_resources.num_cpus=64"))], capsys)
+    code, _, err = cli_main(["run", *sets(small_overrides(tmp_path, "client_resources.num_cpus=64"))], capsys)
     assert code == 2 and "client_resources.num_cpus=64" in err
     assert _run_dirs(tmp_path) == []
 
@@ -64,17 +54,17 @@ def test_a_resource_error_on_a_running_cluster_leaves_nothing_half_made(ray_loca
 def test_an_unwritable_out_is_one_line(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code, _, err = _run(["run", *_sets(small_overrides(tmp_path, f"out={blocker / 'results'}"))], capsys)
+    code, _, err = cli_main(["run", *sets(small_overrides(tmp_path, f"out={blocker / 'results'}"))], capsys)
     assert (
         code == 2 and err.startswith(f"error: out={blocker / 'results'}: cannot write there") and err.count("\n") == 1
     )
 
 
 def test_a_missing_resume_path_is_one_line(capsys, tmp_path):
-    code, _, err = _run(["run", "--resume", str(tmp_path / "nope")], capsys)
+    code, _, err = cli_main(["run", "--resume", str(tmp_path / "nope")], capsys)
     assert code == 2 and err == f"error: --resume {tmp_path / 'nope'}: no such directory\n"
     (tmp_path / "empty").mkdir()
-    code, _, err = _run(["run", "--resume", str(tmp_path / "empty")], capsys)
+    code, _, err = cli_main(["run", "--resume", str(tmp_path / "empty")], capsys)
     assert code == 2 and "no config.yaml there" in err
 
 
@@ -85,7 +75,7 @@ def test_a_run_id_in_use_is_refused(capsys, tmp_path):
     run_dir.mkdir(parents=True)
     holder = RunLock(run_dir)  # another run holds it (flock: a second open file conflicts, even in this process)
     try:
-        code, _, err = _run(["run", *_sets(small_overrides(tmp_path, "run_id=taken"))], capsys)
+        code, _, err = cli_main(["run", *sets(small_overrides(tmp_path, "run_id=taken"))], capsys)
         assert code == 2 and err.count("\n") == 1
         assert f"run directory {run_dir} is in use by a running run (pid " in err
         assert not (run_dir / "config.yaml").exists()

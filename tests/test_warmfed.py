@@ -9,6 +9,7 @@ import run_sim
 from sim.config import ConfigError, load_config
 from sim.orchestration.runner import run_comparison
 from sim.results import outcome_frame, read_metrics
+from tests.cli import cli, sets
 from tests.conftest import attached, run_in_process, small_overrides
 
 # Seconds-scale WarmFed: a briefly pretrained backbone (cached in the test's cache dir), few LoRA and
@@ -236,10 +237,9 @@ def test_killed_warmfed_run_resumes_to_the_same_metrics(ray_local, two_pool_runs
     The killed run joins the session's Ray and the resume runs in-process; the unbroken reference
     is the one-actor run of the phases test (same config but the pool, which changes no number)."""
     from tests.faults import crash_env
-    from tests.test_cli import _cli, _sets
 
     items = small_overrides(tmp_path, "algorithms=warmfed", *tiny, "rounds=2")
-    crashed = _cli(["run", *_sets(attached(ray_local, items) + ["run_id=crashed"])], crash_env(1))
+    crashed = cli(["run", *sets(attached(ray_local, items) + ["run_id=crashed"])], crash_env(1))
     assert crashed.returncode == 17, crashed.stderr[-2000:]
     code = run_sim.main(["run", "--resume", str(tmp_path / "results" / "crashed")])
     assert code == 0, capsys.readouterr().err[-2000:]
