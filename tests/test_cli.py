@@ -10,8 +10,6 @@ import pytest
 from tests.cli import cli_main, sets
 from tests.conftest import small_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.parametrize(
     "items, words",

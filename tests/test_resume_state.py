@@ -26,8 +26,6 @@ from tests.cli import cli, sets
 from tests.conftest import session_address
 from tests.faults import crash_env
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # Pinned (defaults may change): 4 clients, 2 a round, 3 rounds, one domain of the digits, a narrow model.
 SMALL = [
     "num_clients=4",

@@ -15,8 +15,6 @@ from tests.cli import cli, sets
 from tests.conftest import session_address
 from tests.faults import crash_env
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _base(tmp_path, *extra: str) -> list[str]:
     """A seconds-long cell: few clients, one round, a narrow model, results and cache in tmp."""
