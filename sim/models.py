@@ -40,14 +40,15 @@ def _small_cnn(spec: ModelSpec) -> Classifier:
     w = spec.width
     spatial = spec.image_size // 4
     features = nn.Sequential(
+        # pool before ReLU: the same function (max commutes with a monotone map), a quarter of the ReLU work
         nn.Conv2d(spec.in_channels, w, 3, padding=1),
         nn.BatchNorm2d(w),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Conv2d(w, 2 * w, 3, padding=1),
         nn.BatchNorm2d(2 * w),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Flatten(),
         nn.Linear(2 * w * spatial * spatial, 4 * w),
         nn.ReLU(),
@@ -104,4 +105,7 @@ def build_model(name: str, spec: ModelSpec) -> Classifier:
         builder = _MODELS[name]
     except KeyError:
         raise ConfigError(f"model.name: unknown model {name!r}; registered: {', '.join(model_names())}") from None
-    return builder(spec)
+    # channels-last: CPU BatchNorm, pooling and conv kernels run about twice as fast on it (and GPUs' too)
+    model = builder(spec)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # in place; torch's stubs omit it
+    return model

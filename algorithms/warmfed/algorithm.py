@@ -93,7 +93,7 @@ class WarmFedParams:
     dp_clip: float = 0.0  # > 0: clip the LoRA upload's L2 norm and add Gaussian noise (dp_noise × dp_clip)
     dp_noise: float = 0.0
     # server synthesis
-    synth_per_class: int = 20  # images per class the client holds
+    synth_per_class: int = 10  # images per class the client holds (README: 10 against 20, paired)
     sampler: str = "dpm++"  # ddim | dpm++ (DPM-Solver++ 2M) | unipc
     sampler_steps: int = 10
     guidance_scale: float = 2.0
@@ -399,7 +399,17 @@ class WarmFed(Algorithm):
     @classmethod
     def finetune_budget(cls, params: WarmFedParams, train: Any) -> str:
         what = "DSD" if params.dsd else "CE"
-        return f"{train.finetune_epochs} epochs of {what} per round (whole model)" if train.finetune_epochs else "none"
+        lr = params.personal_lr if params.personal_lr is not None else cls.local_lr(params, train)
+        return (
+            f"{train.finetune_epochs} epochs of {what} per round at lr {lr:g} (whole model)"
+            if train.finetune_epochs
+            else "none"
+        )
+
+    @classmethod
+    def local_lr(cls, params: WarmFedParams, train: Any) -> float:
+        """The rounds' local rate: `round_lr`, a fine-tuning rate for the warm start, else train.lr."""
+        return params.round_lr if params.round_lr is not None else train.lr
 
     def __init__(self, params: WarmFedParams, run: Any) -> None:
         super().__init__(params, run)
@@ -670,7 +680,7 @@ class WarmFed(Algorithm):
         epochs = self.run.train.finetune_epochs
         if epochs == 0:
             return model_weights(student), {}
-        lr = p.personal_lr if p.personal_lr is not None else p.round_lr
+        lr = p.personal_lr if p.personal_lr is not None else self.local_lr(p, self.run.train)
         if not p.dsd:
             metrics = local_sgd(ctx, student, loss_fn=cross_entropy, epochs=epochs, lr=lr, purpose="personal")
             return model_weights(student), {"personal_loss": metrics["train_loss"]}
@@ -698,7 +708,7 @@ class WarmFed(Algorithm):
         personal, personal_metrics = self._personalize(ctx, message["weights"], previous)
         if self.params.upload == "ce":
             load_weights(ctx.model, message["weights"])
-            metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy, lr=self.params.round_lr)
+            metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy, lr=self.local_lr(self.params, self.run.train))
             upload = model_weights(ctx.model)
         else:
             metrics, upload = {"train_loss": personal_metrics.get("personal_loss", math.nan)}, personal

@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=("none", "photometric", "polarity", "textures"),
         help="as algo.warmfed.pretrain_augment (default: the config's)",
     )
+    ap.add_argument("--channels", help="comma list of UNet widths (as algo.warmfed.backbone_channels)")
     args = ap.parse_args(argv)
+    overrides: dict[str, Any] = {}  # TinyBackboneConfig fields given on the command line
+    if args.channels:
+        overrides["block_out_channels"] = tuple(int(c) for c in args.channels.split(","))
+    if args.steps:
+        overrides["train_steps"] = args.steps
+    if args.augment:
+        overrides["augment"] = args.augment
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dataset:
@@ -143,16 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         pub = load_dataset(args.dataset).public
         if pub is None:
             raise SystemExit(f"dataset {args.dataset!r} has no public split to pretrain on")
-        cfg = TinyBackboneConfig(
-            **({"train_steps": args.steps} if args.steps else {}), **({"augment": args.augment} if args.augment else {})
-        )
+        cfg = TinyBackboneConfig(**overrides)
         bb, path, trained = get_or_pretrain_tiny_backbone(
             args.cache_dir, pub.images, pub.labels, cfg, pub.fingerprint(), asset_dir=None
         )
         print(f"{'pretrained' if trained else 'already cached'}: {path} ({bb.info.get('train_seconds', '?')} s)")
         return 0
     images, labels, fp = public_digits()
-    cfg = TinyBackboneConfig()
+    cfg = TinyBackboneConfig(**overrides)
     print(f"public digits: {images.shape} fingerprint {fp}; config key {cfg.key(fp)}", flush=True)
     t0 = time.perf_counter()
 

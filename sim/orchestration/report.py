@@ -187,10 +187,12 @@ def budget_table(run_dir: Path, names: list[str]) -> pd.DataFrame:
         except Exception:  # a run of an algorithm this checkout no longer has: no budget to state
             continue
         describe = getattr(cls, "finetune_budget", None)
+        own_lr = getattr(cls, "local_lr", None)  # a method whose rounds train at its own rate says so
+        lr = own_lr(params, cfg.train) if own_lr else cfg.train.lr
         rows.append(
             {
                 "algorithm": name,
-                "local training": f"{cfg.train.local_epochs} epoch(s)/round, lr {cfg.train.lr:g}, momentum {cfg.train.momentum:g}",
+                "local training": f"{cfg.train.local_epochs} epoch(s)/round, lr {lr:g}, momentum {cfg.train.momentum:g}",
                 "personalization budget": describe(params, cfg.train) if describe else "none (the trained model)",
             }
         )
