@@ -98,3 +98,37 @@ def test_eval_logits_do_not_depend_on_batch_mates(name, size):
         together = model(x)
         alone = torch.cat([model(x[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_small_cnn_is_the_same_network_as_before_the_registry():
+    """The layers, their order and the order parameters are drawn in are those of the nn.Sequential
+    below (written out by hand): a seeded run starts from the same tensors as before models became plug-ins."""
+    spec = ModelSpec(in_channels=3, num_classes=10, image_size=16, width=8)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", spec)
+    torch.manual_seed(0)
+    w, spatial = 8, 16 // 4
+    features = torch.nn.Sequential(
+        torch.nn.Conv2d(3, w, 3, padding=1),
+        torch.nn.BatchNorm2d(w),
+        torch.nn.MaxPool2d(2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(w, 2 * w, 3, padding=1),
+        torch.nn.BatchNorm2d(2 * w),
+        torch.nn.MaxPool2d(2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * w * spatial * spatial, 4 * w),
+        torch.nn.ReLU(),
+    )
+    head = torch.nn.Linear(4 * w, 10)  # Classifier makes its head after the body
+    expected = {
+        **{f"features.{k}": v for k, v in features.state_dict().items()},
+        **{f"head.{k}": v for k, v in head.state_dict().items()},
+    }
+    got = model.state_dict()
+    assert list(got) == list(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    assert [type(m) for m in model.features] == [type(m) for m in features]
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)  # build_model's conversion
