@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sim.metrics import declared
+from sim.metrics import SAMPLES, declared
 
 
 class _NullBar:
@@ -40,7 +40,7 @@ class Progress:
 
 def round_line(algorithm: str, seed: int, round: int, rows: list) -> str:
     """`fedavg seed 0 round 3: global 0.812 personal 0.840`: each metric combined as it is declared."""
-    sizes = {r[0]: r[3] for r in rows if r[1] == "test" and r[2] == "n"}
+    sizes = {r[0]: r[3] for r in rows if r[1] == "test" and r[2] == SAMPLES}
     parts = [f"{algorithm} seed {seed} round {round}:"]
     for spec in declared():
         if not spec.progress:

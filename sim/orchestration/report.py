@@ -3,13 +3,17 @@
 Global accuracy is pooled over all clients' test samples (the global model on the union of
 test splits); personalized accuracy is each client's own model on its own test split,
 averaged over clients. With several seeds, every number is mean ± std over seeds; with one
-seed, the personalized ± is the spread over clients.
+seed, the personalized ± is the spread over clients. Metric names, how client values combine,
+which way is better and what a column is called come from the declarations (sim/metrics.py):
+every other declared client metric gets a column of the "other client metrics" table.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -19,60 +23,119 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from sim.metrics import (
+    GLOBAL_ACC,
+    HEADLINE,
+    NEW_CLIENT_ACC,
+    PERSONAL_ACC,
+    SAMPLES,
+    SELECTION,
+    Metric,
+    declared,
+    metric,
+)
 from sim.results import RUN_LEVEL, read_metrics
 
 #: Fewer evaluated clients than this and "worst 10 %" is one client: the column says "worst client".
 DECILE_MIN_CLIENTS = 10
 #: The method every comparison table is paired against unless `--reference` names another.
 DEFAULT_REFERENCE = "fedavg"
+#: The splits the "other client metrics" tables read, in column order: test numbers, then what the
+#: clients' local training reports (validation only chooses rounds).
+OTHER_SPLITS = ("test", "train")
+_RUN_KEYS = ["algorithm", "seed", "round"]
 
 
-def _worst_decile(values: pd.Series) -> float:
-    """Mean accuracy of the worst 10 % of clients (at least one client)."""
+def _worst_decile(values: pd.Series, spec: Metric) -> float:
+    """Mean of the worst 10 % of clients (at least one client), worst as `spec` declares."""
     k = max(1, int(np.ceil(0.1 * len(values))))
-    return float(np.sort(values.to_numpy())[:k].mean())
+    ordered = np.sort(values.to_numpy())
+    return float((ordered[:k] if spec.best == "max" else ordered[-k:]).mean())
 
 
 def worst_label(clients: int) -> str:
-    return "worst-10% personal" if clients >= DECILE_MIN_CLIENTS else "worst client personal"
+    title = metric(PERSONAL_ACC).title
+    return f"worst-10% {title}" if clients >= DECILE_MIN_CLIENTS else f"worst client {title}"
+
+
+def _client_wide(df: pd.DataFrame, split: str, names: Sequence[str] | None = None) -> pd.DataFrame | None:
+    """Per (algorithm, seed, round, client) of `split`: one column per metric (of `names` and the sample
+    count, when given); None without such rows."""
+    clients = df[(df.client_id != RUN_LEVEL) & (df.split == split)]
+    if names is not None:
+        clients = clients[clients.metric.isin([*names, SAMPLES])]
+    if clients.empty:
+        return None
+    wide = clients.pivot_table(index=[*_RUN_KEYS, "client_id"], columns="metric", values="value")
+    return wide.reset_index()
+
+
+def _sizes(g: pd.DataFrame) -> pd.Series:
+    """The clients' sample counts of the split (1 each where the split has none, e.g. `train`)."""
+    return g[SAMPLES] if SAMPLES in g else pd.Series(np.ones(len(g)), index=g.index)
+
+
+def _combined(values: pd.Series, n: pd.Series, spec: Metric) -> float:
+    """The clients' values combined as `spec` declares: pooled (weighted by samples) or the client mean."""
+    m = values.notna()
+    if spec.aggregate == "weighted":
+        return float((values[m] * n[m]).sum() / n[m].sum())
+    return float(values[m].mean())
+
+
+def per_round(df: pd.DataFrame, names: Sequence[str], split: str = "test") -> pd.DataFrame:
+    """Rows (algorithm, seed, round): each metric of `names` combined over the clients of `split` as it
+    is declared (a column only where some client reports it)."""
+    wide = _client_wide(df, split, names)
+    if wide is None:
+        return pd.DataFrame(columns=_RUN_KEYS)
+    out = []
+    for (algo, seed, rnd), g in wide.groupby(_RUN_KEYS):
+        row = {"algorithm": algo, "seed": seed, "round": rnd}
+        n = _sizes(g)
+        for name in names:
+            if name in g and g[name].notna().any():
+                row[name] = _combined(g[name], n, metric(name))
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def per_round_accuracy(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """Rows (algorithm, seed, round): pooled global accuracy, personalized accuracy (sample-weighted
-    mean, unweighted mean, std and worst decile over clients) and new-client accuracy."""
-    clients = df[(df.client_id != RUN_LEVEL) & (df.split == split)]
-    if clients.empty:
-        return pd.DataFrame(columns=["algorithm", "seed", "round"])
-    wide = clients.pivot_table(index=["algorithm", "seed", "round", "client_id"], columns="metric", values="value")
-    wide = wide.reset_index()
+    """Rows (algorithm, seed, round): the headline accuracies, global and new-client combined as declared
+    (pooled over samples), personalized as the client mean and its sample-weighted mean, std and worst
+    decile over clients."""
+    wide = _client_wide(df, split)
+    if wide is None:
+        return pd.DataFrame(columns=_RUN_KEYS)
+    personal = metric(PERSONAL_ACC)
     out = []
-    for (algo, seed, rnd), g in wide.groupby(["algorithm", "seed", "round"]):
+    for (algo, seed, rnd), g in wide.groupby(_RUN_KEYS):
         row = {"algorithm": algo, "seed": seed, "round": rnd}
-        n = g["n"] if "n" in g else pd.Series(np.ones(len(g)), index=g.index)
-        for metric, name in (("global_acc", "global_acc"), ("new_client_acc", "new_client_acc")):
-            if metric in g and g[metric].notna().any():
-                m = g[metric].notna()
-                row[name] = float((g.loc[m, metric] * n[m]).sum() / n[m].sum())
-        if "personal_acc" in g and g["personal_acc"].notna().any():
-            p = g["personal_acc"].dropna()
-            row["personal_acc"] = float(p.mean())
+        n = _sizes(g)
+        for name in (GLOBAL_ACC, NEW_CLIENT_ACC):
+            if name in g and g[name].notna().any():
+                row[name] = _combined(g[name], n, metric(name))
+        if PERSONAL_ACC in g and g[PERSONAL_ACC].notna().any():
+            p = g[PERSONAL_ACC].dropna()
+            row[PERSONAL_ACC] = float(p.mean())
             row["personal_acc_w"] = float((p * n[p.index]).sum() / n[p.index].sum())
             row["personal_std"] = float(p.std(ddof=0))
-            row["personal_worst10"] = _worst_decile(p)
+            row["personal_worst10"] = _worst_decile(p, personal)
             row["clients"] = int(len(p))
         out.append(row)
     return pd.DataFrame(out)
 
 
-def selected_rounds(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (algorithm, seed), the round with the best validation accuracy (personalized, else global):
-    tables report test accuracy at a round chosen without looking at the test split."""
-    val = per_round_accuracy(df, "val")
+def selected_rounds(df: pd.DataFrame, on: Sequence[str] = SELECTION) -> pd.DataFrame:
+    """Per (algorithm, seed), the round with the best validation value (best as declared) of the first
+    metric of `on` the method reports (personalized accuracy, else global): tables report test numbers
+    at a round chosen without looking at the test split. Ties: the earliest round."""
+    val = per_round(df, on, "val")
     picks = []
     for (algo, seed), g in val.groupby(["algorithm", "seed"]):
-        key = "personal_acc" if "personal_acc" in g and g["personal_acc"].notna().any() else "global_acc"
+        key = next((name for name in on if name in g and g[name].notna().any()), None)
         g = g.sort_values("round")
-        best = g.loc[g[key].idxmax(), "round"] if key in g and g[key].notna().any() else g["round"].max()
+        best = g.loc[getattr(g[key], f"idx{metric(key).best}")(), "round"] if key else g["round"].max()
         picks.append({"algorithm": algo, "seed": seed, "round": int(best)})
     return pd.DataFrame(picks)
 
@@ -113,6 +176,10 @@ def chosen_rounds(df: pd.DataFrame, at: str = "selected", acc: pd.DataFrame | No
     return selected_rounds(df)
 
 
+def paired_heading(name: str, reference: str) -> str:
+    return f"Δ {metric(name).title} vs {reference} [95% CI] (wins)"
+
+
 def paired_columns(df: pd.DataFrame, chosen: pd.DataFrame, reference: str | None) -> dict[str, dict[str, str]]:
     """Column name -> {algorithm: "Δ [95 % CI] (seeds won)"} against `reference` (nothing when the
     reference is not in the run)."""
@@ -122,13 +189,13 @@ def paired_columns(df: pd.DataFrame, chosen: pd.DataFrame, reference: str | None
         return {}
     scores = client_scores(df, chosen)
     columns: dict[str, dict[str, str]] = {}
-    for metric, label in (("personal_acc", "personal"), ("global_acc", "global")):
-        paired = paired_against(scores, reference, metric)
+    for name in SELECTION:
+        paired = paired_against(scores, reference, name)
         if not any(v is not None for v in paired.values()):
             continue
         cells = {algo: (v.text() if v is not None else "n/a") for algo, v in paired.items()}
         cells[reference] = "(reference)"
-        columns[f"Δ {label} vs {reference} [95% CI] (wins)"] = cells
+        columns[paired_heading(name, reference)] = cells
     return columns
 
 
@@ -144,6 +211,7 @@ def summary_table(df: pd.DataFrame, at: str = "selected", reference: str | None 
     merged = merged.merge(run_totals(df), on=["algorithm", "seed"], how="left")
     clients = int(merged["clients"].min()) if "clients" in merged and merged["clients"].notna().any() else 0
     paired = paired_columns(df, chosen, reference)
+    glob, personal, new = (metric(name).title for name in (GLOBAL_ACC, PERSONAL_ACC, NEW_CLIENT_ACC))
     rows = []
     for algo in dict.fromkeys(df.algorithm):  # the order the run used
         g = merged[merged.algorithm == algo]
@@ -155,13 +223,13 @@ def summary_table(df: pd.DataFrame, at: str = "selected", reference: str | None 
                 "algorithm": algo,
                 "round": "/".join(str(int(r)) for r in g["round"]),
                 "seeds": int(g.seed.nunique()),
-                "global acc": mean_std(g.get("global_acc")),
-                "personal acc (weighted)": mean_std(g.get("personal_acc_w")),
-                "personal acc (mean ± std)": mean_std(
-                    g.get("personal_acc"), spread=g["personal_std"].iloc[0] if one and "personal_std" in g else None
+                f"{glob} acc": mean_std(g.get(GLOBAL_ACC)),
+                f"{personal} acc (weighted)": mean_std(g.get("personal_acc_w")),
+                f"{personal} acc (mean ± std)": mean_std(
+                    g.get(PERSONAL_ACC), spread=g["personal_std"].iloc[0] if one and "personal_std" in g else None
                 ),
                 worst_label(clients): mean_std(g.get("personal_worst10")),
-                "new-client acc": mean_std(g.get("new_client_acc")),
+                f"{new} acc": mean_std(g.get(NEW_CLIENT_ACC)),
                 **{name: cells.get(algo, "n/a") for name, cells in paired.items()},
                 "MB up": mean_std(g.get("bytes_up"), 1e-6, 2),
                 "MB down": mean_std(g.get("bytes_down"), 1e-6, 2),
@@ -169,6 +237,78 @@ def summary_table(df: pd.DataFrame, at: str = "selected", reference: str | None 
             }
         )
     return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class ClientColumn:
+    """A column of the "other client metrics" tables: a declared metric on one split."""
+
+    spec: Metric
+    split: str
+    heading: str
+
+
+def other_client_columns(*frames: pd.DataFrame) -> list[ClientColumn]:
+    """The declared metrics besides the headline accuracies (sim.metrics.HEADLINE) that clients report in
+    `frames`, on the test split or the train split (what local training reports), in declaration order;
+    a heading names the split only when the metric has a column on both. Undeclared metrics get none."""
+    present: set[tuple[str, str]] = set()
+    for df in frames:
+        rows = df[(df.client_id != RUN_LEVEL) & df.split.isin(OTHER_SPLITS)]
+        present |= set(rows[["metric", "split"]].drop_duplicates().itertuples(index=False, name=None))
+    columns = []
+    for spec in declared():
+        splits = [s for s in OTHER_SPLITS if (spec.name, s) in present] if spec.name not in HEADLINE else []
+        for split in splits:
+            heading = spec.title if len(splits) == 1 else f"{spec.title} ({split})"
+            columns.append(ClientColumn(spec, split, heading))
+    return columns
+
+
+def other_client_numbers(df: pd.DataFrame, chosen: pd.DataFrame, columns: Sequence[ClientColumn]) -> pd.DataFrame:
+    """Rows (algorithm, seed, round) of `chosen`, one numeric column per `columns` heading: the metric
+    combined over the clients as declared, at that round (NaN where the method does not report it)."""
+    out = chosen[_RUN_KEYS].reset_index(drop=True)
+    rows = df.merge(out, on=_RUN_KEYS)
+    for split in OTHER_SPLITS:
+        mine = [c for c in columns if c.split == split]
+        if not mine:
+            continue
+        values = per_round(rows, [c.spec.name for c in mine], split)
+        values = values.rename(columns={c.spec.name: c.heading for c in mine})
+        out = out.merge(
+            values[[*_RUN_KEYS, *[c.heading for c in mine if c.heading in values]]], on=_RUN_KEYS, how="left"
+        )
+    for c in columns:
+        if c.heading not in out:
+            out[c.heading] = np.nan
+    return out
+
+
+def other_client_table(df: pd.DataFrame, at: str = "selected") -> pd.DataFrame:
+    """One row per algorithm: every other declared client metric (`other_client_columns`) at the round
+    `chosen_rounds` picks, mean ± std over seeds; empty when the clients report none."""
+    columns = other_client_columns(df)
+    chosen = chosen_rounds(df, at)
+    if not columns or chosen.empty:
+        return pd.DataFrame()
+    numbers = other_client_numbers(df, chosen, columns)
+    rows = []
+    for algo in dict.fromkeys(df.algorithm):
+        g = numbers[numbers.algorithm == algo]
+        if not g.empty:
+            rows.append({"algorithm": algo, **{c.heading: mean_std(g[c.heading]) for c in columns}})
+    return pd.DataFrame(rows)
+
+
+def other_client_legend(columns: Sequence[ClientColumn]) -> list[str]:
+    """One markdown list line per column: its declaration's description, split, combination and direction."""
+    lines = []
+    for c in columns:
+        combine = "weighted by the clients' samples" if c.spec.aggregate == "weighted" else "mean over clients"
+        about = c.spec.description or "(no description)"
+        lines.append(f"- {c.heading}: {about} (`{c.spec.name}`, {c.split} split, {combine}; {c.spec.direction})")
+    return lines
 
 
 def budget_table(run_dir: Path, names: list[str]) -> pd.DataFrame:
@@ -273,10 +413,9 @@ def domain_table(df: pd.DataFrame, manifest: dict) -> pd.DataFrame:
     if len(names) < 2 or not all(owners.values()):
         return pd.DataFrame()
     picks = selected_rounds(df)
-    clients = df[(df.client_id != RUN_LEVEL) & (df.split == "test")]
-    wide = clients.pivot_table(index=["algorithm", "seed", "round", "client_id"], columns="metric", values="value")
-    wide = wide.reset_index().merge(picks, on=["algorithm", "seed", "round"])
-    if wide.empty:
+    wide = _client_wide(df, "test")
+    wide = wide.merge(picks, on=_RUN_KEYS) if wide is not None and not picks.empty else None
+    if wide is None or wide.empty:
         return pd.DataFrame()
     wide["domain"] = [
         owners[int(s)][int(c)] if int(c) < len(owners[int(s)]) else -1
@@ -284,8 +423,7 @@ def domain_table(df: pd.DataFrame, manifest: dict) -> pd.DataFrame:
     ]
     if wide["domain"].nunique() < 2:
         return pd.DataFrame()
-    n = wide["n"] if "n" in wide else pd.Series(np.ones(len(wide)), index=wide.index)
-    wide = wide.assign(_n=n)
+    wide = wide.assign(_n=_sizes(wide))
     rows = []
     for algo, g in wide.groupby("algorithm", sort=False):
         row: dict[str, str] = {"algorithm": str(algo)}
@@ -293,11 +431,13 @@ def domain_table(df: pd.DataFrame, manifest: dict) -> pd.DataFrame:
             name = names[d] if 0 <= d < len(names) else "mixed"
             per_seed = g[g["domain"] == d].groupby("seed")
             parts = []
-            if "global_acc" in g and g["global_acc"].notna().any():
-                acc = per_seed.apply(lambda s: (s["global_acc"] * s["_n"]).sum() / s["_n"].sum())
-                parts.append(mean_std(acc))
-            if "personal_acc" in g and g["personal_acc"].notna().any():
-                parts.append(mean_std(per_seed["personal_acc"].mean()))
+            for acc in (GLOBAL_ACC, PERSONAL_ACC):  # combined as declared: pooled / client mean
+                if acc not in g or g[acc].isna().all():
+                    continue
+                if metric(acc).aggregate == "weighted":
+                    parts.append(mean_std(per_seed.apply(lambda s, a=acc: (s[a] * s["_n"]).sum() / s["_n"].sum())))
+                else:
+                    parts.append(mean_std(per_seed[acc].mean()))
             row[name] = " / ".join(parts) if parts else "n/a"
         rows.append(row)
     return pd.DataFrame(rows).fillna("n/a")
@@ -314,15 +454,15 @@ def markdown_table(table: pd.DataFrame) -> str:
 def plot_accuracy(df: pd.DataFrame, path: Path) -> Path:
     acc = per_round_accuracy(df)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, metric, title in (
-        (axes[0], "global_acc", "global model, all test splits"),
-        (axes[1], "personal_acc", "personalized, own test split (client mean)"),
+    for ax, name, title in (
+        (axes[0], GLOBAL_ACC, "global model, all test splits"),
+        (axes[1], PERSONAL_ACC, "personalized, own test split (client mean)"),
     ):
         for algo in dict.fromkeys(acc.algorithm):
             g = acc[acc.algorithm == algo]
-            if metric not in g or g[metric].isna().all():
+            if name not in g or g[name].isna().all():
                 continue
-            stats = g.groupby("round")[metric].agg(["mean", "std"]).fillna(0.0)
+            stats = g.groupby("round")[name].agg(["mean", "std"]).fillna(0.0)
             ax.plot(stats.index, stats["mean"], marker="o", label=algo)
             ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.15)
         ax.set_title(title)
@@ -376,6 +516,19 @@ def write_report(run_dir: str | Path, reference: str | None = DEFAULT_REFERENCE)
             "the personalized figure only.",
             "",
             markdown_table(domains),
+            "",
+        ]
+    others = other_client_table(df)
+    if not others.empty:
+        lines += [
+            "## Other client metrics (round chosen on validation)",
+            "",
+            "Every other client metric declared in sim/metrics.py (or by its algorithm, `declare_metric`), at the "
+            "round of the summary, combined over the clients as declared; mean ± std over seeds.",
+            "",
+            markdown_table(others),
+            "",
+            *other_client_legend(other_client_columns(df)),
             "",
         ]
     budgets = budget_table(run_dir, list(dict.fromkeys(df.algorithm)))

@@ -8,7 +8,8 @@ Layout under `<out>/sweeps/<name>/`:
     sweep.json            the command (config, --set, --grid) and the cells with their ids
     cells/<cell-id>/      a run directory (config.yaml, metrics.parquet, report.md, ...) + done.json
     results.parquet       every finished cell's rows, plus `cell` and the cell's grid values as columns
-    summary.md            mean ± std over seeds of final accuracies and wall time; finals.csv, summary.csv
+    summary.md            mean ± std over seeds of final accuracies and wall time, and of every other
+                          declared client metric (sim/metrics.py); finals.csv, summary.csv
     plots/                acc_vs_clients.png, wall_vs_clients.png
 
 A cell id is a hash of the cell's grid values as the resolved config holds them (so `alpha=1`
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 
 from sim.config import RunConfig, config_mapping, load_config, parse_override, stored_config_matches
 from sim.files import replacing, write_json
+from sim.metrics import GLOBAL_ACC, PERSONAL_ACC, SELECTION, metric
 from sim.typed import ConfigError, to_mapping
 
 #: Keys that must be the same for every cell: one results tree, one cache, one Ray connection.
@@ -371,6 +373,10 @@ def _cell_rows(sweep: Sweep) -> Iterator[tuple[str, Cell, Any]]:
         yield cid, wanted[cid], rows.drop(columns=["cell", *[k for k in sweep.group_keys if k in rows.columns]])
 
 
+def _grid_value(value: Any) -> Any:
+    return _text(value) if isinstance(value, (list, dict)) else value
+
+
 def final_numbers(sweep: Sweep) -> Any:
     """One row per (cell, algorithm, seed): final-round global and personal test accuracy, wall time
     and bytes (sim.orchestration.report's per-run numbers), with the cell's grid values and client count."""
@@ -387,14 +393,13 @@ def final_numbers(sweep: Sweep) -> Any:
         merged = final.merge(run_totals(rows), on=["algorithm", "seed"], how="left")
         merged.insert(0, "cell", cid)
         for key in sweep.group_keys:
-            value = cell.values.get(key)
-            merged[key] = _text(value) if isinstance(value, (list, dict)) else value
+            merged[key] = _grid_value(cell.values.get(key))
         merged["num_clients"] = cell.cfg.num_clients
         out.append(merged)
     if not out:
         return pd.DataFrame()
     finals = pd.concat(out, ignore_index=True)
-    for col in ("global_acc", "personal_acc", "wall_s", "bytes_up", "bytes_down"):
+    for col in (GLOBAL_ACC, PERSONAL_ACC, "wall_s", "bytes_up", "bytes_down"):
         if col not in finals:
             finals[col] = float("nan")
     return finals
@@ -412,8 +417,7 @@ def client_finals(sweep: Sweep) -> Any:
     for _cid, cell, rows in _cell_rows(sweep):
         scores = client_scores(rows, chosen_rounds(rows, "final"))
         for key in sweep.group_keys:
-            value = cell.values.get(key)
-            scores[key] = _text(value) if isinstance(value, (list, dict)) else value
+            scores[key] = _grid_value(cell.values.get(key))
         out.append(scores)
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
@@ -421,6 +425,7 @@ def client_finals(sweep: Sweep) -> Any:
 def paired_cells(sweep: Sweep, clients: Any, reference: str | None) -> dict[tuple, dict[str, str]]:
     """(algorithm, *other grid values) -> {column: "Δ [CI] (wins)"} against the reference's row with
     the same other grid values (seeds and clients paired)."""
+    from sim.orchestration.report import paired_heading
     from sim.stats import paired_against
 
     if not reference or clients.empty or reference not in set(clients["algorithm"]):
@@ -430,12 +435,55 @@ def paired_cells(sweep: Sweep, clients: Any, reference: str | None) -> dict[tupl
     groups = clients.groupby(keys, sort=False, dropna=False) if keys else [((), clients)]
     for values, g in groups:
         values = values if isinstance(values, tuple) else (values,)
-        for metric, label in (("personal_acc", "personal"), ("global_acc", "global")):
-            for algo, paired in paired_against(g, reference, metric).items():
-                cell = out.setdefault((algo, *values), {})
-                cell[f"Δ {label} vs {reference} [95% CI] (wins)"] = paired.text() if paired else "n/a"
-            out.setdefault((reference, *values), {})[f"Δ {label} vs {reference} [95% CI] (wins)"] = "(reference)"
+        for name in SELECTION:
+            heading = paired_heading(name, reference)
+            for algo, paired in paired_against(g, reference, name).items():
+                out.setdefault((algo, *values), {})[heading] = paired.text() if paired else "n/a"
+            out.setdefault((reference, *values), {})[heading] = "(reference)"
     return out
+
+
+def _summary_groups(sweep: Sweep, frame: Any) -> list[tuple[tuple, dict[str, Any], Any]]:
+    """(key, {column: value}, rows) per (algorithm, other grid values): algorithms in run order, then the
+    grid values as text."""
+    keys = ["algorithm", *sweep.group_keys]
+    order = {a: i for i, a in enumerate(dict.fromkeys(frame["algorithm"]))}
+    groups = frame.groupby(keys, sort=False, dropna=False)
+    out = []
+    for key, g in sorted(groups, key=lambda kv: (order[kv[0][0]], *[str(v) for v in kv[0][1:]])):
+        key = key if isinstance(key, tuple) else (key,)
+        out.append((tuple(key), dict(zip(keys, key, strict=True)), g))
+    return out
+
+
+def other_client_summary(sweep: Sweep) -> tuple[Any, list[Any]]:
+    """(table, its columns): every other declared client metric (sim.orchestration.report's
+    `other_client_columns`) at the final round, mean ± std over seeds per (algorithm, other grid values)."""
+    import pandas as pd
+
+    from sim.orchestration.report import chosen_rounds, mean_std, other_client_columns, other_client_numbers
+
+    cells = list(_cell_rows(sweep))
+    columns = other_client_columns(*(rows for _, _, rows in cells))
+    if not columns:
+        return pd.DataFrame(), columns
+    parts = []
+    for _cid, cell, rows in cells:
+        chosen = chosen_rounds(rows, "final")
+        if chosen.empty:
+            continue
+        numbers = other_client_numbers(rows, chosen, columns)
+        for key in sweep.group_keys:
+            numbers[key] = _grid_value(cell.values.get(key))
+        parts.append(numbers)
+    if not parts:
+        return pd.DataFrame(), columns
+    numbers = pd.concat(parts, ignore_index=True)
+    rows = [
+        {**head, "seeds": int(g["seed"].nunique()), **{c.heading: mean_std(g[c.heading]) for c in columns}}
+        for _key, head, g in _summary_groups(sweep, numbers)
+    ]
+    return pd.DataFrame(rows), columns
 
 
 def summarize(sweep: Sweep, finals: Any, paired: dict[tuple, dict[str, str]] | None = None) -> tuple[Any, Any]:
@@ -448,25 +496,21 @@ def summarize(sweep: Sweep, finals: Any, paired: dict[tuple, dict[str, str]] | N
     paired = paired or {}
     if finals.empty:
         return pd.DataFrame(), pd.DataFrame()
-    keys = ["algorithm", *sweep.group_keys]
-    order = {a: i for i, a in enumerate(dict.fromkeys(finals["algorithm"]))}
+    glob, personal = metric(GLOBAL_ACC).title, metric(PERSONAL_ACC).title
     rows, numeric = [], []
-    groups = finals.groupby(keys, sort=False, dropna=False)
-    for key, g in sorted(groups, key=lambda kv: (order[kv[0][0]], *[str(v) for v in kv[0][1:]])):
-        key = key if isinstance(key, tuple) else (key,)
-        head = dict(zip(keys, key, strict=True))
+    for key, head, g in _summary_groups(sweep, finals):
         rows.append(
             {
                 **head,
                 "seeds": int(g["seed"].nunique()),
-                "global acc": mean_std(g["global_acc"], digits=3),
-                "personal acc": mean_std(g["personal_acc"], digits=3),
-                **paired.get(tuple(key), {}),
+                f"{glob} acc": mean_std(g[GLOBAL_ACC], digits=3),
+                f"{personal} acc": mean_std(g[PERSONAL_ACC], digits=3),
+                **paired.get(key, {}),
                 "wall s": mean_std(g["wall_s"], digits=1),
             }
         )
         stats = {**head, "num_clients": int(g["num_clients"].iloc[0]), "seeds": int(g["seed"].nunique())}
-        for col in ("global_acc", "personal_acc", "wall_s"):
+        for col in (GLOBAL_ACC, PERSONAL_ACC, "wall_s"):
             stats[f"{col}_mean"] = float(g[col].mean())
             stats[f"{col}_std"] = float(g[col].std(ddof=1)) if g[col].notna().sum() > 1 else 0.0
         numeric.append(stats)
@@ -510,8 +554,8 @@ def plot_vs_clients(sweep: Sweep, numeric: Any, plots: Path) -> list[Path]:
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, col, title in (
-        (axes[0], "global_acc", "global model, final round"),
-        (axes[1], "personal_acc", "personalized (client mean), final round"),
+        (axes[0], GLOBAL_ACC, "global model, final round"),
+        (axes[1], PERSONAL_ACC, "personalized (client mean), final round"),
     ):
         draw(ax, col)
         ax.set_title(title)
@@ -539,7 +583,7 @@ def plot_vs_clients(sweep: Sweep, numeric: Any, plots: Path) -> list[Path]:
 def write_summary(sweep: Sweep, reference: str | None = None) -> tuple[Any, Path, list[Path]]:
     import pandas as pd
 
-    from sim.orchestration.report import DEFAULT_REFERENCE, markdown_table, paired_note
+    from sim.orchestration.report import DEFAULT_REFERENCE, markdown_table, other_client_legend, paired_note
 
     reference = DEFAULT_REFERENCE if reference is None else reference
     finals = final_numbers(sweep)
@@ -570,6 +614,19 @@ def write_summary(sweep: Sweep, reference: str | None = None) -> tuple[Any, Path
         paired_note(reference, clients if not clients.empty else pd.DataFrame({"algorithm": []})),
         "",
     ]
+    others, columns = other_client_summary(sweep)
+    if not others.empty:
+        lines += [
+            "## Other client metrics, final round, mean ± std over seeds",
+            "",
+            "Every other client metric declared in sim/metrics.py (or by its algorithm, `declare_metric`), "
+            "combined over the clients as declared.",
+            "",
+            markdown_table(others),
+            "",
+            *other_client_legend(columns),
+            "",
+        ]
     for path in plots:
         lines += [f"![{path.stem}](plots/{path.name})", ""]
     path = sweep.dir / "summary.md"

@@ -10,10 +10,11 @@ is one sweep cell run at the search budget (`--search-rounds` rounds, `--search-
 default the config's). A point's score is its validation accuracy — global accuracy for methods
 whose personalized model is the global one (FedAvg, FedProx, SCAFFOLD, MOON), personalized
 accuracy for every other method — at the best round on validation, averaged over the search
-seeds; the best point wins (ties: the first in grid order). Only validation rows are read to
-choose: test accuracy is never looked at. The chosen settings then run at the full budget over
-the config's seeds (the final sweep), reported like any run: the validation-selected round, mean
-± std over seeds, the paired difference to the reference.
+seeds; the best point wins (best as sim/metrics.py declares the criterion; ties: the first in
+grid order). Only validation rows are read to choose: test accuracy is never looked at. The
+chosen settings then run at the full budget over the config's seeds (the final sweep), reported
+like any run: the validation-selected round, mean ± std over seeds, the paired difference to the
+reference, and every other declared client metric.
 
 Both sweeps live under `<out>/sweeps/<name>-search` and `<name>-final` (resumable: run the same
 command again), on one Ray connection and one partition cache; the report is
@@ -36,6 +37,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from sim.config import RunConfig, algorithm_spec, load_config, parse_override, run_algorithms
+from sim.metrics import GLOBAL_ACC, PERSONAL_ACC, metric
 from sim.orchestration.sweep import _NAME, FIXED_KEYS, Cell, Sweep, _text, cell_id, execute_sweep
 from sim.typed import ConfigError
 
@@ -54,7 +56,7 @@ class Plan:
     untuned: list[str]
     shared: list[dict[str, Any]]  # the shared grid points (override key -> value), in order
     own: dict[str, list[dict[str, Any]]]  # algorithm -> its own grid points (override key -> value)
-    criteria: dict[str, str]  # algorithm -> "global_acc" | "personal_acc"
+    criteria: dict[str, str]  # algorithm -> the metric it is chosen on (GLOBAL_ACC | PERSONAL_ACC)
     search: Sweep
     labels: dict[str, tuple[str, int]]  # run name in a search cell -> (algorithm, own point index)
     base: RunConfig
@@ -89,7 +91,7 @@ def criterion(cls: type[Algorithm]) -> str:
         or bool(cls.personal_patterns)
         or not cls.has_global_model
     )
-    return "personal_acc" if personal else "global_acc"
+    return PERSONAL_ACC if personal else GLOBAL_ACC
 
 
 def _param_key(cfg: RunConfig, name: str, param: str) -> str:
@@ -239,19 +241,24 @@ def plan_tune(
 # ----------------------------------------------------------------------------------- choosing
 def validation_scores(results: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """One row per (algorithm, grid point): validation score = mean and std over the search seeds of
-    the best-round validation accuracy on the algorithm's criterion. Only `split == "val"` rows
-    are read."""
-    from sim.orchestration.report import per_round_accuracy
+    the best-round validation value of the algorithm's criterion (combined over clients and best as
+    the criterion is declared). Only `split == "val"` rows are read."""
+    from sim.orchestration.report import per_round
 
     val = results[results["split"] == "val"]
     columns = ["algorithm", "seed", "round", "client_id", "split", "metric", "value"]
+    criteria = list(dict.fromkeys(plan.criteria.values()))
     rows = []
     for s_index, cell in enumerate(plan.search.cells):
-        acc = per_round_accuracy(val[val["cell"] == cell.id][columns], "val")
+        acc = per_round(val[val["cell"] == cell.id][columns], criteria, "val")
         for run_name, (algo, i) in plan.labels.items():
-            metric = plan.criteria[algo]
+            name = plan.criteria[algo]
             mine = acc[acc["algorithm"] == run_name] if not acc.empty else acc
-            best = mine.groupby("seed")[metric].max() if metric in mine and not mine.empty else pd.Series(dtype=float)
+            best = (
+                mine.groupby("seed")[name].agg(metric(name).best)
+                if name in mine and not mine.empty
+                else pd.Series(dtype=float)
+            )
             point = {**cell.values, **{_param_key(plan.base, algo, k): v for k, v in plan.own[algo][i].items()}}
             rows.append(
                 {
@@ -260,7 +267,7 @@ def validation_scores(results: pd.DataFrame, plan: Plan) -> pd.DataFrame:
                     "point": point,
                     "shared": s_index,
                     "own": i,
-                    "criterion": metric,
+                    "criterion": name,
                     "val_mean": float(best.mean()) if len(best) else float("nan"),
                     "val_std": float(best.std(ddof=1)) if len(best) > 1 else 0.0,
                     "seeds": int(len(best)),
@@ -272,13 +279,15 @@ def validation_scores(results: pd.DataFrame, plan: Plan) -> pd.DataFrame:
 
 
 def choose(scores: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per algorithm, the grid point with the best validation score (the first one in grid order on ties)."""
+    """Per algorithm, the grid point with the best validation score, best as its criterion is declared
+    (the first one in grid order on ties)."""
     chosen: dict[str, dict[str, Any]] = {}
     for algo, g in scores.groupby("algorithm", sort=False):
         g = g[g["val_mean"].notna()]
         if g.empty:
             raise ConfigError(f"tune: no validation score for {algo} (did its search runs evaluate?)")
-        chosen[algo] = dict(g.loc[g["val_mean"].idxmax(), "point"])
+        best = metric(g["criterion"].iloc[0]).best
+        chosen[algo] = dict(g.loc[getattr(g["val_mean"], f"idx{best}")(), "point"])
     return chosen
 
 
@@ -372,6 +381,10 @@ def _recorded_commits(sweeps: Sequence[Sweep]) -> list[str]:
     return commits
 
 
+def _criterion_label(name: str) -> str:
+    return f"{metric(name).title} val acc"
+
+
 def write_tune_report(
     plan: Plan,
     scores: pd.DataFrame,
@@ -381,22 +394,31 @@ def write_tune_report(
     search_s: float,
     final_s: float,
 ) -> tuple[pd.DataFrame, Path]:
-    from sim.orchestration.report import DEFAULT_REFERENCE, budget_table, markdown_table, paired_note, summary_table
+    from sim.orchestration.report import (
+        DEFAULT_REFERENCE,
+        budget_table,
+        markdown_table,
+        other_client_columns,
+        other_client_legend,
+        other_client_table,
+        paired_note,
+        summary_table,
+    )
     from sim.orchestration.runner import git_commit
 
     reference = DEFAULT_REFERENCE if reference is None else reference
     df = final_metrics(final)
     table = summary_table(df, reference=reference) if not df.empty else pd.DataFrame()
+    others = other_client_table(df) if not df.empty else pd.DataFrame()
     parts = [budget_table(c.dir, c.cfg.algorithms) for c in final.cells if c.dir.is_dir()]
     budgets = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     search_cfg = plan.search.cells[0].cfg if plan.search.cells else plan.base
-    label = {"global_acc": "global val acc", "personal_acc": "personal val acc"}
     rows = []
     for algo in plan.algorithms:
         rows.append(
             {
                 "algorithm": algo,
-                "chosen on": "— (untuned: defaults)" if algo in plan.untuned else label[plan.criteria[algo]],
+                "chosen on": "— (untuned: defaults)" if algo in plan.untuned else _criterion_label(plan.criteria[algo]),
                 "chosen": _point_text(chosen.get(algo, {})),
                 "grid points": plan.points(algo),
             }
@@ -427,6 +449,18 @@ def write_tune_report(
         paired_note(reference, df if not df.empty else pd.DataFrame({"algorithm": []})),
         "",
     ]
+    if not others.empty:
+        lines += [
+            "## Other client metrics of the final runs (round chosen on validation)",
+            "",
+            "Every other client metric declared in sim/metrics.py (or by its algorithm, `declare_metric`), "
+            "combined over the clients as declared; mean ± std over seeds.",
+            "",
+            markdown_table(others),
+            "",
+            *other_client_legend(other_client_columns(df)),
+            "",
+        ]
     if not budgets.empty:
         lines += ["## Budgets", "", markdown_table(budgets), ""]
     lines += ["## The grid (validation accuracy, mean ± std over search seeds)", ""]
@@ -438,7 +472,7 @@ def write_tune_report(
             {
                 "algorithm": r["algorithm"],
                 "setting": _point_text(r["point"]) + mark,
-                "on": label[r["criterion"]],
+                "on": _criterion_label(r["criterion"]),
                 "val acc": f"{r['val_mean']:.3f}{spread}",
             }
         )
