@@ -112,7 +112,7 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    algorithms: list[str] = field(default_factory=lambda: ["fedavg", "fedprox", "local", "fedbabu"])
+    algorithms: list[str] = field(default_factory=lambda: ["warmfed", "fedavg", "fedprox", "local", "fedbabu"])
     algo: dict[str, dict[str, Any]] = field(default_factory=dict)
     # named variants usable in `algorithms`, e.g. {warmfed-nodsd: {algorithm: warmfed, dsd: false}}:
     # one row each in the results, for ablations and hyper-parameter comparisons

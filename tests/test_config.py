@@ -11,7 +11,7 @@ from sim.typed import from_mapping
 def test_defaults_are_the_embedded_benchmark():
     cfg = load_config()
     assert cfg.dataset == "digits-domains"
-    assert cfg.algorithms == ["fedavg", "fedprox", "local", "fedbabu"]
+    assert cfg.algorithms == ["warmfed", "fedavg", "fedprox", "local", "fedbabu"]
     assert cfg.num_clients == 10 and cfg.partition.scheme == "domain-dirichlet"
 
 
