@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from sim.metrics import SAMPLES, SELECTION
+from sim.metrics import metric as declared_metric
+
 #: Resamples of the bootstrap: the 2.5 % / 97.5 % percentiles settle to about ±0.001 at this size.
 BOOTSTRAP = 2000
 #: Bootstrap RNG seed (reports are reproducible).
@@ -70,10 +73,12 @@ def paired_difference(
     return Paired(float(np.mean(diffs)), float(low), float(high), int(sum(d > 0 for d in diffs)), len(per_seed))
 
 
-def client_scores(df: pd.DataFrame, chosen: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """Per (algorithm, seed, client) at the chosen round of each (algorithm, seed): personal_acc,
-    global_acc and n (test samples) from the long metrics table."""
-    rows = df[(df.client_id >= 0) & (df.split == split) & df.metric.isin(["personal_acc", "global_acc", "n"])]
+def client_scores(
+    df: pd.DataFrame, chosen: pd.DataFrame, split: str = "test", metrics: tuple[str, ...] = SELECTION
+) -> pd.DataFrame:
+    """Per (algorithm, seed, client) at the chosen round of each (algorithm, seed): `metrics` and
+    the sample count (the weight of a sample-weighted metric) from the long metrics table."""
+    rows = df[(df.client_id >= 0) & (df.split == split) & df.metric.isin([*metrics, SAMPLES])]
     wide = rows.pivot_table(index=["algorithm", "seed", "round", "client_id"], columns="metric", values="value")
     wide = wide.reset_index()
     return wide.merge(chosen[["algorithm", "seed", "round"]], on=["algorithm", "seed", "round"])
@@ -96,7 +101,8 @@ def paired_against(scores: pd.DataFrame, reference: str, metric: str) -> dict[st
             both = both[both[metric].notna() & both[f"{metric}_ref"].notna()]
             if both.empty:
                 continue
-            n = both["n"].to_numpy() if metric == "global_acc" and "n" in both else None
+            weighted = declared_metric(metric).aggregate == "weighted" and SAMPLES in both
+            n = both[SAMPLES].to_numpy() if weighted else None
             per_seed.append((both[metric].to_numpy(), both[f"{metric}_ref"].to_numpy(), n))
         out[algo] = paired_difference(per_seed) if per_seed else None
     return out
