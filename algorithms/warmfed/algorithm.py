@@ -93,9 +93,9 @@ class WarmFedParams:
     dp_clip: float = 0.0  # > 0: clip the LoRA upload's L2 norm and add Gaussian noise (dp_noise × dp_clip)
     dp_noise: float = 0.0
     # server synthesis
-    synth_per_class: int = 10  # images per class the client holds (README: 10 against 20, paired)
+    synth_per_class: int = 20  # images per class the client holds (10 cost 5.7 points of validation global accuracy)
     sampler: str = "dpm++"  # ddim | dpm++ (DPM-Solver++ 2M) | unipc
-    sampler_steps: int = 10
+    sampler_steps: int = 10  # 6 cost 1.3 points of validation personal accuracy (README, "The client budget")
     guidance_scale: float = 2.0
     save_grids: int = 10  # sample grids written for the first k clients
     # server fine-tuning (the warm start)
