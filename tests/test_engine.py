@@ -172,7 +172,7 @@ def test_pool_is_sized_from_free_resources():
     with pytest.raises(ResourceError, match="pool_size"):
         plan_pool(load_config(None, ["ray.pool_size=8"]), {"CPU": 2.0}, {"CPU": 2.0})
     gpu = plan_pool(
-        load_config(None, ["client_resources.num_gpus=0.5", "num_clients=10"]),
+        load_config(None, ["algorithms=fedavg", "client_resources.num_gpus=0.5", "num_clients=10"]),  # no server share
         {"CPU": 8.0, "GPU": 1.0},
         {"CPU": 8.0, "GPU": 1.0},
     )

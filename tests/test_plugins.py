@@ -169,23 +169,23 @@ def test_without_the_file_the_names_are_unknown(registries, capsys):
     assert "toy-linear" not in listed["models"] and "toy-linear" not in model_names()
 
 
-def test_another_package_plugs_in_through_the_environment(registries, tmp_path, capsys):
+def _plugin_package(registries, tmp_path, module: str, source: str) -> None:
+    """A package `toy_plugins` holding one plug-in module, named in WARMFED_SIM_PLUGINS."""
     package = tmp_path / "toy_plugins"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "mean.py").write_text(textwrap.dedent(BASELINE))
+    (package / f"{module}.py").write_text(textwrap.dedent(source))
     registries.syspath_prepend(str(tmp_path))
     registries.setenv(plugins.PLUGINS_ENV, "toy_plugins")
+
+
+def test_another_package_plugs_in_through_the_environment(registries, tmp_path, capsys):
+    _plugin_package(registries, tmp_path, "mean", BASELINE)
     assert "toy-mean" in _listed(capsys)["algorithms"]
 
 
 def test_a_model_plugs_in_through_the_environment(registries, tmp_path, capsys):
-    package = tmp_path / "toy_plugins"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "linear.py").write_text(textwrap.dedent(MODEL))
-    registries.syspath_prepend(str(tmp_path))
-    registries.setenv(plugins.PLUGINS_ENV, "toy_plugins")
+    _plugin_package(registries, tmp_path, "linear", MODEL)
     listed = _listed(capsys)["models"]
     assert "toy-linear" in listed and "small_cnn" in listed
     assert model_names() == ["resnet_bn", "resnet_gn", "small_cnn", "toy-linear"]
@@ -202,12 +202,8 @@ def test_a_model_plugs_in_through_the_environment(registries, tmp_path, capsys):
 
 
 def test_a_second_model_under_a_taken_name_is_an_error_naming_both(registries, tmp_path):
+    _plugin_package(registries, tmp_path, "linear", MODEL)
     package = tmp_path / "toy_plugins"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "linear.py").write_text(textwrap.dedent(MODEL))
-    registries.syspath_prepend(str(tmp_path))
-    registries.setenv(plugins.PLUGINS_ENV, "toy_plugins")
     assert "toy-linear" in model_names()
     # the same builder registered again by a reload of its module is harmless
     module = importlib.reload(sys.modules["toy_plugins.linear"])

@@ -167,7 +167,9 @@ def test_sweep_runs_skips_finished_cells_and_summarizes(ray_local, tmp_path, cap
     local_row = next(line for line in summary.splitlines() if line.startswith("| local |"))
     assert local_row.split(" | ")[5].endswith("(1/1)") or local_row.split(" | ")[5].endswith("(0/1)")
     assert local_row.split(" | ")[6] == "n/a"
-    assert summary.count("| fedavg | 0.5 | 1 |") == 1 and summary.count("| local |") == 1
+    main_table = summary.split("## Other client metrics")[0]  # that table has a row per algorithm too
+    assert main_table.count("| fedavg | 0.5 | 1 |") == 1 and main_table.count("| local |") == 1
+    assert "## Other client metrics" in summary and "train_loss" in summary.split("## Other client metrics")[1]
     assert "| local | 0.5 | 1 | n/a |" in summary  # Local-only has no global model
     for name in ("acc_vs_clients.png", "wall_vs_clients.png"):
         assert (sweep_dir / "plots" / name).stat().st_size > 0
