@@ -77,9 +77,13 @@ def test_gpu_shares_pack_whole_gpus():
 
 def test_pool_counts_fractional_actors_per_gpu():
     two_gpus = {"CPU": 16.0, "GPU": 2.0}
-    plan = plan_pool(load_config(None, ["algorithms=fedavg", "client_resources.num_gpus=0.4", "num_clients=20"]), two_gpus, two_gpus)
+    plan = plan_pool(
+        load_config(None, ["algorithms=fedavg", "client_resources.num_gpus=0.4", "num_clients=20"]), two_gpus, two_gpus
+    )
     assert plan.size == 4 and plan.num_gpus == 0.4
-    auto = plan_pool(load_config(None, ["algorithms=fedavg", "client_resources.num_gpus=auto", "num_clients=20"]), two_gpus, two_gpus)
+    auto = plan_pool(
+        load_config(None, ["algorithms=fedavg", "client_resources.num_gpus=auto", "num_clients=20"]), two_gpus, two_gpus
+    )
     assert auto.size == 16 and auto.num_gpus == 0.125  # 8 per GPU
     assert auto.server_num_gpus == 0.0  # FedAvg's server only averages
 
@@ -95,7 +99,9 @@ def test_server_auto_takes_a_share_only_for_heavy_server_phases():
     assert shared.server_num_gpus == 0.25 and shared.size == 3  # the server's quarter leaves room for three
     no_gpu = {"CPU": 4.0}
     assert plan_pool(load_config(None, warmfed), no_gpu, no_gpu).server_num_gpus == 0.0
-    fedavg = plan_pool(load_config(None, ["algorithms=fedavg", "client_resources.num_gpus=0.25"]), GPU_CLUSTER, GPU_CLUSTER)
+    fedavg = plan_pool(
+        load_config(None, ["algorithms=fedavg", "client_resources.num_gpus=0.25"]), GPU_CLUSTER, GPU_CLUSTER
+    )
     assert fedavg.server_num_gpus == 0.0 and fedavg.size == 4
     # a GPU elsewhere in the cluster does not help the server, which lives on the driver's node
     far = plan_pool(load_config(None, warmfed), {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0})
