@@ -56,7 +56,10 @@ TARGETS: dict[str, Target] = {
     "baselines": Target(
         ("baselines/",), ("tests/test_baselines.py", "tests/test_mutation_guards.py", "-m", "not slow")
     ),
-    "dsd": Target(("algorithms/warmfed/dsd.py",), ("tests/test_dsd.py", "-m", "not slow")),
+    # the objective's __call__ (teacher mode, per-step λ) is exercised by the in-process protocol tests
+    "dsd": Target(
+        ("algorithms/warmfed/dsd.py",), ("tests/test_dsd.py", "tests/test_warmfed_protocol.py", "-m", "not slow")
+    ),
     "checkpoints": Target(("sim/orchestration/checkpoints.py",), ("tests/test_checkpoints.py", "-m", "not slow")),
 }
 
