@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 from algorithms.aggregation import Aggregator
 from sim.config import TrainConfig
 from sim.models import Classifier, ModelSpec, build_model
+from sim.rng import stream_rng
+from sim.rng import stream_seed as rng_seed  # the algorithm API's name for it (plug-ins import it from here)
 
 Weights = dict[str, torch.Tensor]
 
@@ -106,14 +107,6 @@ class RunContext:
 
     def build_model(self) -> Classifier:
         return build_model(self.model_name, self.model_spec)
-
-
-def rng_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived from (seed, round, client, purpose): one RNG stream per use, whatever runs where."""
-    words = [
-        p if isinstance(p, int) else int.from_bytes(hashlib.sha256(p.encode()).digest()[:4], "little") for p in parts
-    ]
-    return int(np.random.SeedSequence([abs(w) for w in words]).generate_state(1, np.uint64)[0]) >> 1
 
 
 class _LazySplits(Mapping[str, torch.Tensor]):
@@ -344,7 +337,7 @@ class Algorithm:
         """Uniform sampling without replacement from a (seed, round) stream, sorted by id."""
         if per_round >= num_clients:
             return np.arange(num_clients)
-        rng = np.random.default_rng([self.run.seed, round, 0x5E1EC7])
+        rng = stream_rng(self.run.seed, round, 0x5E1EC7)
         return np.sort(rng.choice(num_clients, size=per_round, replace=False))
 
     def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "sim.stats": 0,
     "sim.metrics": 0,
     "sim.devices": 0,
+    "sim.rng": 0,
     "sim.callbacks": 0,
     "algorithms": 1,
     "baselines": 2,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from sim.data.assemble import stratified_holdout
 from sim.data.base import ArrayDataset, DatasetError
 from sim.data.registry import register_dataset
+from sim.rng import stream_rng
 
 NAME = "digits-domains"
 ALL_DOMAINS: tuple[str, ...] = ("plain", "inverted", "colored", "noisy", "thick")
@@ -198,7 +199,7 @@ def build_digits_domains(p: DigitsDomainsParams) -> ArrayDataset:
     so large client counts get distinct samples: client digits (1,438 by default) × domains × copies.
     """
     src, labels = _source_digits()
-    pub_idx, cli_idx = stratified_holdout(labels, p.public_fraction, np.random.default_rng([p.seed, _SPLIT_STREAM]))
+    pub_idx, cli_idx = stratified_holdout(labels, p.public_fraction, stream_rng(p.seed, _SPLIT_STREAM))
     gray = _upscale(src, p.image_size)
 
     parts = []
@@ -206,8 +207,8 @@ def build_digits_domains(p: DigitsDomainsParams) -> ArrayDataset:
         for copy in range(p.copies):
             # Copy 0 uses the original stream (copies=1 is byte-identical to the single render);
             # every further copy draws its own shifts, colours and noise from a stream of its own.
-            stream = [p.seed, _DOMAIN_STREAM[d]] + ([copy] if copy else [])
-            parts.append(render(gray[cli_idx], d, p.shift, np.random.default_rng(stream)))
+            stream = (p.seed, _DOMAIN_STREAM[d]) + ((copy,) if copy else ())
+            parts.append(render(gray[cli_idx], d, p.shift, stream_rng(*stream)))
     n_cli = cli_idx.size * p.copies
     images = np.concatenate(parts) if len(parts) > 1 else parts[0]
     client_labels = np.tile(labels[cli_idx], len(p.domains) * p.copies)
@@ -215,7 +216,7 @@ def build_digits_domains(p: DigitsDomainsParams) -> ArrayDataset:
 
     public = None
     if pub_idx.size:
-        pub_images = render(gray[pub_idx], "plain", p.shift, np.random.default_rng([p.seed, _PUBLIC_STREAM]))
+        pub_images = render(gray[pub_idx], "plain", p.shift, stream_rng(p.seed, _PUBLIC_STREAM))
         public = ArrayDataset(
             f"{NAME}:public",
             pub_images,

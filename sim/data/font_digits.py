@@ -21,6 +21,7 @@ import numpy as np
 
 from sim.data.base import ArrayDataset, DatasetError
 from sim.data.registry import register_dataset
+from sim.rng import stream_rng
 
 NAME = "font-digits"
 CLASS_NAMES = tuple(str(d) for d in range(10))
@@ -208,16 +209,14 @@ def build_font_digits(p: FontDigitsParams) -> ArrayDataset:
     ``public_per_class`` per class in the plain style. Every style draws its glyphs from its
     own RNG stream, so a style's images do not depend on which other styles are requested."""
     labels = np.repeat(np.arange(10, dtype=np.int64), p.per_class)
-    parts = [
-        render(labels, d, p.fonts, p.image_size, np.random.default_rng([p.seed, _DOMAIN_STREAM[d]])) for d in p.domains
-    ]
+    parts = [render(labels, d, p.fonts, p.image_size, stream_rng(p.seed, _DOMAIN_STREAM[d])) for d in p.domains]
     images = np.concatenate(parts) if len(parts) > 1 else parts[0]
     client_labels = np.tile(labels, len(p.domains))
     domains = np.repeat(np.arange(len(p.domains), dtype=np.int64), labels.size)
     public = None
     if p.public_per_class:
         pub_labels = np.repeat(np.arange(10, dtype=np.int64), p.public_per_class)
-        pub = render(pub_labels, PUBLIC_STYLE, p.fonts, p.image_size, np.random.default_rng([p.seed, _PUBLIC_STREAM]))
+        pub = render(pub_labels, PUBLIC_STYLE, p.fonts, p.image_size, stream_rng(p.seed, _PUBLIC_STREAM))
         public = ArrayDataset(
             f"{NAME}:public", pub, pub_labels, np.zeros(pub_labels.size, np.int64), CLASS_NAMES, (PUBLIC_STYLE,)
         )

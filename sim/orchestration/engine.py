@@ -26,6 +26,7 @@ from sim.config import RunConfig, resolved
 from sim.orchestration.checkpoints import CheckpointStore
 from sim.orchestration.progress import Progress
 from sim.results import RUN_LEVEL, ResultsWriter, Row
+from sim.rng import stream_rng
 
 
 class Simulation:
@@ -71,13 +72,13 @@ class Simulation:
         k = self.cfg.holdout_clients
         if k == 0:
             return np.zeros(0, dtype=np.int64)
-        return np.sort(np.random.default_rng([self.seed, 0x401D]).choice(self.run.num_clients, size=k, replace=False))
+        return np.sort(stream_rng(self.seed, 0x401D).choice(self.run.num_clients, size=k, replace=False))
 
     def _eval_clients(self) -> np.ndarray:
         pool, cap = self.train_clients, self.cfg.eval.max_clients
         if cap is None or cap >= len(pool):
             return pool
-        return np.sort(np.random.default_rng([self.seed, 0xE7A1]).choice(pool, size=cap, replace=False))
+        return np.sort(stream_rng(self.seed, 0xE7A1).choice(pool, size=cap, replace=False))
 
     # ------------------------------------------------------------------------------------
     def execute(self) -> None:
