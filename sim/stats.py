@@ -18,6 +18,7 @@ import pandas as pd
 
 from sim.metrics import SAMPLES, SELECTION
 from sim.metrics import metric as declared_metric
+from sim.rng import stream_rng
 
 #: Resamples of the bootstrap: the 2.5 % / 97.5 % percentiles settle to about ±0.001 at this size.
 BOOTSTRAP = 2000
@@ -57,7 +58,7 @@ def paired_difference(
     counts once); None makes it the client mean (personalized accuracy)."""
     if not per_seed:
         raise ValueError("paired_difference: no seeds to compare")
-    rng = np.random.default_rng(seed)
+    rng = stream_rng(seed)
     diffs, boot = [], np.zeros(resamples)
     for acc, ref, n in per_seed:
         acc, ref = np.asarray(acc, float), np.asarray(ref, float)

@@ -24,6 +24,7 @@ from torch import nn
 
 from sim.config import TrainConfig
 from sim.models import Classifier
+from sim.rng import stream_rng
 
 __all__ = ["JudgeConfig", "FidelityJudges", "fidelity_report"]
 
@@ -149,7 +150,7 @@ class FidelityJudges:
         self.cfg = cfg
         self.num_classes = int(num_classes or y.max() + 1)
         self.num_domains = int(num_domains or d.max() + 1)
-        rng = np.random.default_rng(cfg.seed)
+        rng = stream_rng(cfg.seed)
         perm = rng.permutation(len(y))
         k = int(round(cfg.holdout * len(y)))
         held, fit = perm[:k], perm[k:]

@@ -25,6 +25,7 @@ from sim.partition.base import (
     get_scheme,
     resolve_params,
 )
+from sim.rng import stream_rng
 
 # Bump when a change to the algorithms would give different partitions for the same inputs:
 # it is part of the hash, so stale cached partitions are simply not found.
@@ -257,7 +258,7 @@ def build_partition(
             f"(min_size={spec['min_size']} train + val {sf.val:g} / test {sf.test:g} share); need >= {J * min_total}. "
             "Use fewer clients, a smaller min_size or smaller val/test fractions."
         )
-    rng = np.random.default_rng(spec["seed"])
+    rng = stream_rng(spec["seed"])
     data = SchemeInput(labels, domains, num_classes, num_domains, J, min_total, spec["min_size"])
     owner = np.asarray(get_scheme(scheme).assign(data, p, rng), dtype=np.int64)
     sizes = np.bincount(owner[owner >= 0], minlength=J)
