@@ -20,6 +20,7 @@ from actors.devices import claim_device, device_info
 from actors.state_store import ClientStateStore
 from algorithms.base import (
     Algorithm,
+    Broadcast,
     ClientContext,
     ClientData,
     RunContext,
@@ -97,7 +98,7 @@ class ClientWorker:
             reset=self._reset,
         )
 
-    def train(self, client_id: int, round: int, message: dict[str, Any], version: int) -> tuple[Any, dict[str, Any]]:
+    def train(self, client_id: int, round: int, message: Broadcast, version: int) -> tuple[Any, dict[str, Any]]:
         start = time.perf_counter()
         reset_peak()
         algo = self.algorithm
@@ -119,7 +120,7 @@ class ClientWorker:
         return update, info
 
     def train_many(
-        self, client_ids: list[int], start: int, round: int, message: dict[str, Any], versions: list[int]
+        self, client_ids: list[int], start: int, round: int, message: Broadcast, versions: list[int]
     ) -> tuple[Any, list[dict[str, Any]]]:
         """Train a run of the round's clients (positions start, start+1, ...) in one task, and sum
         their updates here.
@@ -154,7 +155,7 @@ class ClientWorker:
         return upload, info
 
     def run_setup_personal(
-        self, phase_index: int, client_id: int, message: dict[str, Any], version: int
+        self, phase_index: int, client_id: int, message: Broadcast, version: int
     ) -> tuple[Any, dict[str, Any]]:
         """A one-shot client step from the server's broadcast; its state is the client's round-0 version."""
         start = time.perf_counter()
@@ -203,7 +204,7 @@ class ClientWorker:
         return result, info
 
     def evaluate_new_clients(
-        self, client_ids: list[int], round: int, message: dict[str, Any], epochs: int, batch_size: int
+        self, client_ids: list[int], round: int, message: Broadcast, epochs: int, batch_size: int
     ) -> list[tuple[int, str, str, float]]:
         """New-client accuracy: a never-trained client takes what the method gives a newcomer (its
         personalized model without state) and adapts it for a fixed budget of local epochs, unless
@@ -212,7 +213,7 @@ class ClientWorker:
         for client_id in client_ids:
             ctx = self.context(client_id, round)
             start = self.algorithm.personal_weights(ctx, message, None)
-            load_weights(ctx.model, start if start is not None else message["weights"])
+            load_weights(ctx.model, start if start is not None else message.weights)
             if epochs > 0 and not self.algorithm.adapts_at_evaluation:
                 local_sgd(ctx, ctx.model, epochs=epochs, purpose="new-client")
             for split in ("val", "test"):
@@ -221,7 +222,7 @@ class ClientWorker:
         return rows
 
     def evaluate(
-        self, client_ids: list[int], round: int, message: dict[str, Any], versions: list[int], batch_size: int
+        self, client_ids: list[int], round: int, message: Broadcast, versions: list[int], batch_size: int
     ) -> list[tuple[int, str, str, float]]:
         """(client_id, split, metric, value) rows for global and personalized accuracy.
 
@@ -229,7 +230,7 @@ class ClientWorker:
         each personalized model on its own client's val and test splits together."""
         algo = self.algorithm
         data = {cid: self.client_data(cid) for cid in client_ids}
-        global_scores = self._score(message.get("weights"), data, batch_size) if algo.has_global_model else {}
+        global_scores = self._score(message.weights, data, batch_size) if algo.has_global_model else {}
         rows: list[tuple[int, str, str, float]] = []
         for client_id, version in zip(client_ids, versions, strict=True):
             ctx = self.context(client_id, round, data[client_id])
@@ -286,7 +287,7 @@ class ClientActor(ClientWorker):
         client_ids: list[int],
         start: int,
         round: int,
-        message: dict[str, Any],
+        message: Broadcast,
         versions: list[int],
     ):
         return ClientWorker.train_many(self, client_ids, start, round, message, versions)
@@ -300,7 +301,7 @@ class ClientActor(ClientWorker):
         self,
         phase_index: int,
         client_id: int,
-        message: dict[str, Any],
+        message: Broadcast,
         version: int,
     ):
         return ClientWorker.run_setup_personal(self, phase_index, client_id, message, version)

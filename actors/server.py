@@ -19,7 +19,16 @@ import ray
 import torch
 
 from actors.devices import claim_device, device_info
-from algorithms.base import Aggregator, Algorithm, ClientUpdate, RunContext, ServerContext, model_weights
+from algorithms.base import (
+    Aggregator,
+    Algorithm,
+    Broadcast,
+    ClientUpdate,
+    RunContext,
+    ServerContext,
+    ServerState,
+    model_weights,
+)
 from sim.files import write_atomic
 from sim.memory import peak_rss_mb, reset_peak
 
@@ -34,13 +43,13 @@ class ServerWorker:
         self.algorithm = algorithm
         self.run = run
         torch.manual_seed(run.seed)
-        self.state: dict[str, Any] = algorithm.init_server_state(model_weights(run.build_model()))
+        self.state: ServerState = algorithm.init_server_state(model_weights(run.build_model()))
         self.aggregator: Aggregator | None = None
         self._uploads: list[Any] = []
         self._work_items: list[Any] = []
         return True
 
-    def broadcast(self) -> dict[str, Any]:
+    def broadcast(self) -> Broadcast:
         return self.algorithm.broadcast(self.state)
 
     def message_nbytes(self) -> int:
@@ -106,7 +115,9 @@ class ServerWorker:
 
     # ----- checkpoints ---------------------------------------------------------------------
     def save(self, path: str) -> str:
-        """Write the state atomically (see sim/orchestration/checkpoints.py); returns its sha256 for the checkpoint's meta."""
+        """Write the state atomically (see sim/orchestration/checkpoints.py); returns its sha256 for the checkpoint's meta.
+
+        The state is the algorithm's `ServerState` dataclass, pickled whole (tensors, arrays, uploads)."""
         buffer = io.BytesIO()
         torch.save(self.state, buffer)
         return write_atomic(Path(path), buffer.getbuffer())

@@ -1,5 +1,8 @@
 """Per-client state (personal layers, control variates, LoRA) kept out of the driver.
 
+A state is the algorithm's `ClientState` dataclass (algorithms/base.py), pickled whole by
+torch.save; the store itself takes any picklable object.
+
 States are files under the run directory, written by whichever actor trained the client and
 read by whichever actor trains or evaluates it next; an in-actor LRU cache saves the reads.
 Each write is a new *version* (the round it was made in), and the driver only tracks one small
@@ -9,6 +12,7 @@ to the versions its checkpoint names.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -76,6 +80,8 @@ def _nbytes(state: Any) -> int:
         return state.numel() * state.element_size()
     if hasattr(state, "nbytes") and isinstance(state.nbytes, int):
         return int(state.nbytes)
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return sum(_nbytes(getattr(state, f.name)) for f in dataclasses.fields(state))
     if isinstance(state, dict):
         return sum(_nbytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):

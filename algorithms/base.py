@@ -6,6 +6,11 @@ in ClientActors. An algorithm never sees Ray, the engine or the results table: i
 `ClientContext` with the data and resident model of one client, and returns tensors. Personal
 parameters are declared by name patterns (`personal_patterns`), not by hand-written copies.
 Optional warm-start phases (`setup_phases`) let a method run one-shot work before round 1.
+
+What the verbs pass each other is typed: the server state (`ServerState`), the round's message
+(`Broadcast`) and a client's own state (`ClientState`) are small frozen dataclasses, and a method
+that needs more fields subclasses them and names its types, `Algorithm[State, Message, ClientState]`
+(SCAFFOLD's control variates, say); verbs build new values with `dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import numpy as np
 import torch
@@ -56,6 +61,41 @@ def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) ->
     with torch.no_grad():
         for key, value in weights.items():
             state[key].copy_(value)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The server's state between rounds, checkpointed whole: the global weights. A method that
+    keeps more (SCAFFOLD's control variate) subclasses it; `finish_round` returns a new one
+    (`dataclasses.replace(state, weights=...)` keeps the subclass and its other fields)."""
+
+    weights: Weights
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """What every selected client receives in a round (one object in Ray's store): by default the
+    shared weights. A method that sends more subclasses it; `message_nbytes` counts what it costs."""
+
+    weights: Weights
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """Base of a client's own state, kept in the state store between the rounds it takes part in
+    (one file per version, pickled as it is); a stateful method's `local_train` returns its subclass."""
+
+
+@dataclass(frozen=True)
+class PersonalState(ClientState):
+    """The client's personal weights: the part matching `personal_patterns`, or a whole own model."""
+
+    personal: Weights
+
+
+StateT = TypeVar("StateT", bound=ServerState)
+MessageT = TypeVar("MessageT", bound=Broadcast)
+ClientStateT = TypeVar("ClientStateT", bound=ClientState)
 
 
 @dataclass
@@ -232,12 +272,13 @@ class ClientContext:
 
 
 @dataclass(frozen=True)
-class SetupPhase:
+class SetupPhase(Generic[StateT, MessageT, ClientStateT]):
     """A one-shot step before round 1, e.g. WarmFed's LoRA upload, synthesis and one-shot personalization.
 
     A phase does its per-party work in one of three ways (at most one is set), then `server`
     (optional) receives the results in client-id (or item) order with the server state and
-    returns the new server state:
+    returns the new server state (the next phase's input: phases hand results on through the
+    method's typed state):
 
     * `client(ctx) -> upload`: every client computes an upload from its own data;
     * `personal(ctx, message, client_state) -> (upload, new_state)`: every training client starts
@@ -251,13 +292,11 @@ class SetupPhase:
 
     name: str
     client: Callable[[ClientContext], Any] | None = None
-    server: Callable[[ServerContext, dict[str, Any], list[Any]], dict[str, Any]] | None = None
+    server: Callable[[ServerContext, StateT, list[Any]], StateT] | None = None
     upload_nbytes: Callable[[Any], int] = lambda upload: 0
-    personal: (
-        Callable[[ClientContext, dict[str, Any], dict[str, Any] | None], tuple[Any, dict[str, Any] | None]] | None
-    ) = None
+    personal: Callable[[ClientContext, MessageT, ClientStateT | None], tuple[Any, ClientStateT | None]] | None = None
     work: Callable[[ServerContext, Any], Any] | None = None
-    work_items: Callable[[dict[str, Any]], list[tuple[float, Any]]] | None = None
+    work_items: Callable[[StateT], list[tuple[float, Any]]] | None = None
 
     def __post_init__(self) -> None:
         if sum(f is not None for f in (self.client, self.personal, self.work)) > 1:
@@ -290,8 +329,14 @@ class ServerContext:
         return self.run.build_model().to(self.device)
 
 
-class Algorithm:
-    """Base class: FedAvg's behaviour unless overridden, so a new method states only what differs."""
+class Algorithm(Generic[StateT, MessageT, ClientStateT]):
+    """Base class: FedAvg's behaviour unless overridden, so a new method states only what differs.
+
+    Typed over its server state, broadcast and client state: `ServerState`, `Broadcast` and
+    `PersonalState` unless a method names its own subclasses, e.g.
+    `class Scaffold(Algorithm[ScaffoldState, ScaffoldBroadcast, ScaffoldClientState])`; a method
+    with its own state or message type overrides `init_server_state` or `broadcast` to build it.
+    """
 
     name: str = ""  # not a ClassVar: a variant runs under its own name
     Params: ClassVar[type] = NoParams
@@ -326,12 +371,12 @@ class Algorithm:
         return {k: v for k, v in weights.items() if self.is_personal(k)}
 
     # ----- warm start ----------------------------------------------------------------------
-    def setup_phases(self) -> list[SetupPhase]:
+    def setup_phases(self) -> list[SetupPhase[StateT, MessageT, ClientStateT]]:
         return []
 
     # ----- server verbs ------------------------------------------------------------------
-    def init_server_state(self, weights: Weights) -> dict[str, Any]:
-        return {"weights": weights}
+    def init_server_state(self, weights: Weights) -> StateT:
+        return cast(StateT, ServerState(weights))
 
     def select_clients(self, round: int, num_clients: int, per_round: int) -> np.ndarray:
         """Uniform sampling without replacement from a (seed, round) stream, sorted by id."""
@@ -340,15 +385,15 @@ class Algorithm:
         rng = stream_rng(self.run.seed, round, 0x5E1EC7)
         return np.sort(rng.choice(num_clients, size=per_round, replace=False))
 
-    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
+    def broadcast(self, state: StateT) -> MessageT:
         """What every selected client receives this round (by default the shared weights)."""
-        return {"weights": self.shared_part(state["weights"])}
+        return cast(MessageT, Broadcast(self.shared_part(state.weights)))
 
-    def message_nbytes(self, message: dict[str, Any]) -> int:
+    def message_nbytes(self, message: MessageT) -> int:
         """Bytes one client downloads; entries derivable from the shared seed (an init) cost nothing."""
-        return weights_nbytes(message.get("weights"))
+        return weights_nbytes(message.weights)
 
-    def new_aggregator(self, state: dict[str, Any]) -> Aggregator:
+    def new_aggregator(self, state: StateT) -> Aggregator:
         return Aggregator()
 
     def partial_aggregator(self, start: int) -> Aggregator | None:
@@ -358,35 +403,35 @@ class Algorithm:
         median, say): the updates then travel one by one."""
         return Aggregator(start)
 
-    def finish_round(self, state: dict[str, Any], aggregator: Aggregator) -> dict[str, Any]:
+    def finish_round(self, state: StateT, aggregator: Aggregator) -> StateT:
         if aggregator.count == 0:
             return state
-        return {**state, "weights": {**state["weights"], **aggregator.mean(self.shared_part(state["weights"]))}}
+        return dataclasses.replace(state, weights={**state.weights, **aggregator.mean(self.shared_part(state.weights))})
 
     # ----- client verbs ------------------------------------------------------------------
-    def start_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> Weights:
+    def start_weights(self, ctx: ClientContext, message: MessageT, client_state: ClientStateT | None) -> Weights:
         """The weights a client trains from: the broadcast, with its own personal part if it has one."""
-        weights = dict(message["weights"])
-        if client_state and "personal" in client_state:
-            weights.update(client_state["personal"])
+        weights = dict(message.weights)
+        if isinstance(client_state, PersonalState):
+            weights.update(client_state.personal)
         return weights
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        self, ctx: ClientContext, message: MessageT, client_state: ClientStateT | None
+    ) -> tuple[ClientUpdate, ClientStateT | None]:
         from sim.training import cross_entropy, local_sgd
 
         load_weights(ctx.model, self.start_weights(ctx, message, client_state))
         metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy)
         trained = model_weights(ctx.model)
-        new_state = {"personal": self.personal_part(trained)} if self.personal_patterns else client_state
+        new_state = (
+            cast(ClientStateT, PersonalState(self.personal_part(trained))) if self.personal_patterns else client_state
+        )
         update = ClientUpdate(ctx.client_id, self.shared_part(trained), ctx.data.size("train"), metrics)
         return update, new_state
 
     def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, ctx: ClientContext, message: MessageT, client_state: ClientStateT | None
     ) -> Weights | None:
         """The client's own model for personalized evaluation; None means "the global model"."""
         if not self.personal_patterns:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from algorithms.base import ClientContext, ClientUpdate, Weights, load_weights, model_weights
+from algorithms.base import ClientContext, ClientState, ClientUpdate, Weights, load_weights, model_weights
 from algorithms.registry import register
-from baselines.common import CarriesInit
+from baselines.common import CarriesInit, InitBroadcast
 from sim.metrics import declare_metric
 from sim.training import LossFn, local_sgd
 
@@ -43,6 +43,14 @@ class APFLParams:
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class APFLClientState(ClientState):
+    """The client's local model v and its mixing weight α."""
+
+    local: Weights
+    alpha: float
 
 
 def mix_weights(alpha: float, local: Weights, glob: Weights) -> Weights:
@@ -63,23 +71,23 @@ def apfl_loss(local: nn.Module, alpha: torch.Tensor | float) -> LossFn:
 
 
 @register("apfl")
-class APFL(CarriesInit):
+class APFL(CarriesInit[APFLClientState]):
     Params = APFLParams
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"alpha": (0.25, 0.5, 0.75)}
     stateful = True
 
-    def _local_state(self, message: dict[str, Any], client_state: dict[str, Any] | None) -> tuple[Weights, float]:
+    def _local_state(self, message: InitBroadcast, client_state: APFLClientState | None) -> tuple[Weights, float]:
         if client_state:
-            return client_state["local"], float(client_state["alpha"])
-        return message["init"], self.params.alpha
+            return client_state.local, float(client_state.alpha)
+        return message.init, self.params.alpha
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        self, ctx: ClientContext, message: InitBroadcast, client_state: APFLClientState | None
+    ) -> tuple[ClientUpdate, APFLClientState]:
         v_weights, alpha_value = self._local_state(message, client_state)
         local = ctx.scratch_model("apfl/local")
         load_weights(local, v_weights)
-        load_weights(ctx.model, message["weights"])
+        load_weights(ctx.model, message.weights)
         trainable: list[torch.Tensor] = [*ctx.model.parameters(), *local.parameters()]
         alpha: torch.Tensor | float = alpha_value
         after_step = None
@@ -96,10 +104,10 @@ class APFL(CarriesInit):
         update = ClientUpdate(
             ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), {**metrics, "alpha": new_alpha}
         )
-        return update, {"local": model_weights(local), "alpha": new_alpha}
+        return update, APFLClientState(model_weights(local), new_alpha)
 
     def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, ctx: ClientContext, message: InitBroadcast, client_state: APFLClientState | None
     ) -> Weights:
         v_weights, alpha = self._local_state(message, client_state)
-        return mix_weights(alpha, v_weights, message["weights"])
+        return mix_weights(alpha, v_weights, message.weights)

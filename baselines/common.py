@@ -3,7 +3,8 @@
 * `PartialSharing`: the "some layers stay home" family (FedPer, LG-FedAvg, FedRep, FedBN).
 * `CarriesInit`: methods whose clients start a personal model from the shared initialization
   (Ditto, APFL, the partial-sharing family); the init is derivable from the run seed, so it
-  travels for free (`message_nbytes` counts only `weights`).
+  travels for free (`message_nbytes` counts only `weights`). `InitState` and `InitBroadcast`
+  are the server state and message that carry it.
 * `derived_context`: the same client with other data or other optimizer settings, so a method
   can run the shared `local_sgd` on e.g. a random data subset with plain SGD (FedALA's weights).
 * `trainable_only`: freeze everything but some parameters for a `local_sgd` call (FedRep, FedBABU).
@@ -14,25 +15,50 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from algorithms.base import Algorithm, ClientContext, ClientData, Weights, clone_weights
+from algorithms.base import (
+    Algorithm,
+    Broadcast,
+    ClientContext,
+    ClientData,
+    ClientStateT,
+    PersonalState,
+    ServerState,
+    Weights,
+    clone_weights,
+)
 
 
-class CarriesInit(Algorithm):
+@dataclass(frozen=True)
+class InitState(ServerState):
+    """The server state plus the shared initial weights."""
+
+    init: Weights
+
+
+@dataclass(frozen=True)
+class InitBroadcast(Broadcast):
+    """The round's message plus the shared initial weights (derivable from the run seed: free)."""
+
+    init: Weights
+
+
+class CarriesInit(Algorithm[InitState, InitBroadcast, ClientStateT]):
     """Keeps the initial weights in the server state and ships them (free) in every broadcast."""
 
-    def init_server_state(self, weights: Weights) -> dict[str, Any]:
-        return {**super().init_server_state(weights), "init": clone_weights(weights)}
+    def init_server_state(self, weights: Weights) -> InitState:
+        return InitState(weights, clone_weights(weights))
 
-    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {**super().broadcast(state), "init": state["init"]}
+    def broadcast(self, state: InitState) -> InitBroadcast:
+        return InitBroadcast(self.shared_part(state.weights), state.init)
 
 
-class PartialSharing(CarriesInit):
+class PartialSharing(CarriesInit[PersonalState]):
     """Layers matching `personal_patterns` never leave the client; the rest is FedAvg.
 
     There is no complete server model (the server never holds the personal layers), so no
@@ -43,16 +69,13 @@ class PartialSharing(CarriesInit):
     stateful = True
     has_global_model = False
 
-    def start_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> Weights:
-        weights = dict(message["weights"])
-        personal = client_state["personal"] if client_state and "personal" in client_state else None
-        weights.update(personal if personal is not None else self.personal_part(message["init"]))
+    def start_weights(self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None) -> Weights:
+        weights = dict(message.weights)
+        weights.update(client_state.personal if client_state is not None else self.personal_part(message.init))
         return weights
 
     def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None
     ) -> Weights:
         return self.start_weights(ctx, message, client_state)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from algorithms.base import ClientContext, ClientUpdate, Weights, load_weights, model_weights
+from algorithms.base import ClientContext, ClientUpdate, PersonalState, Weights, load_weights, model_weights
 from algorithms.registry import register
-from baselines.common import CarriesInit
+from baselines.common import CarriesInit, InitBroadcast
 from baselines.fedprox import proximal_loss
 from sim.training import local_sgd
 
@@ -37,19 +37,19 @@ class DittoParams:
 
 
 @register("ditto")
-class Ditto(CarriesInit):
+class Ditto(CarriesInit[PersonalState]):
     Params = DittoParams
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"lam": (0.01, 0.1, 1.0)}
     stateful = True
 
     @staticmethod
-    def _personal_start(message: dict[str, Any], client_state: dict[str, Any] | None) -> Weights:
-        return client_state["personal"] if client_state else message["init"]
+    def _personal_start(message: InitBroadcast, client_state: PersonalState | None) -> Weights:
+        return client_state.personal if client_state else message.init
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        global_w = message["weights"]
+        self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None
+    ) -> tuple[ClientUpdate, PersonalState]:
+        global_w = message.weights
         personal = ctx.scratch_model("ditto/personal")
         load_weights(personal, self._personal_start(message, client_state))
         anchor = {k: v.to(ctx.device) for k, v in global_w.items()}
@@ -63,9 +63,9 @@ class Ditto(CarriesInit):
         load_weights(ctx.model, global_w)
         metrics = local_sgd(ctx, ctx.model, purpose="ditto/global")
         update = ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics)
-        return update, {"personal": model_weights(personal)}
+        return update, PersonalState(model_weights(personal))
 
     def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None
     ) -> Weights:
         return self._personal_start(message, client_state)

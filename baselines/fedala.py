@@ -35,10 +35,13 @@ from torch.func import functional_call
 
 from algorithms.base import (
     Algorithm,
+    Broadcast,
     ClientContext,
     ClientData,
+    ClientState,
     ClientUpdate,
     RunContext,
+    ServerState,
     Weights,
     load_weights,
     model_weights,
@@ -75,6 +78,14 @@ class FedALAParams:
             raise ValueError(f"convergence must be 'epoch' or 'step', got {self.convergence!r}")
 
 
+@dataclass(frozen=True)
+class FedALAClientState(ClientState):
+    """The client's local model θ_i and its learned ALA weights W (None until its first ALA)."""
+
+    local: Weights
+    mask: dict[str, torch.Tensor] | None = None
+
+
 def top_layer_params(names: list[str], layers: int) -> list[str]:
     """Parameter names of the last `layers` parameter-owning modules."""
     modules: list[str] = []
@@ -106,7 +117,7 @@ def ala_loss(
 
 
 @register("fedala")
-class FedALA(Algorithm):
+class FedALA(Algorithm[ServerState, Broadcast, FedALAClientState]):
     Params = FedALAParams
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.1, 1.0)}
     stateful = True
@@ -171,20 +182,19 @@ class FedALA(Algorithm):
         return enough and statistics.pstdev(losses[-window:]) < self.params.threshold
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        glob = message["weights"]
+        self, ctx: ClientContext, message: Broadcast, client_state: FedALAClientState | None
+    ) -> tuple[ClientUpdate, FedALAClientState]:
+        glob = message.weights
         if client_state:
-            start, mask = self.adapt(ctx, glob, client_state["local"], client_state.get("mask"))
+            start, mask = self.adapt(ctx, glob, client_state.local, client_state.mask)
         else:
             start, mask = glob, None  # no local model yet: θ_i⁰ = θ
         load_weights(ctx.model, start)
         metrics = local_sgd(ctx, ctx.model)
         trained = model_weights(ctx.model)
-        state = {"local": trained, **({"mask": mask} if mask is not None else {})}
-        return ClientUpdate(ctx.client_id, trained, ctx.data.size("train"), metrics), state
+        return ClientUpdate(ctx.client_id, trained, ctx.data.size("train"), metrics), FedALAClientState(trained, mask)
 
     def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, ctx: ClientContext, message: Broadcast, client_state: FedALAClientState | None
     ) -> Weights | None:
-        return client_state["local"] if client_state else None
+        return client_state.local if client_state else None

@@ -16,8 +16,11 @@ from typing import Any, ClassVar
 
 from algorithms.base import (
     Algorithm,
+    Broadcast,
     ClientContext,
+    ClientState,
     ClientUpdate,
+    ServerState,
     Weights,
     load_weights,
     model_weights,
@@ -45,25 +48,23 @@ class FedBABU(Algorithm):
     def trained_part(self, weights: dict) -> Weights:
         return {k: v for k, v in weights.items() if not self.is_frozen(k)}
 
-    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
+    def broadcast(self, state: ServerState) -> Broadcast:
         # The full model, so global evaluation sees body + init head; the head costs nothing (seed).
-        return {"weights": state["weights"]}
+        return Broadcast(state.weights)
 
-    def message_nbytes(self, message: dict[str, Any]) -> int:
-        return weights_nbytes(self.trained_part(message["weights"]))
+    def message_nbytes(self, message: Broadcast) -> int:
+        return weights_nbytes(self.trained_part(message.weights))
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        load_weights(ctx.model, message["weights"])
+        self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
+    ) -> tuple[ClientUpdate, ClientState | None]:
+        load_weights(ctx.model, message.weights)
         with trainable_only(ctx.model, lambda name: not self.is_frozen(name)):
             metrics = local_sgd(ctx, ctx.model)
         body = self.trained_part(model_weights(ctx.model))
         return ClientUpdate(ctx.client_id, body, ctx.data.size("train"), metrics), client_state
 
-    def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> Weights:
-        load_weights(ctx.model, message["weights"])
+    def personal_weights(self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None) -> Weights:
+        load_weights(ctx.model, message.weights)
         local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         return model_weights(ctx.model)

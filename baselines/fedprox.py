@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from algorithms.base import Algorithm, ClientContext, ClientUpdate, load_weights, model_weights
+from algorithms.base import Algorithm, Broadcast, ClientContext, ClientState, ClientUpdate, load_weights, model_weights
 from algorithms.registry import register
 from sim.training import cross_entropy, local_sgd
 
@@ -41,8 +41,8 @@ class FedProx(Algorithm):
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"mu": (0.001, 0.01, 0.1)}
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
+    ) -> tuple[ClientUpdate, ClientState | None]:
         load_weights(ctx.model, self.start_weights(ctx, message, client_state))
         anchor = {k: v.detach().clone() for k, v in ctx.model.named_parameters()}
         metrics = local_sgd(ctx, ctx.model, loss_fn=proximal_loss(anchor, self.params.mu))

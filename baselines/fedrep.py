@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from algorithms.base import ClientContext, ClientUpdate, load_weights, model_weights
+from algorithms.base import ClientContext, ClientUpdate, PersonalState, load_weights, model_weights
 from algorithms.registry import register
-from baselines.common import PartialSharing, trainable_only
+from baselines.common import InitBroadcast, PartialSharing, trainable_only
 from sim.metrics import declare_metric
 from sim.training import local_sgd
 
@@ -42,8 +42,8 @@ class FedRep(PartialSharing):
     personal_patterns = ("head.*",)
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None
+    ) -> tuple[ClientUpdate, PersonalState | None]:
         load_weights(ctx.model, self.start_weights(ctx, message, client_state))
         with trainable_only(ctx.model, self.is_personal):
             head = local_sgd(ctx, ctx.model, epochs=self.params.head_epochs, purpose="fedrep/head")
@@ -52,4 +52,4 @@ class FedRep(PartialSharing):
         trained = model_weights(ctx.model)
         metrics = {**body, "head_loss": head["train_loss"]}
         update = ClientUpdate(ctx.client_id, self.shared_part(trained), ctx.data.size("train"), metrics)
-        return update, {"personal": self.personal_part(trained)}
+        return update, PersonalState(self.personal_part(trained))

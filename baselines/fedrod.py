@@ -26,12 +26,22 @@ P-head the generic head's class directions to refine instead of learning them fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import Algorithm, ClientContext, ClientUpdate, Weights, load_weights, model_weights
+from algorithms.base import (
+    Algorithm,
+    Broadcast,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    ServerState,
+    Weights,
+    load_weights,
+    model_weights,
+)
 from algorithms.registry import register
 from sim.models import Classifier
 from sim.training import LossFn, local_sgd
@@ -47,6 +57,14 @@ class FedRoDParams:
             raise ValueError(f"generic_loss must be 'bsm' or 'ce', got {self.generic_loss!r}")
         if self.p_head_init not in ("copy", "zero"):
             raise ValueError(f"p_head_init must be 'copy' or 'zero', got {self.p_head_init!r}")
+
+
+@dataclass(frozen=True)
+class FedRoDClientState(ClientState):
+    """The client's personal head (P-head), a Linear's weight and bias."""
+
+    p_weight: torch.Tensor
+    p_bias: torch.Tensor
 
 
 def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, class_counts: torch.Tensor) -> torch.Tensor:
@@ -75,24 +93,24 @@ def fedrod_loss(p_weight: torch.Tensor, p_bias: torch.Tensor, class_counts: torc
 
 
 @register("fedrod")
-class FedRoD(Algorithm):
+class FedRoD(Algorithm[ServerState, Broadcast, FedRoDClientState]):
     Params = FedRoDParams
     stateful = True
 
     def _personal_head(
-        self, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, message: Broadcast, client_state: FedRoDClientState | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if client_state:
-            return client_state["p_weight"].clone(), client_state["p_bias"].clone()
-        weight, bias = message["weights"]["head.weight"], message["weights"]["head.bias"]
+            return client_state.p_weight.clone(), client_state.p_bias.clone()
+        weight, bias = message.weights["head.weight"], message.weights["head.bias"]
         if self.params.p_head_init == "copy":
             return weight.detach().clone(), bias.detach().clone()
         return torch.zeros_like(weight), torch.zeros_like(bias)
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        load_weights(ctx.model, message["weights"])
+        self, ctx: ClientContext, message: Broadcast, client_state: FedRoDClientState | None
+    ) -> tuple[ClientUpdate, FedRoDClientState]:
+        load_weights(ctx.model, message.weights)
         p_weight, p_bias = (t.to(ctx.device).requires_grad_(True) for t in self._personal_head(message, client_state))
         counts = None
         if self.params.generic_loss == "bsm":
@@ -105,13 +123,13 @@ class FedRoD(Algorithm):
             params=[*ctx.model.parameters(), p_weight, p_bias],
         )
         update = ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics)
-        return update, {"p_weight": p_weight.detach().cpu(), "p_bias": p_bias.detach().cpu()}
+        return update, FedRoDClientState(p_weight.detach().cpu(), p_bias.detach().cpu())
 
     def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, ctx: ClientContext, message: Broadcast, client_state: FedRoDClientState | None
     ) -> Weights:
         p_weight, p_bias = self._personal_head(message, client_state)
-        weights = dict(message["weights"])
+        weights = dict(message.weights)
         weights["head.weight"] = weights["head.weight"] + p_weight
         weights["head.bias"] = weights["head.bias"] + p_bias
         return weights

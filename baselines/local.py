@@ -2,35 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from algorithms.base import Algorithm, ClientContext, ClientUpdate, Weights, load_weights, model_weights
+from algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientUpdate,
+    PersonalState,
+    ServerState,
+    Weights,
+    load_weights,
+    model_weights,
+)
 from algorithms.registry import register
+from baselines.common import InitBroadcast
 from sim.training import local_sgd
 
 
 @register("local")
-class LocalOnly(Algorithm):
+class LocalOnly(Algorithm[ServerState, InitBroadcast, PersonalState]):
     """All parameters are personal; the initial weights come from the (unchanging) server init."""
 
     personal_patterns = ("*",)
     has_global_model = False
     stateful = True
 
-    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
+    def broadcast(self, state: ServerState) -> InitBroadcast:
         # Nothing travels after the shared initialization, which clients take only once.
-        return {"weights": {}, "init": state["weights"]}
+        return InitBroadcast({}, state.weights)
 
-    def start_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> Weights:
-        if client_state and "personal" in client_state:
-            return client_state["personal"]
-        return message["init"]
+    def start_weights(self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None) -> Weights:
+        return client_state.personal if client_state is not None else message.init
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None
+    ) -> tuple[ClientUpdate, PersonalState]:
         load_weights(ctx.model, self.start_weights(ctx, message, client_state))
         metrics = local_sgd(ctx, ctx.model)
-        return ClientUpdate(ctx.client_id, {}, 0.0, metrics), {"personal": model_weights(ctx.model)}
+        return ClientUpdate(ctx.client_id, {}, 0.0, metrics), PersonalState(model_weights(ctx.model))

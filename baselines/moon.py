@@ -22,6 +22,7 @@ model as "previous" (then ℓ_con ≡ log 2 and contributes no gradient). Server
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,8 +34,11 @@ from torch import nn
 from algorithms.base import (
     Aggregator,
     Algorithm,
+    Broadcast,
     ClientContext,
+    ClientState,
     ClientUpdate,
+    ServerState,
     Weights,
     load_weights,
     model_weights,
@@ -70,6 +74,24 @@ def moon_contrastive(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor
 
 
 PROJ = "proj/"
+
+
+@dataclass(frozen=True)
+class MoonState(ServerState):
+    projection: Weights | None = None  # the federated projection head (None with projection_dim=0)
+
+
+@dataclass(frozen=True)
+class MoonBroadcast(Broadcast):
+    projection: Weights | None = None
+
+
+@dataclass(frozen=True)
+class MoonClientState(ClientState):
+    """The client's previous local model (and its projection head), the contrastive negative."""
+
+    previous: Weights
+    projection: Weights | None = None
 
 
 def projection_head(feature_dim: int, out_dim: int) -> nn.Module:
@@ -108,7 +130,7 @@ def moon_loss(
 
 
 @register("moon")
-class Moon(Algorithm):
+class Moon(Algorithm[MoonState, MoonBroadcast, MoonClientState]):
     Params = MoonParams
     stateful = True
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"mu": (0.1, 1.0, 5.0)}
@@ -117,52 +139,49 @@ class Moon(Algorithm):
         return projection_head(self.run.build_model().feature_dim, self.params.projection_dim)
 
     # ----- server: the projection head travels with the model ------------------------------
-    def init_server_state(self, weights: Weights) -> dict[str, Any]:
-        state = super().init_server_state(weights)
-        if self.params.projection_dim:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng_seed(self.run.seed, "moon/projection"))
-                state["projection"] = {k: v.detach().clone() for k, v in self._projection().state_dict().items()}
-        return state
+    def init_server_state(self, weights: Weights) -> MoonState:
+        if not self.params.projection_dim:
+            return MoonState(weights)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng_seed(self.run.seed, "moon/projection"))
+            projection = {k: v.detach().clone() for k, v in self._projection().state_dict().items()}
+        return MoonState(weights, projection)
 
-    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
-        message = super().broadcast(state)
-        if "projection" in state:
-            message["projection"] = state["projection"]
-        return message
+    def broadcast(self, state: MoonState) -> MoonBroadcast:
+        return MoonBroadcast(self.shared_part(state.weights), state.projection)
 
-    def message_nbytes(self, message: dict[str, Any]) -> int:
-        return weights_nbytes(message.get("weights")) + weights_nbytes(message.get("projection"))
+    def message_nbytes(self, message: MoonBroadcast) -> int:
+        return weights_nbytes(message.weights) + weights_nbytes(message.projection)
 
-    def finish_round(self, state: dict[str, Any], aggregator: Aggregator) -> dict[str, Any]:
-        if "projection" not in state or aggregator.count == 0:
+    def finish_round(self, state: MoonState, aggregator: Aggregator) -> MoonState:
+        if state.projection is None or aggregator.count == 0:
             return super().finish_round(state, aggregator)
-        like = {**state["weights"], **{PROJ + k: v for k, v in state["projection"].items()}}
+        like = {**state.weights, **{PROJ + k: v for k, v in state.projection.items()}}
         mean = aggregator.mean(like)
-        weights = {k: mean[k] for k in state["weights"]}
-        projection = {k: mean[PROJ + k] for k in state["projection"]}
-        return {**state, "weights": weights, "projection": projection}
+        weights = {k: mean[k] for k in state.weights}
+        projection = {k: mean[PROJ + k] for k in state.projection}
+        return dataclasses.replace(state, weights=weights, projection=projection)
 
     # ----- client --------------------------------------------------------------------------
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        self, ctx: ClientContext, message: MoonBroadcast, client_state: MoonClientState | None
+    ) -> tuple[ClientUpdate, MoonClientState]:
         glob, prev = ctx.scratch_model("moon/global"), ctx.scratch_model("moon/previous")
-        load_weights(glob, message["weights"])
-        load_weights(prev, client_state["previous"] if client_state else message["weights"])
+        load_weights(glob, message.weights)
+        load_weights(prev, client_state.previous if client_state else message.weights)
         # Frozen references in train mode: their BN normalizes with the batch statistics, as the
         # trained model's does, so z_glob = z exactly at the first step (scratch buffers are reloaded).
         glob.train()
         prev.train()
-        load_weights(ctx.model, message["weights"])
+        load_weights(ctx.model, message.weights)
         params = list(ctx.model.parameters())
         heads: dict[str, nn.Module] = {}
-        if "projection" in message:
-            own = client_state.get("projection") if client_state else None
+        if message.projection is not None:
+            own = client_state.projection if client_state else None
             for key, weights in (
-                ("train", message["projection"]),
-                ("glob", message["projection"]),
-                ("prev", own or message["projection"]),
+                ("train", message.projection),
+                ("glob", message.projection),
+                ("prev", own or message.projection),
             ):
                 heads[key] = self._projection().to(ctx.device)
                 load_weights(heads[key], weights)
@@ -174,9 +193,9 @@ class Moon(Algorithm):
         )
         metrics = local_sgd(ctx, ctx.model, loss_fn=loss, params=params)
         trained = model_weights(ctx.model)
-        payload, state = dict(trained), {"previous": trained}
+        payload, projection = dict(trained), None
         if heads:
             projection = model_weights(heads["train"])
             payload.update({PROJ + k: v for k, v in projection.items()})
-            state["projection"] = projection
-        return ClientUpdate(ctx.client_id, payload, ctx.data.size("train"), metrics), state
+        update = ClientUpdate(ctx.client_id, payload, ctx.data.size("train"), metrics)
+        return update, MoonClientState(trained, projection)

@@ -33,7 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from algorithms.base import Algorithm, ClientContext, ClientUpdate, Weights, load_weights, model_weights
+from algorithms.base import (
+    Algorithm,
+    Broadcast,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    Weights,
+    load_weights,
+    model_weights,
+)
 from algorithms.registry import register
 from baselines.common import derived_context
 from sim.config import TrainConfig
@@ -112,18 +121,16 @@ class PerFedAvg(Algorithm):
         return f"1 step at α={params.alpha:g} (the MAML objective's adaptation)"
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        load_weights(ctx.model, message["weights"])
+        self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
+    ) -> tuple[ClientUpdate, ClientState | None]:
+        load_weights(ctx.model, message.weights)
         outer = ctx if self.params.outer_momentum else derived_context(ctx, momentum=0.0)
         loss = (hessian_free_maml_loss if self.params.variant == "hf" else first_order_maml_loss)(self.params.alpha)
         metrics = local_sgd(outer, ctx.model, loss_fn=loss, lr=self.params.beta)
         return ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics), client_state
 
-    def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> Weights:
-        load_weights(ctx.model, message["weights"])
+    def personal_weights(self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None) -> Weights:
+        load_weights(ctx.model, message.weights)
         if self.params.finetune:  # exactly FedAvg-FT's fine-tuning, from Per-FedAvg's model
             local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         else:

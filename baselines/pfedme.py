@@ -28,6 +28,7 @@ reported: the envelope's quadratic term (its CE part lives in the inner problem)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -37,7 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from algorithms.base import Aggregator, Algorithm, ClientContext, ClientUpdate, Weights, load_weights, model_weights
+from algorithms.base import (
+    Aggregator,
+    Algorithm,
+    Broadcast,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    ServerState,
+    Weights,
+    load_weights,
+    model_weights,
+)
 from algorithms.registry import register
 from baselines.common import derived_context
 from sim.training import LossFn, local_sgd
@@ -108,31 +120,29 @@ class PFedMe(Algorithm):
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {"lam": (5.0, 15.0)}
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
+        self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
+    ) -> tuple[ClientUpdate, ClientState | None]:
         p = self.params
-        load_weights(ctx.model, message["weights"])
+        load_weights(ctx.model, message.weights)
         outer = ctx if p.outer_momentum else derived_context(ctx, momentum=0.0)
         loss = moreau_envelope_loss(p.lam, p.personal_lr, p.inner_steps, p.warm_start)
         metrics = local_sgd(outer, ctx.model, loss_fn=loss)
         return ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics), client_state
 
-    def finish_round(self, state: dict[str, Any], aggregator: Aggregator) -> dict[str, Any]:
+    def finish_round(self, state: ServerState, aggregator: Aggregator) -> ServerState:
         if aggregator.count == 0:
             return state
-        beta, old = self.params.beta, state["weights"]
+        beta, old = self.params.beta, state.weights
         mean = aggregator.mean(old)
         mixed = {k: (1 - beta) * old[k] + beta * v if v.is_floating_point() else v for k, v in mean.items()}
-        return {**state, "weights": mixed}
+        return dataclasses.replace(state, weights=mixed)
 
-    def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> Weights:
+    def personal_weights(self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None) -> Weights:
         p = self.params
-        load_weights(ctx.model, message["weights"])
+        load_weights(ctx.model, message.weights)
         x, y = ctx.data.x["train"].to(ctx.device), ctx.data.y["train"].to(ctx.device)
         if y.shape[0] < 2:
-            return dict(message["weights"])
+            return dict(message.weights)
         ctx.model.train()
         theta = moreau_prox(ctx.model, dict(ctx.model.named_parameters()), x, y, p.lam, p.personal_lr, p.inner_steps)
-        return {**message["weights"], **{n: t.cpu() for n, t in theta.items()}}
+        return {**message.weights, **{n: t.cpu() for n, t in theta.items()}}

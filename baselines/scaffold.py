@@ -22,17 +22,20 @@ N counts the clients that train (`run.num_trainable`: held-out clients never con
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from algorithms.base import (
     Aggregator,
     Algorithm,
+    Broadcast,
     ClientContext,
+    ClientState,
     ClientUpdate,
     RunContext,
+    ServerState,
     Weights,
     load_weights,
     model_weights,
@@ -54,8 +57,23 @@ class ScaffoldParams:
             raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
 
 
+@dataclass(frozen=True)
+class ScaffoldState(ServerState):
+    control: Weights  # the server control variate c
+
+
+@dataclass(frozen=True)
+class ScaffoldBroadcast(Broadcast):
+    control: Weights  # c, sent down with x
+
+
+@dataclass(frozen=True)
+class ScaffoldClientState(ClientState):
+    control: Weights  # the client control variate c_i
+
+
 @register("scaffold")
-class Scaffold(Algorithm):
+class Scaffold(Algorithm[ScaffoldState, ScaffoldBroadcast, ScaffoldClientState]):
     Params = ScaffoldParams
     stateful = True
 
@@ -64,20 +82,19 @@ class Scaffold(Algorithm):
         self.param_names = parameter_names(run.build_model())
 
     # ----- server --------------------------------------------------------------------------
-    def init_server_state(self, weights: Weights) -> dict[str, Any]:
-        control = {n: torch.zeros_like(weights[n]) for n in self.param_names}
-        return {"weights": weights, "control": control}
+    def init_server_state(self, weights: Weights) -> ScaffoldState:
+        return ScaffoldState(weights, control={n: torch.zeros_like(weights[n]) for n in self.param_names})
 
-    def broadcast(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {"weights": state["weights"], "control": state["control"]}
+    def broadcast(self, state: ScaffoldState) -> ScaffoldBroadcast:
+        return ScaffoldBroadcast(state.weights, state.control)
 
-    def message_nbytes(self, message: dict[str, Any]) -> int:
-        return weights_nbytes(message["weights"]) + weights_nbytes(message["control"])
+    def message_nbytes(self, message: ScaffoldBroadcast) -> int:
+        return weights_nbytes(message.weights) + weights_nbytes(message.control)
 
-    def finish_round(self, state: dict[str, Any], aggregator: Aggregator) -> dict[str, Any]:
+    def finish_round(self, state: ScaffoldState, aggregator: Aggregator) -> ScaffoldState:
         if aggregator.count == 0:
             return state
-        x, c = state["weights"], state["control"]
+        x, c = state.weights, state.control
         like = {f"{DELTA}{n}": torch.zeros_like(c[n]) for n in self.param_names}
         like.update({f"{CONTROL}{n}": torch.zeros_like(c[n]) for n in self.param_names})
         like.update({f"{BUFFER}{k}": v for k, v in x.items() if k not in c})
@@ -86,14 +103,14 @@ class Scaffold(Algorithm):
         weights = {k: mean[f"{BUFFER}{k}"] for k in x if k not in c}
         weights.update({n: x[n] + self.params.server_lr * mean[f"{DELTA}{n}"] for n in self.param_names})
         control = {n: c[n] + share * mean[f"{CONTROL}{n}"] for n in self.param_names}
-        return {**state, "weights": {k: weights[k] for k in x}, "control": control}
+        return dataclasses.replace(state, weights={k: weights[k] for k in x}, control=control)
 
     # ----- client --------------------------------------------------------------------------
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        x, c = message["weights"], message["control"]
-        c_i = client_state["control"] if client_state else {n: torch.zeros_like(c[n]) for n in self.param_names}
+        self, ctx: ClientContext, message: ScaffoldBroadcast, client_state: ScaffoldClientState | None
+    ) -> tuple[ClientUpdate, ScaffoldClientState]:
+        x, c = message.weights, message.control
+        c_i = client_state.control if client_state else {n: torch.zeros_like(c[n]) for n in self.param_names}
         load_weights(ctx.model, x)
         params = dict(ctx.model.named_parameters())
         correction = {n: (c[n] - c_i[n]).to(ctx.device) for n in self.param_names}
@@ -123,4 +140,4 @@ class Scaffold(Algorithm):
         payload = {f"{DELTA}{n}": y[n] - x[n] for n in self.param_names}
         payload.update({f"{CONTROL}{n}": c_new[n] - c_i[n] for n in self.param_names})
         payload.update({f"{BUFFER}{k}": v for k, v in y.items() if k not in correction})
-        return ClientUpdate(ctx.client_id, payload, 1.0, metrics), {"control": c_new}
+        return ClientUpdate(ctx.client_id, payload, 1.0, metrics), ScaffoldClientState(c_new)

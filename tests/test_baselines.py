@@ -25,16 +25,19 @@ from torch import nn
 from algorithms.base import (
     Aggregator,
     Algorithm,
+    Broadcast,
     ClientContext,
     ClientData,
     ClientUpdate,
     RunContext,
+    ServerState,
     Weights,
     model_weights,
     weights_nbytes,
 )
 from algorithms.registry import algorithm_names, get_algorithm
-from baselines.apfl import APFL, APFLParams
+from baselines.apfl import APFL, APFLClientState, APFLParams
+from baselines.common import InitBroadcast
 from baselines.ditto import Ditto, DittoParams
 from baselines.fedala import FedALA, FedALAParams
 from baselines.fedavg import FedAvg
@@ -46,10 +49,10 @@ from baselines.fedrep import FedRep, FedRepParams
 from baselines.fedrod import FedRoD, FedRoDParams, balanced_softmax_loss
 from baselines.lg_fedavg import LGFedAvg
 from baselines.local import LocalOnly
-from baselines.moon import Moon, MoonParams, moon_contrastive
+from baselines.moon import Moon, MoonClientState, MoonParams, moon_contrastive
 from baselines.per_fedavg import PerFedAvg, PerFedAvgParams, first_order_maml_loss, hessian_free_maml_loss
 from baselines.pfedme import PFedMe, PFedMeParams, moreau_envelope_loss
-from baselines.scaffold import Scaffold, ScaffoldParams
+from baselines.scaffold import Scaffold, ScaffoldClientState, ScaffoldParams
 from sim.config import TrainConfig
 from sim.models import Classifier, ModelSpec
 
@@ -147,7 +150,7 @@ def linear_env(**train: Any) -> Env:
     return env
 
 
-def fl_round(algo: Algorithm, env: Env, state: dict, client_states: dict, clients=None, round: int = 1):
+def fl_round(algo: Algorithm, env: Env, state: ServerState, client_states: dict, clients=None, round: int = 1):
     """One round as the engine plays it; returns (server state, updates)."""
     message = algo.broadcast(state)
     agg = algo.new_aggregator(state)
@@ -161,7 +164,7 @@ def fl_round(algo: Algorithm, env: Env, state: dict, client_states: dict, client
     return algo.finish_round(state, agg), updates
 
 
-def start(algo_cls: type, env: Env, params: Any = None) -> tuple[Algorithm, dict]:
+def start(algo_cls: type, env: Env, params: Any = None) -> tuple[Algorithm, Any]:
     algo = algo_cls(params if params is not None else algo_cls.Params(), env.run)
     return algo, algo.init_server_state({k: v.clone() for k, v in env.init.items()})
 
@@ -236,9 +239,7 @@ def test_fedbn_keeps_every_batchnorm_layer_local():
                 continue  # both clients took the same number of steps
             assert not torch.equal(personal[0][k], personal[1][k]), k
         else:
-            assert torch.equal(personal[0][k], state["weights"][k]) and torch.equal(
-                personal[1][k], state["weights"][k]
-            ), k
+            assert torch.equal(personal[0][k], state.weights[k]) and torch.equal(personal[1][k], state.weights[k]), k
 
 
 def test_fedbn_patterns_follow_the_model():
@@ -272,7 +273,7 @@ def test_payloads_hold_exactly_the_shared_part(algo_cls, travels):
     assert algo.message_nbytes(algo.broadcast(state)) == weights_nbytes({k: env.init[k] for k in shared})
     for k in env.init:  # the server's copy of what does not travel never changes
         if k not in shared:
-            assert torch.equal(state["weights"][k], env.init[k]), k
+            assert torch.equal(state.weights[k], env.init[k]), k
 
 
 def test_personal_layers_persist_across_rounds():
@@ -283,9 +284,9 @@ def test_personal_layers_persist_across_rounds():
     message = algo.broadcast(state)
     for cid in (0, 1):
         start_w = algo.start_weights(env.ctx(cid, 2), message, client_states[cid])
-        assert_weights_equal(start_w, client_states[cid]["personal"], keys=["head.weight", "head.bias"])
-        assert_weights_equal(start_w, state["weights"], keys=["features.0.weight"])
-    assert not torch.equal(client_states[0]["personal"]["head.weight"], client_states[1]["personal"]["head.weight"])
+        assert_weights_equal(start_w, client_states[cid].personal, keys=["head.weight", "head.bias"])
+        assert_weights_equal(start_w, state.weights, keys=["features.0.weight"])
+    assert not torch.equal(client_states[0].personal["head.weight"], client_states[1].personal["head.weight"])
     # a client that never trained gets the shared init head
     newcomer = algo.personal_weights(env.ctx(0, 2), message, None)
     assert torch.equal(newcomer["head.weight"], env.init["head.weight"])
@@ -298,10 +299,10 @@ def test_fedrep_fits_the_head_with_the_body_frozen_then_the_body_with_the_head_f
     message = only_head.broadcast(state)
     update, new_state = only_head.local_train(env.ctx(0), message, None)
     assert_weights_equal(update.payload, env.init, keys=[k for k in update.payload if not k.startswith(BN_KEYS)])
-    assert not torch.equal(new_state["personal"]["head.weight"], env.init["head.weight"])
+    assert not torch.equal(new_state.personal["head.weight"], env.init["head.weight"])
     only_body, state = start(FedRep, env, FedRepParams(head_epochs=0, body_epochs=1))
     update, new_state = only_body.local_train(env.ctx(0), only_body.broadcast(state), None)
-    assert_weights_equal(new_state["personal"], env.init, keys=head)
+    assert_weights_equal(new_state.personal, env.init, keys=head)
     assert not torch.equal(update.payload["features.0.weight"], env.init["features.0.weight"])
 
 
@@ -309,13 +310,13 @@ def test_fedbabu_head_stays_at_init_and_personalization_fine_tunes():
     env = make_env(2, finetune_epochs=1)
     algo, state = start(FedBABU, env)
     state, updates = fl_round(algo, env, state, {})
-    assert not torch.equal(state["weights"]["features.0.weight"], env.init["features.0.weight"])
+    assert not torch.equal(state.weights["features.0.weight"], env.init["features.0.weight"])
     message = algo.broadcast(state)
-    assert torch.equal(message["weights"]["head.weight"], env.init["head.weight"])  # global model = body + init head
+    assert torch.equal(message.weights["head.weight"], env.init["head.weight"])  # global model = body + init head
     personal = algo.personal_weights(env.ctx(0, 2), message, None)
     assert not torch.equal(personal["head.weight"], env.init["head.weight"])
     none = FedBABU(None, env.run).personal_weights(make_env(2, finetune_epochs=0).ctx(0, 2), message, None)
-    assert_weights_equal(none, message["weights"])
+    assert_weights_equal(none, message.weights)
 
 
 # ----- SCAFFOLD ------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_scaffold_server_update_rule_by_hand():
     env = make_env(1)
     algo = Scaffold(ScaffoldParams(server_lr=0.5), dataclasses.replace(env.run, num_clients=4))
     state = algo.init_server_state({k: v.clone() for k, v in env.init.items()})
-    state["control"] = {n: torch.ones_like(v) for n, v in state["control"].items()}
+    state = dataclasses.replace(state, control={n: torch.ones_like(v) for n, v in state.control.items()})
     agg = algo.new_aggregator(state)
     names = algo.param_names
     for cid, (dy, dc) in enumerate(((1.0, 2.0), (3.0, 4.0))):  # 2 of N = 4 clients
@@ -333,9 +334,9 @@ def test_scaffold_server_update_rule_by_hand():
         agg.add(ClientUpdate(cid, payload, 1.0))
     new = algo.finish_round(state, agg)
     for n in names:
-        torch.testing.assert_close(new["weights"][n], env.init[n] + 0.5 * 2.0)  # x + η_g · mean Δy
+        torch.testing.assert_close(new.weights[n], env.init[n] + 0.5 * 2.0)  # x + η_g · mean Δy
         torch.testing.assert_close(
-            new["control"][n], torch.full_like(env.init[n], 1.0 + (2 / 4) * 3.0)
+            new.control[n], torch.full_like(env.init[n], 1.0 + (2 / 4) * 3.0)
         )  # c + |S|/N mean Δc
 
 
@@ -347,10 +348,9 @@ def test_scaffold_server_control_is_the_mean_of_all_client_controls():
         state, _ = fl_round(algo, env, state, client_states, clients=clients, round=r)
         for n in algo.param_names:
             c_i = [
-                client_states[c]["control"][n] if c in client_states else torch.zeros_like(env.init[n])
-                for c in range(3)
+                client_states[c].control[n] if c in client_states else torch.zeros_like(env.init[n]) for c in range(3)
             ]
-            torch.testing.assert_close(state["control"][n], torch.stack(c_i).mean(0), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(state.control[n], torch.stack(c_i).mean(0), atol=1e-6, rtol=1e-5)
 
 
 def test_scaffold_option_ii_control_variate_with_plain_sgd():
@@ -358,16 +358,18 @@ def test_scaffold_option_ii_control_variate_with_plain_sgd():
     env = make_env(1, momentum=0.0, lr=0.05)
     algo, state = start(Scaffold, env)
     g = torch.Generator().manual_seed(3)
-    state["control"] = {n: 0.01 * torch.randn(v.shape, generator=g) for n, v in state["control"].items()}
-    c_i = {n: 0.01 * torch.randn(v.shape, generator=g) for n, v in state["control"].items()}
+    state = dataclasses.replace(
+        state, control={n: 0.01 * torch.randn(v.shape, generator=g) for n, v in state.control.items()}
+    )
+    c_i = {n: 0.01 * torch.randn(v.shape, generator=g) for n, v in state.control.items()}
     message = algo.broadcast(state)
-    update, new_state = algo.local_train(env.ctx(0), message, {"control": c_i})
+    update, new_state = algo.local_train(env.ctx(0), message, ScaffoldClientState(c_i))
     steps, lr = update.metrics["train_steps"], env.run.train.lr
     for n in algo.param_names:
         dy = update.payload[f"dy/{n}"]
-        expected = c_i[n] - state["control"][n] - dy / (steps * lr)
-        torch.testing.assert_close(new_state["control"][n], expected, atol=2e-5, rtol=1e-3)
-        torch.testing.assert_close(update.payload[f"dc/{n}"], new_state["control"][n] - c_i[n])
+        expected = c_i[n] - state.control[n] - dy / (steps * lr)
+        torch.testing.assert_close(new_state.control[n], expected, atol=2e-5, rtol=1e-3)
+        torch.testing.assert_close(update.payload[f"dc/{n}"], new_state.control[n] - c_i[n])
     assert set(update.payload) == {f"dy/{n}" for n in algo.param_names} | {f"dc/{n}" for n in algo.param_names} | {
         f"buf/{k}" for k in env.init if k not in algo.param_names
     }
@@ -395,7 +397,7 @@ def test_moon_with_mu_zero_is_fedavg():
     env = make_env(1)
     moon, state = start(Moon, env, MoonParams(mu=0.0))
     fedavg, _ = start(FedAvg, env)
-    prev = {"previous": {k: v + 0.1 if v.is_floating_point() else v for k, v in env.init.items()}}
+    prev = MoonClientState({k: v + 0.1 if v.is_floating_point() else v for k, v in env.init.items()})
     a, _ = moon.local_train(env.ctx(0), moon.broadcast(state), prev)
     b, _ = fedavg.local_train(env.ctx(0), fedavg.broadcast(state), None)
     assert_weights_equal({k: a.payload[k] for k in b.payload}, b.payload, rtol=0, atol=0)
@@ -407,8 +409,10 @@ def test_moon_keeps_the_previous_local_model_and_pulls_toward_the_global():
     fedavg, _ = start(FedAvg, env)
     message = moon.broadcast(state)
     update, new_state = moon.local_train(env.ctx(0), message, None)
-    assert_weights_equal(new_state["previous"], update.payload)
-    prev = {"previous": {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in env.init.items()}}
+    assert_weights_equal(new_state.previous, update.payload)
+    prev = MoonClientState(
+        {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in env.init.items()}
+    )
     a, _ = moon.local_train(env.ctx(0), message, prev)
     b, _ = fedavg.local_train(env.ctx(0), message, None)
     assert not torch.equal(a.payload["features.0.weight"], b.payload["features.0.weight"])
@@ -418,20 +422,21 @@ def test_moon_keeps_the_previous_local_model_and_pulls_toward_the_global():
 def trained_by_local_only(env: Env) -> Weights:
     local, state = start(LocalOnly, env)
     _, new_state = local.local_train(env.ctx(0), local.broadcast(state), None)
-    return new_state["personal"]
+    return new_state.personal
 
 
 def test_ditto_with_lambda_zero_is_local_training():
     env = make_env(1)
     ditto, state = start(Ditto, env, DittoParams(lam=0.0))
-    state["weights"] = {k: v + 0.3 if v.is_floating_point() else v for k, v in state["weights"].items()}  # some global
+    some_global = {k: v + 0.3 if v.is_floating_point() else v for k, v in state.weights.items()}
+    state = dataclasses.replace(state, weights=some_global)
     update, new_state = ditto.local_train(env.ctx(0), ditto.broadcast(state), None)
-    assert_weights_equal(new_state["personal"], trained_by_local_only(env), rtol=0, atol=0)
-    assert ditto.personal_weights(env.ctx(0, 2), ditto.broadcast(state), new_state) is new_state["personal"]
+    assert_weights_equal(new_state.personal, trained_by_local_only(env), rtol=0, atol=0)
+    assert ditto.personal_weights(env.ctx(0, 2), ditto.broadcast(state), new_state) is new_state.personal
     # with λ > 0 the personal model is pulled toward the received global model
     pulled, _ = start(Ditto, env, DittoParams(lam=1.0))
     _, pulled_state = pulled.local_train(env.ctx(0), pulled.broadcast(state), None)
-    assert not torch.equal(pulled_state["personal"]["head.weight"], new_state["personal"]["head.weight"])
+    assert not torch.equal(pulled_state.personal["head.weight"], new_state.personal["head.weight"])
 
 
 def test_apfl_alpha_zero_is_the_global_model_and_alpha_one_the_local_model():
@@ -443,14 +448,14 @@ def test_apfl_alpha_zero_is_the_global_model_and_alpha_one_the_local_model():
         fed_update, _ = fedavg.local_train(env.ctx(0), fedavg.broadcast(state), None)
         assert_weights_equal(update.payload, fed_update.payload)  # w is trained exactly as FedAvg
         later = {k: v + 0.2 if v.is_floating_point() else v for k, v in update.payload.items()}  # a new global
-        message = {**apfl.broadcast(state), "weights": later}
+        message = dataclasses.replace(apfl.broadcast(state), weights=later)
         personal = apfl.personal_weights(env.ctx(0, 2), message, new_state)
         if alpha == 0.0:
             assert_weights_equal(personal, later, rtol=0, atol=0)
         else:
             assert_weights_equal(personal, trained_by_local_only(env))
     mid = APFL(APFLParams(alpha=0.25), env.run).personal_weights(
-        env.ctx(0, 2), {"weights": later, "init": env.init}, {"local": env.init, "alpha": 0.25}
+        env.ctx(0, 2), InitBroadcast(later, env.init), APFLClientState(env.init, 0.25)
     )
     torch.testing.assert_close(mid["head.bias"], 0.25 * env.init["head.bias"] + 0.75 * later["head.bias"])
 
@@ -458,8 +463,8 @@ def test_apfl_alpha_zero_is_the_global_model_and_alpha_one_the_local_model():
 def test_apfl_adaptive_alpha_moves_and_stays_in_range():
     env = make_env(1)
     apfl, state = start(APFL, env, APFLParams(alpha=0.5, adaptive=True))
-    _, new_state = apfl.local_train(env.ctx(0), apfl.broadcast(state), {"local": env.init, "alpha": 0.5})
-    assert 0.0 <= new_state["alpha"] <= 1.0 and new_state["alpha"] != 0.5
+    _, new_state = apfl.local_train(env.ctx(0), apfl.broadcast(state), APFLClientState(env.init, 0.5))
+    assert 0.0 <= new_state.alpha <= 1.0 and new_state.alpha != 0.5
 
 
 # ----- FedRoD ------------------------------------------------------------------------------------------
@@ -490,18 +495,16 @@ def test_fedrod_personal_head_is_local_and_adds_to_the_generic_head():
     message = algo.broadcast(state)
     for cid in (0, 1):
         personal = algo.personal_weights(env.ctx(cid, 2), message, client_states[cid])
-        torch.testing.assert_close(
-            personal["head.weight"], state["weights"]["head.weight"] + client_states[cid]["p_weight"]
-        )
-        assert_weights_equal(personal, state["weights"], keys=[k for k in env.init if not k.startswith("head.")])
-    assert not torch.equal(client_states[0]["p_weight"], client_states[1]["p_weight"])
+        torch.testing.assert_close(personal["head.weight"], state.weights["head.weight"] + client_states[cid].p_weight)
+        assert_weights_equal(personal, state.weights, keys=[k for k in env.init if not k.startswith("head.")])
+    assert not torch.equal(client_states[0].p_weight, client_states[1].p_weight)
     # A client that never trained: its P-head is a copy of the generic head (the reference's init).
     fresh = algo.personal_weights(env.ctx(0, 2), message, None)
-    torch.testing.assert_close(fresh["head.weight"], 2 * state["weights"]["head.weight"])
+    torch.testing.assert_close(fresh["head.weight"], 2 * state.weights["head.weight"])
     zero = FedRoD(FedRoDParams(p_head_init="zero"), env.run).personal_weights(env.ctx(0, 2), message, None)
-    assert_weights_equal(zero, state["weights"])
+    assert_weights_equal(zero, state.weights)
     _, first = algo.local_train(env.ctx(0), message, None)
-    assert not torch.equal(first["p_weight"], torch.zeros_like(first["p_weight"]))
+    assert not torch.equal(first.p_weight, torch.zeros_like(first.p_weight))
 
 
 # ----- FedALA ----------------------------------------------------------------------------------------------
@@ -512,7 +515,7 @@ def test_fedala_without_data_or_learning_rate_starts_from_the_global_model():
         ala, state = start(FedALA, env, params)
         _, client_state = ala.local_train(env.ctx(0, 1), ala.broadcast(state), None)
         new_global = {k: v + 0.1 if v.is_floating_point() else v for k, v in env.init.items()}
-        message = {"weights": new_global}
+        message = Broadcast(new_global)
         update, _ = ala.local_train(env.ctx(0, 2), message, client_state)
         expected, _ = fedavg.local_train(env.ctx(0, 2), message, None)
         assert_weights_equal(update.payload, expected.payload, rtol=0, atol=0)
@@ -588,7 +591,7 @@ def test_pfedme_local_step_moves_toward_the_personalized_model_and_server_mixes_
         )
     agg = Aggregator()
     agg.add(update)
-    mixed = algo.finish_round(state, agg)["weights"]
+    mixed = algo.finish_round(state, agg).weights
     torch.testing.assert_close(mixed["head.bias"], 0.5 * env.init["head.bias"] + 0.5 * update.payload["head.bias"])
 
 
@@ -696,9 +699,9 @@ def test_finetune_epochs_sets_the_personalization_budget(algo_cls, params):
         algo, state = start(algo_cls, env, params)
         message = algo.broadcast(state)
         personal[epochs] = algo.personal_weights(env.ctx(0, 2), message, None)
-    assert_weights_equal(personal[0], message["weights"])  # no budget: the received model
+    assert_weights_equal(personal[0], message.weights)  # no budget: the received model
     assert not torch.equal(personal[1]["head.weight"], personal[2]["head.weight"])
-    assert not torch.equal(personal[1]["head.weight"], message["weights"]["head.weight"])
+    assert not torch.equal(personal[1]["head.weight"], message.weights["head.weight"])
     train = make_env(1, finetune_epochs=3).run.train
     assert "3 epochs" in algo_cls.finetune_budget(params or algo_cls.Params(), train)
 
@@ -819,24 +822,24 @@ def test_fedala_first_fit_checks_convergence_per_epoch(monkeypatch, convergence,
 def test_moon_projection_head_is_federated_and_shapes_the_contrastive_loss():
     env = make_env(2)
     moon, state = start(Moon, env, MoonParams(mu=5.0, projection_dim=16))
-    assert {k.split(".")[-1] for k in state["projection"]} == {"weight", "bias"}
-    assert state["projection"]["2.weight"].shape[0] == 16
+    assert {k.split(".")[-1] for k in state.projection} == {"weight", "bias"}
+    assert state.projection["2.weight"].shape[0] == 16
     message = moon.broadcast(state)
-    assert moon.message_nbytes(message) > weights_nbytes(message["weights"])
+    assert moon.message_nbytes(message) > weights_nbytes(message.weights)
     states: dict = {}
     state, _ = fl_round(moon, env, state, states)  # round 1: previous = global, ℓ_con is constant
-    assert "projection" in states[0]
+    assert states[0].projection is not None
     new, updates = fl_round(moon, env, state, states, round=2)
     assert all(any(k.startswith("proj/") for k in u.payload) for u in updates.values())
     mean = (updates[0].payload["proj/2.weight"] * 24 + updates[1].payload["proj/2.weight"] * 24) / 48
-    torch.testing.assert_close(new["projection"]["2.weight"], mean)
-    assert not torch.equal(new["projection"]["2.weight"], state["projection"]["2.weight"])
-    assert set(new["weights"]) == set(state["weights"])
+    torch.testing.assert_close(new.projection["2.weight"], mean)
+    assert not torch.equal(new.projection["2.weight"], state.projection["2.weight"])
+    assert set(new.weights) == set(state.weights)
     plain, plain_state = start(Moon, env, MoonParams(mu=5.0, projection_dim=0))
-    assert "projection" not in plain_state
+    assert plain_state.projection is None
     u, _ = plain.local_train(env.ctx(0), plain.broadcast(plain_state), None)
     assert not any(k.startswith("proj/") for k in u.payload)
-    prev = {"previous": {k: v + 0.3 if v.is_floating_point() else v for k, v in env.init.items()}}
+    prev = MoonClientState({k: v + 0.3 if v.is_floating_point() else v for k, v in env.init.items()})
     with_proj, _ = moon.local_train(env.ctx(0), message, prev)
     without, _ = plain.local_train(env.ctx(0), plain.broadcast(plain_state), prev)
     assert not torch.equal(with_proj.payload["features.0.weight"], without.payload["features.0.weight"])

@@ -17,7 +17,7 @@ import torch
 
 from actors.client import ClientWorker
 from actors.server import ServerWorker
-from algorithms.base import Aggregator, ClientUpdate, RunContext, model_weights
+from algorithms.base import Aggregator, Broadcast, ClientUpdate, RunContext, model_weights
 from sim.config import algorithm_spec, load_config
 from sim.data import load_dataset
 from sim.models import ModelSpec
@@ -126,13 +126,13 @@ def _served_mean(run: RunContext, algorithm, folds) -> dict[str, torch.Tensor]:
     for item in folds:
         server.fold(item)
     server.finish_round()
-    return server.state["weights"]
+    return server.state.weights
 
 
 def test_a_chunk_trains_each_client_as_alone_and_the_server_gets_the_same_mean(tmp_path):
     worker, run = _worker_and_run(tmp_path)
     torch.manual_seed(0)
-    message = {"weights": model_weights(run.build_model())}
+    message = Broadcast(model_weights(run.build_model()))
     clients = [0, 2, 3, 5]
     alone = [worker.train(c, 1, message, -1) for c in clients]
     partial, infos = worker.train_many(clients, 0, 1, message, [-1] * 4)
@@ -180,7 +180,7 @@ def test_a_new_client_gets_one_personalization_budget_not_two(tmp_path):
     """FedAvg-FT's newcomer is its fine-tuned model as is; FedAvg's newcomer adapts the global model."""
     worker, run = _worker_and_run(tmp_path)
     torch.manual_seed(0)
-    message = {"weights": model_weights(run.build_model())}
+    message = Broadcast(model_weights(run.build_model()))
     cfg = load_config(None, [f"out={tmp_path}", "num_clients=6"])
     fedavg_rows = worker.evaluate_new_clients([1], 1, message, 2, 512)
     fedavg_personal = worker.evaluate([1], 1, message, [-1], 512)

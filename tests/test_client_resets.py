@@ -15,7 +15,7 @@ import torch
 
 import actors.client as client_module
 import algorithms.base
-from algorithms.base import Algorithm, model_weights
+from algorithms.base import Algorithm, Broadcast, model_weights
 from tests.test_chunked_training import _worker_and_run
 
 
@@ -42,9 +42,9 @@ def spied(tmp_path, monkeypatch):
     return worker, run, gathers, loads
 
 
-def _message(run) -> dict:
+def _message(run) -> Broadcast:
     torch.manual_seed(1)
-    return {"weights": model_weights(run.build_model())}
+    return Broadcast(model_weights(run.build_model()))
 
 
 def test_global_evaluation_gathers_val_and_test_once_and_loads_the_model_once(spied):
@@ -88,8 +88,8 @@ def test_partial_personal_weights_are_scored_on_the_reset_model_not_on_a_stale_o
     fresh, run = _worker_and_run(tmp_path / "fresh")
     algorithm = _HeadStaysHome(None, run)
     fresh.configure(algorithm, fresh.partition, run, str(tmp_path / "fresh" / "state"))
-    message = {"weights": algorithm.shared_part(_message(run)["weights"])}
-    assert message["weights"] and message["weights"].keys() < fresh.init_weights.keys()
+    message = Broadcast(algorithm.shared_part(_message(run).weights))
+    assert message.weights and message.weights.keys() < fresh.init_weights.keys()
     expected = fresh.evaluate([2], 1, message, [-1], batch_size=64)
 
     used, _ = _worker_and_run(tmp_path / "used")

@@ -10,6 +10,7 @@ verbs are driven directly, on a softmax regression or a one-layer MLP over 12 in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import ClientContext, ClientData, NoParams, RunContext, model_weights
+from algorithms.base import ClientContext, ClientData, NoParams, PersonalState, RunContext, model_weights
 from sim.config import TrainConfig
 from sim.models import Classifier, ModelSpec
 
@@ -137,8 +138,8 @@ def test_fedprox_two_steps_worked_by_hand_anchor_is_the_received_global():
     run, data = run_context(lr, epochs=2), client_data(3)
     algo = FedProx(FedProxParams(mu=mu), run)
     state = algo.init_server_state(initial_weights(softmax_regression))
-    state["weights"] = perturbed(state["weights"], 0.5, seed=4)  # a global model other than the init
-    w_g = state["weights"]
+    state = dataclasses.replace(state, weights=perturbed(state.weights, 0.5, seed=4))  # a global other than the init
+    w_g = state.weights
     update, _ = algo.local_train(context(run, data, softmax_regression), algo.broadcast(state), None)
     # step 1 starts at the anchor (no pull); step 2 is pulled back toward w_g
     w1 = sgd_step(w_g, ce_grad(softmax_regression, w_g, data), lr)
@@ -157,19 +158,19 @@ def test_ditto_personal_step_is_pulled_toward_the_received_global_scaled_by_lamb
     run, data = run_context(lr), client_data(5)
     algo = Ditto(DittoParams(lam=lam, personal_epochs=1), run)
     state = algo.init_server_state(initial_weights(softmax_regression))
-    state["weights"] = perturbed(state["init"], 0.5, seed=6)  # received global ≠ init
-    v0 = perturbed(state["init"], 0.5, seed=7)  # the client's personal model from an earlier round
-    w_g = state["weights"]
+    state = dataclasses.replace(state, weights=perturbed(state.init, 0.5, seed=6))  # received global ≠ init
+    v0 = perturbed(state.init, 0.5, seed=7)  # the client's personal model from an earlier round
+    w_g = state.weights
     update, new_state = algo.local_train(
-        context(run, data, softmax_regression), algo.broadcast(state), {"personal": v0}
+        context(run, data, softmax_regression), algo.broadcast(state), PersonalState(v0)
     )
     g_v = ce_grad(softmax_regression, v0, data)
     plain = sgd_step(v0, g_v, lr)
     pull = {k: -lr * lam * (v0[k].double() - w_g[k].double()) for k in v0}
     expected = {k: plain[k] + pull[k] for k in v0}
-    assert_close(new_state["personal"], expected)
+    assert_close(new_state.personal, expected)
     # the pull is toward the received global, not the init, and scaled by λ, not 10λ
-    toward_init = {k: plain[k] - lr * lam * (v0[k].double() - state["init"][k].double()) for k in v0}
+    toward_init = {k: plain[k] - lr * lam * (v0[k].double() - state.init[k].double()) for k in v0}
     ten_lambda = {k: plain[k] + 10 * pull[k] for k in v0}
     assert far_apart(expected, toward_init) and far_apart(expected, ten_lambda)
     # the uploaded global model is one plain step from the received global
@@ -190,7 +191,7 @@ def test_fedrep_fits_the_head_first_then_the_body_under_the_new_head():
     update, new_state = algo.local_train(context(run, data, one_layer_mlp), algo.broadcast(state), None)
     w1 = sgd_step(w0, ce_grad(one_layer_mlp, w0, data), lr, keys=head)  # head step at the old body
     w2 = sgd_step(w1, ce_grad(one_layer_mlp, w1, data), lr, keys=body)  # body step under the new head
-    assert_close(new_state["personal"], w2, keys=head)
+    assert_close(new_state.personal, w2, keys=head)
     assert_close(update.payload, w2, keys=body)
     assert set(update.payload) == set(body)
     body_first = sgd_step(w0, ce_grad(one_layer_mlp, w0, data), lr, keys=body)
@@ -234,7 +235,7 @@ def test_global_model_weighs_clients_by_their_train_size(name):
         assert update.weight == sizes[cid]
         aggregator.add(update)
         updates.append(update)
-    new = algo.finish_round(state, aggregator)["weights"]
+    new = algo.finish_round(state, aggregator).weights
     total = float(sum(sizes))
     weighted = {
         k: sum(n * u.payload[k].double() for n, u in zip(sizes, updates, strict=True)) / total

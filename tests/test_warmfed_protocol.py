@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from algorithms.aggregation import Aggregator
-from algorithms.base import ClientContext, ClientData, ClientUpdate, RunContext, load_weights, model_weights
+from algorithms.base import (
+    Broadcast,
+    ClientContext,
+    ClientData,
+    ClientUpdate,
+    PersonalState,
+    RunContext,
+    load_weights,
+    model_weights,
+)
 from algorithms.warmfed import algorithm as wf_module
 from algorithms.warmfed.algorithm import WarmFed, WarmFedParams, WarmFedServerState
 from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
@@ -75,22 +84,22 @@ def test_round_two_teacher_is_the_clients_round_one_personal_model_not_the_globa
     data = _data(1)
     g1, g2 = _random_weights(1, run), _random_weights(2, run)
     ctx1 = _ctx(run, 1, data)
-    _, state1 = algo.local_train(ctx1, {"weights": g1}, None)
+    _, state1 = algo.local_train(ctx1, Broadcast(g1), None)
     teacher1 = model_weights(ctx1.scratch_model("teacher"))
     names = _param_names(run)
     # round 1 without a personalized model yet: the teacher is the model received (the warm start)
     for k in names:
         assert torch.equal(teacher1[k], g1[k])
     ctx2 = _ctx(run, 2, data)
-    _, state2 = algo.local_train(ctx2, {"weights": g2}, state1)
+    _, state2 = algo.local_train(ctx2, Broadcast(g2), state1)
     teacher2 = model_weights(ctx2.scratch_model("teacher"))
     for k in names:
-        assert torch.equal(teacher2[k], state1["personal"][k]), k
+        assert torch.equal(teacher2[k], state1.personal[k]), k
     assert any(not torch.equal(teacher2[k], g2[k]) for k in names)
     # and the student started from the new global model: with the teacher as the global model the result differs
     as_global = WarmFed(WarmFedParams(dsd_teacher="global"), run)
-    _, other = as_global.local_train(_ctx(run, 2, data), {"weights": g2}, state1)
-    assert any(not torch.equal(other["personal"][k], state2["personal"][k]) for k in names)
+    _, other = as_global.local_train(_ctx(run, 2, data), Broadcast(g2), state1)
+    assert any(not torch.equal(other.personal[k], state2.personal[k]) for k in names)
 
 
 def test_kl_is_zero_at_identical_weights_in_the_training_mode():
@@ -149,34 +158,34 @@ def test_rounds_run_dsd_and_dsd_on_vs_off_differ(monkeypatch):
     run = _run(finetune_epochs=2)
     data = _data(5)
     g = _random_weights(1, run)
-    previous = {"personal": _random_weights(9, run)}
-    update, with_dsd = WarmFed(WarmFedParams(), run).local_train(_ctx(run, 1, data), {"weights": g}, previous)
+    previous = PersonalState(_random_weights(9, run))
+    update, with_dsd = WarmFed(WarmFedParams(), run).local_train(_ctx(run, 1, data), Broadcast(g), previous)
     assert sum(calls) == 2 * 48  # every sample of every personalization epoch went through DSD
     assert update.metrics["dsd_steps"] == 6 and update.metrics["dsd_kl"] > 0
     calls.clear()
-    _, without = WarmFed(WarmFedParams(dsd=False), run).local_train(_ctx(run, 1, data), {"weights": g}, previous)
+    _, without = WarmFed(WarmFedParams(dsd=False), run).local_train(_ctx(run, 1, data), Broadcast(g), previous)
     assert not calls
-    assert any(not torch.equal(with_dsd["personal"][k], without["personal"][k]) for k in _param_names(run))
+    assert any(not torch.equal(with_dsd.personal[k], without.personal[k]) for k in _param_names(run))
 
 
 def test_upload_is_the_ce_model_and_the_personal_model_stays():
     run = _run(finetune_epochs=2, lr=0.05)
     data = _data(6)
     g = _random_weights(1, run)
-    update, state = WarmFed(WarmFedParams(round_lr=0.05), run).local_train(_ctx(run, 1, data), {"weights": g}, None)
+    update, state = WarmFed(WarmFedParams(round_lr=0.05), run).local_train(_ctx(run, 1, data), Broadcast(g), None)
     # the upload is exactly FedAvg's local model from the same global weights
     from algorithms.registry import get_algorithm
     from baselines import fedavg  # noqa: F401  registers fedavg
 
     fed = get_algorithm("fedavg")
-    fed_update, _ = fed(fed.Params(), run).local_train(_ctx(run, 1, data), {"weights": g}, None)
+    fed_update, _ = fed(fed.Params(), run).local_train(_ctx(run, 1, data), Broadcast(g), None)
     for k in update.payload:
         assert torch.equal(update.payload[k], fed_update.payload[k]), k
-    assert any(not torch.equal(update.payload[k], state["personal"][k]) for k in _param_names(run))
+    assert any(not torch.equal(update.payload[k], state.personal[k]) for k in _param_names(run))
     # upload=dsd: the personalized student is what is averaged (pFedSD)
-    update2, state2 = WarmFed(WarmFedParams(upload="dsd"), run).local_train(_ctx(run, 1, data), {"weights": g}, None)
+    update2, state2 = WarmFed(WarmFedParams(upload="dsd"), run).local_train(_ctx(run, 1, data), Broadcast(g), None)
     for k in update2.payload:
-        assert torch.equal(update2.payload[k], state2["personal"][k])
+        assert torch.equal(update2.payload[k], state2.personal[k])
 
 
 def test_personal_epochs_are_the_shared_finetune_budget():
@@ -184,15 +193,16 @@ def test_personal_epochs_are_the_shared_finetune_budget():
     for epochs in (1, 3):
         run = _run(finetune_epochs=epochs)
         update, _ = WarmFed(WarmFedParams(), run).local_train(
-            _ctx(run, 1, data), {"weights": _random_weights(1, run)}, None
+            _ctx(run, 1, data), Broadcast(_random_weights(1, run)), None
         )
         assert update.metrics["dsd_steps"] == 3 * epochs
 
 
-def _synthetic_state(run: RunContext, n: int = 64) -> dict:
+def _synthetic_state(run: RunContext, n: int = 64) -> WarmFedServerState:
     data = _data(8, n)
-    wf = WarmFedServerState(None, data.x["train"].numpy(), data.y["train"].numpy())
-    return {"weights": _random_weights(3, run), "warmfed": wf}
+    return WarmFedServerState(
+        _random_weights(3, run), synthetic_x=data.x["train"].numpy(), synthetic_y=data.y["train"].numpy()
+    )
 
 
 def _aggregate(run: RunContext) -> Aggregator:
@@ -209,11 +219,11 @@ def test_round_server_finetune_on_vs_off_changes_the_global_model():
     tuned = on.finish_round(_synthetic_state(run), _aggregate(run))
     plain = _random_weights(4, run)  # the mean of one update is that update
     for k in plain:
-        assert torch.allclose(mean["weights"][k].float(), plain[k].float())
-    assert any(not torch.equal(tuned["weights"][k], mean["weights"][k]) for k in _param_names(run))
-    assert tuned["warmfed"].rounds_done == 1 and tuned["warmfed"].has_synthetic
+        assert torch.allclose(mean.weights[k].float(), plain[k].float())
+    assert any(not torch.equal(tuned.weights[k], mean.weights[k]) for k in _param_names(run))
+    assert tuned.rounds_done == 1 and tuned.has_synthetic
     again = on.finish_round(tuned, _aggregate(run))  # round 2 draws its own seed: not a replay of round 1
-    assert again["warmfed"].rounds_done == 2
+    assert again.rounds_done == 2
 
 
 def test_warm_start_keeps_the_synthetic_set_only_when_the_rounds_read_it(tmp_path):
@@ -225,9 +235,9 @@ def test_warm_start_keeps_the_synthetic_set_only_when_the_rounds_read_it(tmp_pat
     drop = WarmFed(WarmFedParams(server_epochs=1, round_server_epochs=0), run)._server_finetune(
         ctx, _synthetic_state(run), []
     )
-    assert keep["warmfed"].has_synthetic and not drop["warmfed"].has_synthetic
+    assert keep.has_synthetic and not drop.has_synthetic
     for k in _param_names(run):
-        assert torch.equal(keep["weights"][k], drop["weights"][k])
+        assert torch.equal(keep.weights[k], drop.weights[k])
 
 
 def _phases(**kw) -> list[str]:
@@ -269,12 +279,12 @@ def test_one_shot_personal_model_is_dsd_from_the_warm_start():
     g = _random_weights(1, run)
     data = _data(10)
     algo = WarmFed(WarmFedParams(), run)
-    upload, state = algo._oneshot_personal(_ctx(run, 0, data), {"weights": g}, None)
+    upload, state = algo._oneshot_personal(_ctx(run, 0, data), Broadcast(g), None)
     assert upload is None
     names = _param_names(run)
-    assert any(not torch.equal(state["personal"][k], g[k]) for k in names)
-    assert algo.personal_weights(_ctx(run, 0, data), {"weights": g}, state) is state["personal"]
-    assert algo.personal_weights(_ctx(run, 0, data), {"weights": g}, None) is None
+    assert any(not torch.equal(state.personal[k], g[k]) for k in names)
+    assert algo.personal_weights(_ctx(run, 0, data), Broadcast(g), state) is state.personal
+    assert algo.personal_weights(_ctx(run, 0, data), Broadcast(g), None) is None
 
 
 @pytest.mark.parametrize(

@@ -46,10 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.base import (
+    Aggregator,
     Algorithm,
+    Broadcast,
     ClientContext,
     ClientUpdate,
+    PersonalState,
     ServerContext,
+    ServerState,
     SetupPhase,
     Weights,
     load_weights,
@@ -304,11 +308,12 @@ class SynthesisResult:
     reused: bool
 
 
-@dataclass
-class WarmFedServerState:
-    """WarmFed's part of the server state (checkpointed with the weights): the clients' uploads
-    between the lora and synthesis phases, then the synthetic union the rounds fine-tune on, and
-    how many rounds were aggregated (each round's fine-tune draws its own seed from it)."""
+@dataclass(frozen=True)
+class WarmFedServerState(ServerState):
+    """WarmFed's server state (checkpointed whole): the global weights; the clients' uploads, which
+    the lora phase hands to the synthesis phase; the synthetic union, which the synthesis phase
+    hands to the server fine-tuning and the rounds; and how many rounds were aggregated (each
+    round's fine-tune draws its own seed from it)."""
 
     uploads: list[ClientUploadBundle] | None = None
     synthetic_x: np.ndarray | None = None
@@ -391,7 +396,7 @@ def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch
 
 
 @register("warmfed")
-class WarmFed(Algorithm):
+class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
     Params = WarmFedParams
     stateful = True
     server_heavy = True  # backbone loading, fine-tuning on the synthetic union: worth a GPU share
@@ -427,8 +432,8 @@ class WarmFed(Algorithm):
             raise BackboneError(f"backbone path does not exist: {path} (algo.warmfed.sd_model)")
 
     # ----- server state ------------------------------------------------------------------
-    def init_server_state(self, weights: Weights) -> dict[str, Any]:
-        return {"weights": weights, "warmfed": WarmFedServerState()}
+    def init_server_state(self, weights: Weights) -> WarmFedServerState:
+        return WarmFedServerState(weights)
 
     @property
     def cache_dir(self) -> Path:
@@ -436,8 +441,8 @@ class WarmFed(Algorithm):
         return Path(self.run.run_dir) / "cache" / "warmfed"
 
     # ----- warm-start phases ---------------------------------------------------------------
-    def setup_phases(self) -> list[SetupPhase]:
-        phases: list[SetupPhase] = []
+    def setup_phases(self) -> list[SetupPhase[WarmFedServerState, Broadcast, PersonalState]]:
+        phases: list[SetupPhase[WarmFedServerState, Broadcast, PersonalState]] = []
         if self.params.uses_synthetic:
             phases += [
                 SetupPhase("backbone", None, self._server_backbone),
@@ -454,7 +459,7 @@ class WarmFed(Algorithm):
             phases.append(SetupPhase("personalize", personal=self._oneshot_personal))
         return phases
 
-    def _server_backbone(self, ctx: ServerContext, state: dict[str, Any], uploads: list) -> dict[str, Any]:
+    def _server_backbone(self, ctx: ServerContext, state: WarmFedServerState, uploads: list) -> WarmFedServerState:
         backbone = load_backbone(self.params, self.run, report=ctx.report)
         ctx.report("backbone_parameters", float(sum(p.numel() for p in backbone.unet.parameters())))
         return state
@@ -515,19 +520,23 @@ class WarmFed(Algorithm):
             _write_atomic(path, bundle.lora.to_bytes())
         return dataclasses.replace(bundle, key=key)
 
-    def _server_collect(self, ctx: ServerContext, state: dict[str, Any], uploads: list) -> dict[str, Any]:
+    def _server_collect(
+        self, ctx: ServerContext, state: WarmFedServerState, uploads: list[ClientUploadBundle]
+    ) -> WarmFedServerState:
         sizes = [u.lora.num_bytes for u in uploads if u.lora is not None]
         ctx.report("clients", float(len(uploads)))
         ctx.report("lora_bytes_per_client", float(np.mean(sizes)) if sizes else 0.0)
         ctx.report("trained", float(sum(u.lora is not None and not u.reused for u in uploads)))
         ctx.report("reused", float(sum(u.reused for u in uploads)))
-        ctx.report("classifier_bytes", float(sum(t.numel() * t.element_size() for t in state["weights"].values())))
-        return {**state, "warmfed": dataclasses.replace(state["warmfed"], uploads=list(uploads))}
+        ctx.report("classifier_bytes", float(sum(t.numel() * t.element_size() for t in state.weights.values())))
+        return dataclasses.replace(state, uploads=list(uploads))
 
-    def _synthesis_jobs(self, state: dict[str, Any]) -> list[tuple[float, SynthesisJob]]:
+    def _synthesis_jobs(self, state: WarmFedServerState) -> list[tuple[float, SynthesisJob]]:
         """One job per client, costed by its image count (the pool dispatches the largest first)."""
+        if state.uploads is None:
+            raise RuntimeError("warmfed: the synthesis phase needs the lora phase's uploads")
         jobs = []
-        for client_id, upload in enumerate(state["warmfed"].uploads):
+        for client_id, upload in enumerate(state.uploads):
             want = np.where(upload.class_counts > 0, self.params.synth_per_class, 0)
             seed = rng_seed(self.run.seed, client_id, "synthesis") % (2**31)
             jobs.append((float(want.sum()), SynthesisJob(client_id, upload.lora, want, seed, upload.key)))
@@ -569,7 +578,9 @@ class WarmFed(Algorithm):
             _write_atomic(path, buffer.getvalue())
         return SynthesisResult(job.client_id, x, y, seconds, False)
 
-    def _server_synthesis(self, ctx: ServerContext, state: dict[str, Any], results: list) -> dict[str, Any]:
+    def _server_synthesis(
+        self, ctx: ServerContext, state: WarmFedServerState, results: list[SynthesisResult]
+    ) -> WarmFedServerState:
         from algorithms.warmfed.synthesis import save_sample_grid
 
         grid_dir = ctx.artifacts_dir / self.name / f"seed{self.run.seed}"  # a variant keeps its own grids
@@ -592,36 +603,37 @@ class WarmFed(Algorithm):
         ctx.report("images_per_s", n_sampled / seconds if seconds > 0 else math.nan)  # per actor
         ctx.report("sampling_s", seconds)  # summed over actors
         ctx.report("reused", float(len(results) - len(sampled)))
-        wf = WarmFedServerState(None, union_x, union_y)
-        return {**state, "warmfed": wf}
+        # the uploads are spent: the synthetic union is what the next phases read
+        return dataclasses.replace(state, uploads=None, synthetic_x=union_x, synthetic_y=union_y)
 
-    def _server_finetune(self, ctx: ServerContext, state: dict[str, Any], uploads: list) -> dict[str, Any]:
-        wf: WarmFedServerState = state["warmfed"]
-        keep = wf if self.params.round_server_epochs > 0 else WarmFedServerState()  # the rounds' input, if they read it
-        state = {**state, "warmfed": keep}
-        if not self.params.server_finetune or not wf.has_synthetic:
-            return state
-        weights, loss = self._train_on_synthetic(
-            state["weights"],
-            wf,
-            self.params.server_epochs,
-            self.params.server_lr,
-            rng_seed(self.run.seed, "server_finetune"),
-            ctx.device,
-        )
-        ctx.report("final_loss", loss)
-        return {**state, "weights": weights}
+    def _server_finetune(self, ctx: ServerContext, state: WarmFedServerState, uploads: list) -> WarmFedServerState:
+        if self.params.server_finetune and state.has_synthetic:
+            weights, loss = self._train_on_synthetic(
+                state,
+                self.params.server_epochs,
+                self.params.server_lr,
+                rng_seed(self.run.seed, "server_finetune"),
+                ctx.device,
+            )
+            ctx.report("final_loss", loss)
+            state = dataclasses.replace(state, weights=weights)
+        if self.params.round_server_epochs == 0:  # the rounds do not read the synthetic set: drop it
+            return WarmFedServerState(state.weights)
+        return state
 
     def _train_on_synthetic(
-        self, weights: Weights, wf: WarmFedServerState, epochs: int, lr: float, seed: int, device: torch.device
+        self, state: WarmFedServerState, epochs: int, lr: float, seed: int, device: torch.device
     ) -> tuple[Weights, float]:
-        """Server-side cross-entropy on the synthetic union (shift augmentation, cosine rate): the warm
-        start and every round's fine-tune. Returns the new weights and the mean loss."""
+        """Server-side cross-entropy on the state's synthetic union (shift augmentation, cosine rate),
+        from its weights: the warm start and every round's fine-tune. Returns the new weights and
+        the mean loss."""
+        if state.synthetic_x is None or state.synthetic_y is None:
+            raise RuntimeError("warmfed: no synthetic set to train on")
         model = self.run.build_model().to(device)
-        load_weights(model, weights)
+        load_weights(model, state.weights)
         model.train()
         # on the device once; the loss is summed there and read once (no host sync per step)
-        x, y = torch.from_numpy(wf.synthetic_x).to(device), torch.from_numpy(wf.synthetic_y).to(device)
+        x, y = torch.from_numpy(state.synthetic_x).to(device), torch.from_numpy(state.synthetic_y).to(device)
         g = torch.Generator().manual_seed(seed)
         bs = self.params.server_batch_size
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -644,29 +656,27 @@ class WarmFed(Algorithm):
         return model_weights(model), float(loss_sum) / max(1, steps)
 
     def _oneshot_personal(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[None, dict[str, Any]]:
+        self, ctx: ClientContext, message: Broadcast, client_state: PersonalState | None
+    ) -> tuple[None, PersonalState]:
         """The one-shot personalized model: DSD from the warm start, which is also its teacher."""
-        personal, _ = self._personalize(ctx, message["weights"], None)
-        return None, {"personal": personal}
+        personal, _ = self._personalize(ctx, message.weights, None)
+        return None, PersonalState(personal)
 
     # ----- rounds --------------------------------------------------------------------------
-    def finish_round(self, state: dict[str, Any], aggregator: Any) -> dict[str, Any]:
+    def finish_round(self, state: WarmFedServerState, aggregator: Aggregator) -> WarmFedServerState:
         """FedAvg's mean, then (FGL's protocol) a few epochs on the synthetic union."""
         state = super().finish_round(state, aggregator)
-        wf: WarmFedServerState = state["warmfed"]
-        if self.params.round_server_epochs > 0 and wf.has_synthetic and aggregator.count > 0:
+        if self.params.round_server_epochs > 0 and state.has_synthetic and aggregator.count > 0:
             device = process_device()  # what Ray gave the server actor (CPU without a share)
             weights, _ = self._train_on_synthetic(
-                state["weights"],
-                wf,
+                state,
                 self.params.round_server_epochs,
                 self.params.round_server_lr,
-                rng_seed(self.run.seed, "round_finetune", wf.rounds_done + 1),
+                rng_seed(self.run.seed, "round_finetune", state.rounds_done + 1),
                 device,
             )
-            state = {**state, "weights": weights}
-        return {**state, "warmfed": dataclasses.replace(wf, rounds_done=wf.rounds_done + 1)}
+            state = dataclasses.replace(state, weights=weights)
+        return dataclasses.replace(state, rounds_done=state.rounds_done + 1)
 
     def _personalize(
         self, ctx: ClientContext, global_weights: Weights, previous: Weights | None
@@ -702,22 +712,22 @@ class WarmFed(Algorithm):
         }
 
     def local_train(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
-    ) -> tuple[ClientUpdate, dict[str, Any] | None]:
-        previous = client_state.get("personal") if client_state else None
-        personal, personal_metrics = self._personalize(ctx, message["weights"], previous)
+        self, ctx: ClientContext, message: Broadcast, client_state: PersonalState | None
+    ) -> tuple[ClientUpdate, PersonalState]:
+        previous = client_state.personal if client_state else None
+        personal, personal_metrics = self._personalize(ctx, message.weights, previous)
         if self.params.upload == "ce":
-            load_weights(ctx.model, message["weights"])
+            load_weights(ctx.model, message.weights)
             metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy, lr=self.local_lr(self.params, self.run.train))
             upload = model_weights(ctx.model)
         else:
             metrics, upload = {"train_loss": personal_metrics.get("personal_loss", math.nan)}, personal
         update = ClientUpdate(ctx.client_id, upload, ctx.data.size("train"), {**metrics, **personal_metrics})
-        return update, {"personal": personal}
+        return update, PersonalState(personal)
 
     def personal_weights(
-        self, ctx: ClientContext, message: dict[str, Any], client_state: dict[str, Any] | None
+        self, ctx: ClientContext, message: Broadcast, client_state: PersonalState | None
     ) -> Weights | None:
-        if client_state and "personal" in client_state:
-            return client_state["personal"]
+        if client_state is not None:
+            return client_state.personal
         return None  # no personalized model yet (one-shot personalization off, or a new client): the global one
