@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from actors.state_store import ClientStateStore
+from algorithms.base import PersonalState
 from sim.config import load_config
 from sim.data import DatasetError, load_dataset
 from sim.orchestration.runner import run_comparison
@@ -36,10 +37,11 @@ def test_digits_copies_adds_distinct_renders_and_keeps_one_copy_identical():
 
 def test_state_cache_is_bounded_in_bytes(tmp_path):
     store = ClientStateStore(tmp_path, cache_size=256, cache_bytes=3 * 4000)
-    for client in range(10):
-        store.save(client, 1, {"personal": {"w": torch.full((1000,), float(client))}}, previous=-1)
+    for client in range(10):  # a typed client state: its tensors count, as a dict's would
+        store.save(client, 1, PersonalState({"w": torch.full((1000,), float(client))}), previous=-1)
     assert len(store._cache) == 3 and store._held == 12000
-    assert float(store.load(0, 1)["personal"]["w"][0]) == 0.0  # evicted states come back from disk
+    back = store.load(0, 1)  # evicted states come back from disk, as they were saved
+    assert isinstance(back, PersonalState) and float(back.personal["w"][0]) == 0.0
     store.save(9, 2, {"personal": {"w": torch.zeros(1000)}}, previous=1)
     store.save(9, 3, {"personal": {"w": torch.zeros(1000)}}, previous=2)
     # old versions stay on disk (sim/orchestration/checkpoints.py removes them once no kept checkpoint names them)
