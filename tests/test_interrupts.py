@@ -6,6 +6,7 @@ undisturbed references run in-process on the session's Ray, and the crashed run 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -51,12 +52,16 @@ def _interrupt(tmp_path, items, sig, after_round, group):
         assert time.monotonic() < deadline, "the run never reached the round"
         time.sleep(0.05)
     ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    titles = []
+    for p in ray_procs:
+        with contextlib.suppress(psutil.Error):
+            titles.append(" ".join(p.cmdline()))
     if group:
         os.killpg(proc.pid, sig)
     else:
         os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=180)
-    return proc.returncode, out, err, ray_procs
+    return proc.returncode, out, err, ray_procs, titles
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +82,7 @@ def straight_local_fedavg(ray_local, tmp_path_factory) -> pd.DataFrame:
 @pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
 def test_a_signal_ends_the_run_in_one_line_and_it_resumes(straight_fedavg, capsys, tmp_path, sig, code, group):
     items = small_overrides(tmp_path, "algorithms=fedavg", "rounds=6", "run_id=sig")
-    returncode, _, err, ray_procs = _interrupt(tmp_path, items, sig, after_round=2, group=group)
+    returncode, _, err, ray_procs, _ = _interrupt(tmp_path, items, sig, after_round=2, group=group)
     run_dir = tmp_path / "results" / "sig"
     assert returncode == code, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
@@ -93,6 +98,23 @@ def test_a_signal_ends_the_run_in_one_line_and_it_resumes(straight_fedavg, capsy
     psutil.wait_procs(ray_procs, timeout=30)
     assert not [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
+    assert run_sim.main(["run", "--resume", str(run_dir)]) == 0, capsys.readouterr().err[-3000:]
+    pd.testing.assert_frame_equal(outcome_frame(run_dir), straight_fedavg)
+
+
+@pytest.mark.slow
+def test_a_kill_9_driver_leaves_no_ray_process_behind_and_resumes(straight_fedavg, capsys, tmp_path):
+    """Ray ties its GCS, raylet and workers to the driver, but its agents would linger 60 s after
+    a SIGKILL (a GCS call with Ray's fixed timeout); the run's reaper takes them down at once."""
+    items = small_overrides(tmp_path, "algorithms=fedavg", "rounds=6", "run_id=sig")
+    returncode, _, _, ray_procs, titles = _interrupt(tmp_path, items, signal.SIGKILL, after_round=2, group=False)
+    assert returncode == -signal.SIGKILL
+    assert any("DashboardAgent" in t for t in titles) and any("RuntimeEnvAgent" in t for t in titles), titles
+    assert any("sim.orchestration.reaper" in t for t in titles), titles
+    _, alive = psutil.wait_procs(ray_procs, timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.pid for p in alive]
+
+    run_dir = tmp_path / "results" / "sig"
     assert run_sim.main(["run", "--resume", str(run_dir)]) == 0, capsys.readouterr().err[-3000:]
     pd.testing.assert_frame_equal(outcome_frame(run_dir), straight_fedavg)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import subprocess
 import uuid
 from dataclasses import dataclass
 
@@ -63,6 +64,26 @@ def _quiet_default_auth(record: logging.LogRecord) -> bool:
     return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
+_reaper: subprocess.Popen | None = None  # held for the driver's life: its pipe closing is the signal
+
+
+def _watch_private_ray() -> None:
+    """Start the reaper (sim.orchestration.reaper) for the Ray this process just started; the one
+    of an earlier private Ray (a sweep starts several) is released to clean up after it."""
+    global _reaper
+    from sim.orchestration.reaper import start_reaper
+
+    if _reaper is not None and _reaper.stdin is not None:
+        _reaper.stdin.close()
+    try:
+        node = getattr(ray._private.worker, "_global_node", None)
+        raylet = getattr(node, "all_processes", {})["raylet"][0].process.pid
+    except (AttributeError, KeyError, IndexError):  # a Ray whose private layout differs: no reaper, Ray's own timeouts
+        log.debug("no raylet process handle; agents are left to Ray's own 60 s timeout")
+        return
+    _reaper = start_reaper(raylet)
+
+
 def connect(cfg: RunConfig, run_id: str) -> bool:
     """Start a local Ray (address None) or attach to one; returns True if this call started it."""
     if ray.is_initialized():
@@ -84,6 +105,7 @@ def connect(cfg: RunConfig, run_id: str) -> bool:
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
         finally:
             auth_log.removeFilter(_quiet_default_auth)
+        _watch_private_ray()
     interrupts.install()  # ray.init replaced the SIGTERM handler
     return True
 
