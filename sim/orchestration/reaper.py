@@ -49,6 +49,7 @@ def _children(raylet: psutil.Process) -> dict[int, float]:
         for child in raylet.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 out[child.pid] = child.create_time()
+    out.pop(os.getpid(), None)  # never itself, whoever its parent is
     return out
 
 
