@@ -111,12 +111,13 @@ class WarmFedParams:
     # after every round's aggregation: epochs on the synthetic union (FGL's protocol), 0 = off
     round_server_epochs: int = 1
     round_server_lr: float = 0.01
-    # local rate in the rounds; None: train.lr, the rate every baseline trains at (chosen on validation: README, "Round rates")
+    # local rate in the rounds; None: train.lr, the baselines' rate (chosen on validation: README, "Round rates")
     round_lr: float | None = None
     upload: str = "ce"  # ce: trained from the global model by plain CE | dsd: the personalized student
     # personalization: DSD for train.finetune_epochs (the budget every fine-tuning method gets)
     oneshot_personal: bool = True  # round 0: DSD from the warm start, before any round
-    personal_lr: float | None = 0.01  # DSD's rate; None: the rounds' (chosen on validation: README, "The client budget")
+    # DSD's rate; None: the rounds' rate (chosen on validation: README, "The client budget")
+    personal_lr: float | None = 0.01
     dsd: bool = True  # false: plain CE personalization from the global model
     dsd_teacher: str = "personal"  # personal: the client's own previous personalized model | global
     dsd_tau: float = 2.0
