@@ -145,6 +145,14 @@ class RunContext:
         dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
+    def sampling_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """`autocast` for inference-only work (diffusion sampling), which on a CPU also takes bf16:
+        there it is 1.6x faster per UNet call, while bf16 *training* on a CPU without AMX is slower
+        (README, "Mixed precision on a CPU")."""
+        if torch.device(device).type == "cpu" and self.mixed_precision == "bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return self.autocast(device)
+
     def build_model(self) -> Classifier:
         return build_model(self.model_name, self.model_spec)
 

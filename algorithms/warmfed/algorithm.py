@@ -556,6 +556,8 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         if self.params.reuse and (job.lora is None or job.key):
             fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _NOT_SYNTHESIS}
             source = job.key if job.lora is not None else f"base:{backbone.fingerprint()}"
+            if self.run.mixed_precision != "fp32":  # bf16 samples differ from fp32 ones (fp32 keys unchanged)
+                source = f"{source}:{self.run.mixed_precision}"
             key = content_key("synthesis", source, fields, job.want, job.seed)
             path = self.cache_dir / "synthesis" / f"{key}.npz"
             if path.exists():
@@ -563,7 +565,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
                     return SynthesisResult(job.client_id, cached["images"], cached["labels"], 0.0, True)
         start = time.perf_counter()
         scope = apply_lora(backbone, job.lora) if job.lora is not None else contextlib.nullcontext(backbone)
-        with scope as personalized, self.run.autocast(process_device()):
+        with scope as personalized, self.run.sampling_autocast(process_device()):
             x, y = synthesize(
                 personalized,
                 job.want,

@@ -231,7 +231,8 @@ class TinyBackbone(UNetBackbone):
                     y: torch.Tensor = y,
                     y_guided: torch.Tensor = y_guided,
                 ) -> torch.Tensor:  # defaults bind this batch's labels
-                    return self._unet(x, t, class_labels=y_guided if guided else y).sample
+                    # fp32 out under autocast: the solver's state stays in full precision
+                    return self._unet(x, t, class_labels=y_guided if guided else y).sample.float()
 
                 x = denoise(eps_fn, noise[start : start + len(y)].to(d), sched, steps, guidance_scale)
                 out[start : start + len(y)] = x.clamp(-1, 1).cpu().numpy()
