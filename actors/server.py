@@ -94,6 +94,18 @@ class ServerWorker:
         """One work item, fetched by the client actor that runs it (an argument ref, so it never visits the driver)."""
         return self._work_items[index]
 
+    def setup_message(self, phase_index: int, client_id: int) -> Broadcast:
+        """A personal phase's message for one client (its own, when the phase has per-client
+        messages; the broadcast otherwise): an argument ref, so it never visits the driver."""
+        make = self.algorithm.setup_phases()[phase_index].message
+        return self.broadcast() if make is None else make(self.state, client_id)
+
+    def setup_message_nbytes(self, phase_index: int, client_ids: list[int]) -> int:
+        """Bytes every listed client downloads in a personal phase (the broadcast once each by default)."""
+        if self.algorithm.setup_phases()[phase_index].message is None:
+            return self.message_nbytes() * len(client_ids)
+        return sum(self.algorithm.message_nbytes(self.setup_message(phase_index, c)) for c in client_ids)
+
     def run_setup_server(self, phase_index: int) -> dict[str, float]:
         phase = self.algorithm.setup_phases()[phase_index]
         metrics: dict[str, float] = {}

@@ -291,7 +291,9 @@ class SetupPhase(Generic[StateT, MessageT, ClientStateT]):
     * `client(ctx) -> upload`: every client computes an upload from its own data;
     * `personal(ctx, message, client_state) -> (upload, new_state)`: every training client starts
       from the server's broadcast (downloaded once per client, counted) and keeps `new_state` in
-      the state store as its round-0 state, e.g. a one-shot personalized model;
+      the state store as its round-0 state, e.g. a one-shot personalized model. With `message`
+      set, each client gets `message(state, client_id)` instead: what only that client may see
+      (WarmFed sends a client its own synthetic samples to check);
     * `work(ctx, item) -> result` over `work_items(state) -> [(cost, item), ...]`: server-owned work
       whose items are independent (one per client, say) fans out over the client actor pool;
       the server still owns the phase, its inputs and its result. Each item must carry its own
@@ -305,10 +307,13 @@ class SetupPhase(Generic[StateT, MessageT, ClientStateT]):
     personal: Callable[[ClientContext, MessageT, ClientStateT | None], tuple[Any, ClientStateT | None]] | None = None
     work: Callable[[ServerContext, Any], Any] | None = None
     work_items: Callable[[StateT], list[tuple[float, Any]]] | None = None
+    message: Callable[[StateT, int], MessageT] | None = None
 
     def __post_init__(self) -> None:
         if sum(f is not None for f in (self.client, self.personal, self.work)) > 1:
             raise ValueError(f"setup phase {self.name!r}: set at most one of client, personal, work")
+        if self.message is not None and self.personal is None:
+            raise ValueError(f"setup phase {self.name!r}: a per-client message needs a personal step")
         if (self.work is None) != (self.work_items is None):
             raise ValueError(f"setup phase {self.name!r}: work and work_items go together")
 

@@ -168,6 +168,13 @@ def test_mixed_precision_reaches_the_run_context_and_only_autocasts_on_a_gpu(tmp
     assert not isinstance(
         dataclasses.replace(run, mixed_precision="fp32").autocast(torch.device("cuda")), torch.autocast
     )
+    # sampling (inference only) also takes bf16 on a CPU; fp16 and fp32 leave a CPU alone
+    on_cpu = run.sampling_autocast(torch.device("cpu"))
+    assert isinstance(on_cpu, torch.autocast) and on_cpu.device == "cpu" and on_cpu.fast_dtype == torch.bfloat16
+    for other in ("fp16", "fp32"):
+        cpu = dataclasses.replace(run, mixed_precision=other).sampling_autocast(torch.device("cpu"))
+        assert not isinstance(cpu, torch.autocast)
+    assert run.sampling_autocast(torch.device("cuda")).fast_dtype == torch.bfloat16
 
 
 class _Copies(torch.Tensor):

@@ -247,3 +247,69 @@ def test_killed_warmfed_run_resumes_to_the_same_metrics(ray_local, two_pool_runs
         outcome_frame(tmp_path / "results" / "crashed", ignore=("pretrained_now",)),
         outcome_frame(two_pool_runs[0], ignore=("pretrained_now",)),
     )
+
+
+@pytest.mark.slow
+def test_clients_check_their_own_synthetic_samples_and_the_rounds_train_on_what_they_keep(ray_local, tiny, tmp_path):
+    """check_synthetic: each client is sent only its own samples with the warm start, answers one
+    bit per sample (does its one-shot personalized model label it as asked?), and the rounds'
+    server fine-tunes read exactly the kept samples. Round 0 is the unchecked run's to the bit."""
+    import numpy as np
+    import torch
+
+    from sim.data import load_dataset
+    from sim.orchestration.runner import run_context
+
+    variants = ["variants.warmfed-check.algorithm=warmfed", "variants.warmfed-check.check_synthetic=true"]
+    cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-check", *tiny, *variants))
+    run_dir = run_comparison(cfg).run_dir
+    df = read_metrics(run_dir).to_pandas()
+    run = df[df.client_id == -1]
+
+    def value(algo, metric):
+        return float(run[(run.algorithm == algo) & (run.metric == metric)].value.iloc[0])
+
+    seed_dir = "seed0"
+    plain = torch.load(run_dir / "checkpoints" / "warmfed" / seed_dir / "server_r0.pt", weights_only=False)
+    checked = torch.load(run_dir / "checkpoints" / "warmfed-check" / seed_dir / "server_r0.pt", weights_only=False)
+    n_total = len(plain.synthetic_y)
+    assert value("warmfed-check", "personalize/synthetic_kept") == pytest.approx(len(checked.synthetic_y) / n_total)
+    assert 0 < len(checked.synthetic_y) < n_total  # the toy backbone's samples: some pass, some do not
+    # one bit per sample up; down: the warm start plus the client's own samples (images and labels)
+    per_client = [int((plain.synthetic_owner == c).sum()) for c in range(4)]
+    assert value("warmfed-check", "personalize/bytes_up") == sum((n + 7) // 8 for n in per_client)
+    down_plain = value("warmfed", "personalize/bytes_down")
+    extra = plain.synthetic_x.nbytes + plain.synthetic_y.nbytes
+    assert value("warmfed-check", "personalize/bytes_down") == down_plain + extra
+
+    # each verdict is its client's one-shot personalized model's prediction on its own samples
+    data = load_dataset(cfg.dataset, cfg.data)
+    model = run_context(cfg, data, 0, str(run_dir)).build_model().eval()
+    for c in range(4):
+        state = torch.load(
+            run_dir / "client_state" / "warmfed-check" / seed_dir / "0000" / f"{c}_r0.pt", weights_only=False
+        )
+        model.load_state_dict(state.personal)
+        mine = plain.synthetic_owner == c
+        with torch.no_grad():
+            pred = model(torch.from_numpy(plain.synthetic_x[mine])).argmax(1).numpy()
+        keep = pred == plain.synthetic_y[mine]
+        np.testing.assert_array_equal(checked.synthetic_x[checked.synthetic_owner == c], plain.synthetic_x[mine][keep])
+
+    acc = df[(df.split == "test") & (df.metric == "global_acc")].sort_values("client_id")
+    by = {(a, r): g.value.values for (a, r), g in acc.groupby(["algorithm", "round"])}
+    np.testing.assert_array_equal(by["warmfed", 0], by["warmfed-check", 0])  # the check changes the rounds only
+    assert not np.array_equal(by["warmfed", 1], by["warmfed-check", 1])
+
+
+def test_check_synthetic_without_a_one_shot_personalization_is_refused(tmp_path):
+    """Refused before Ray starts (the preflight builds every algorithm), naming the key."""
+    from sim.data import load_dataset
+    from sim.orchestration.runner import preflight
+
+    bad = small_overrides(
+        tmp_path, "algorithms=warmfed", "algo.warmfed.check_synthetic=true", "train.finetune_epochs=0"
+    )
+    cfg = load_config(None, bad)
+    with pytest.raises(ConfigError, match="check_synthetic needs the one-shot personalization"):
+        preflight(cfg, load_dataset(cfg.dataset, cfg.data))

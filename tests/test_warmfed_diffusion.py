@@ -404,6 +404,20 @@ def test_every_sampler_is_deterministic_and_batch_independent(tiny):
         tiny.sample(labels, steps=2, guidance_scale=1.0, seed=0, batch_size=5, sampler="euler")
 
 
+def test_bf16_sampling_on_a_cpu_stays_close_to_fp32_and_returns_fp32(tiny):
+    """`mixed_precision: bf16` samples under CPU autocast: the UNet really runs in bf16 (the images
+    move), the solver's output is still float32 in [-1, 1], deterministic, and near the fp32 samples."""
+    labels = np.array([0, 3, 3, 9, 1, 7])
+    fp32 = tiny.sample(labels, steps=4, guidance_scale=2.0, seed=1, batch_size=6)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        bf16 = tiny.sample(labels, steps=4, guidance_scale=2.0, seed=1, batch_size=6)
+        again = tiny.sample(labels, steps=4, guidance_scale=2.0, seed=1, batch_size=6)
+    assert bf16.dtype == np.float32 and bf16.min() >= -1 and bf16.max() <= 1
+    assert np.array_equal(bf16, again)
+    diff = np.abs(bf16 - fp32)
+    assert 0 < diff.mean() < 0.05, diff.mean()
+
+
 def test_synthesis_follows_each_client_lora(tiny):
     """Two clients with opposite data (bright vs dark images): each client's samples are its own
     (reproducible for its LoRA, different from the other client's and from the base backbone's);

@@ -116,6 +116,9 @@ class WarmFedParams:
     upload: str = "ce"  # ce: trained from the global model by plain CE | dsd: the personalized student
     # personalization: DSD for train.finetune_epochs (the budget every fine-tuning method gets)
     oneshot_personal: bool = True  # round 0: DSD from the warm start, before any round
+    # each client checks its own synthetic samples with its one-shot personalized model (trained on
+    # its real data) and the rounds' server fine-tunes keep only those it labels as asked
+    check_synthetic: bool = False
     # DSD's rate; None: the rounds' rate (chosen on validation: README, "The client budget")
     personal_lr: float | None = 0.01
     dsd: bool = True  # false: plain CE personalization from the global model
@@ -310,6 +313,27 @@ class SynthesisResult:
 
 
 @dataclass(frozen=True)
+class SyntheticCheck(Broadcast):
+    """The one-shot personalization's message when clients check the synthetic set: the warm
+    start, plus the samples the server drew from this client's own LoRA (no one else's)."""
+
+    images: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.float32))
+    labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
+
+
+@dataclass(frozen=True)
+class SampleVerdicts:
+    """A client's answer to a SyntheticCheck: which of its samples its personalized model labels as asked."""
+
+    client_id: int
+    keep: np.ndarray  # bool, in the order the samples came
+
+    @property
+    def nbytes(self) -> int:
+        return (len(self.keep) + 7) // 8  # one bit per sample on the wire
+
+
+@dataclass(frozen=True)
 class WarmFedServerState(ServerState):
     """WarmFed's server state (checkpointed whole): the global weights; the clients' uploads, which
     the lora phase hands to the synthesis phase; the synthetic union, which the synthesis phase
@@ -319,6 +343,7 @@ class WarmFedServerState(ServerState):
     uploads: list[ClientUploadBundle] | None = None
     synthetic_x: np.ndarray | None = None
     synthetic_y: np.ndarray | None = None
+    synthetic_owner: np.ndarray | None = None  # the client whose LoRA drew each synthetic sample
     rounds_done: int = 0
 
     @property
@@ -419,6 +444,13 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
 
     def __init__(self, params: WarmFedParams, run: Any) -> None:
         super().__init__(params, run)
+        if params.check_synthetic and (not params.oneshot_personal or run.train.finetune_epochs == 0):
+            from sim.errors import ConfigError
+
+            raise ConfigError(
+                "warmfed: check_synthetic needs the one-shot personalization (oneshot_personal: true and "
+                "train.finetune_epochs > 0): the clients check the samples with that model"
+            )
         if params.backbone == "stable-diffusion" and params.sd_model:
             self._check_sd_path(params.sd_model)
 
@@ -457,7 +489,18 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
                 SetupPhase("server_finetune", None, self._server_finetune),
             ]
         if self.params.oneshot_personal and self.run.train.finetune_epochs > 0:
-            phases.append(SetupPhase("personalize", personal=self._oneshot_personal))
+            if self.params.check_synthetic and self.params.round_server_epochs > 0:
+                phases.append(
+                    SetupPhase(
+                        "personalize",
+                        personal=self._oneshot_personal,
+                        message=self._synthetic_check,
+                        server=self._server_keep_checked,
+                        upload_nbytes=lambda verdicts: verdicts.nbytes if verdicts is not None else 0,
+                    )
+                )
+            else:
+                phases.append(SetupPhase("personalize", personal=self._oneshot_personal))
         return phases
 
     def _server_backbone(self, ctx: ServerContext, state: WarmFedServerState, uploads: list) -> WarmFedServerState:
@@ -602,12 +645,13 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         n_sampled = sum(len(r.labels) for r in sampled)
         union_x = np.concatenate([r.images for r in results]) if results else np.zeros((0,), np.float32)
         union_y = np.concatenate([r.labels for r in results]) if results else np.zeros((0,), np.int64)
+        owner = np.concatenate([np.full(len(r.labels), r.client_id, np.int64) for r in results]) if results else None
         ctx.report("images", float(len(union_y)))
         ctx.report("images_per_s", n_sampled / seconds if seconds > 0 else math.nan)  # per actor
         ctx.report("sampling_s", seconds)  # summed over actors
         ctx.report("reused", float(len(results) - len(sampled)))
         # the uploads are spent: the synthetic union is what the next phases read
-        return dataclasses.replace(state, uploads=None, synthetic_x=union_x, synthetic_y=union_y)
+        return dataclasses.replace(state, uploads=None, synthetic_x=union_x, synthetic_y=union_y, synthetic_owner=owner)
 
     def _server_finetune(self, ctx: ServerContext, state: WarmFedServerState, uploads: list) -> WarmFedServerState:
         if self.params.server_finetune and state.has_synthetic:
@@ -660,10 +704,52 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
 
     def _oneshot_personal(
         self, ctx: ClientContext, message: Broadcast, client_state: PersonalState | None
-    ) -> tuple[None, PersonalState]:
-        """The one-shot personalized model: DSD from the warm start, which is also its teacher."""
+    ) -> tuple[SampleVerdicts | None, PersonalState]:
+        """The one-shot personalized model: DSD from the warm start, which is also its teacher.
+        Sent its own synthetic samples (SyntheticCheck), the client also says which of them this
+        model, trained on its real data, labels as asked."""
         personal, _ = self._personalize(ctx, message.weights, None)
-        return None, PersonalState(personal)
+        verdicts = None
+        if isinstance(message, SyntheticCheck):
+            model = ctx.model  # holds `personal` now
+            model.eval()
+            with torch.no_grad():
+                x = torch.from_numpy(message.images).to(ctx.device)
+                pred = torch.cat([model(b).argmax(1) for b in x.split(512)]) if len(x) else torch.zeros(0)
+            verdicts = SampleVerdicts(ctx.client_id, pred.cpu().numpy() == message.labels)
+        return verdicts, PersonalState(personal)
+
+    def _synthetic_check(self, state: WarmFedServerState, client_id: int) -> Broadcast:
+        """The warm start and, when the rounds will read the synthetic set, this client's own samples."""
+        if not state.has_synthetic or state.synthetic_owner is None:
+            return Broadcast(state.weights)
+        mine = state.synthetic_owner == client_id
+        assert state.synthetic_x is not None and state.synthetic_y is not None
+        return SyntheticCheck(state.weights, state.synthetic_x[mine], state.synthetic_y[mine])
+
+    def message_nbytes(self, message: Broadcast) -> int:
+        extra = message.images.nbytes + message.labels.nbytes if isinstance(message, SyntheticCheck) else 0
+        return super().message_nbytes(message) + extra
+
+    def _server_keep_checked(
+        self, ctx: ServerContext, state: WarmFedServerState, verdicts: list[SampleVerdicts | None]
+    ) -> WarmFedServerState:
+        """The rounds' synthetic set: every sample a client's personalized model labels as asked
+        (samples of clients that did not check, e.g. held-out ones, stay)."""
+        if not state.has_synthetic or state.synthetic_owner is None:
+            return state
+        assert state.synthetic_x is not None and state.synthetic_y is not None
+        keep = np.ones(len(state.synthetic_y), bool)
+        for v in verdicts:
+            if v is not None:
+                keep[state.synthetic_owner == v.client_id] = v.keep
+        ctx.report("synthetic_kept", float(keep.mean()))
+        return dataclasses.replace(
+            state,
+            synthetic_x=state.synthetic_x[keep],
+            synthetic_y=state.synthetic_y[keep],
+            synthetic_owner=state.synthetic_owner[keep],
+        )
 
     # ----- rounds --------------------------------------------------------------------------
     def finish_round(self, state: WarmFedServerState, aggregator: Aggregator) -> WarmFedServerState:

@@ -135,9 +135,10 @@ class Simulation:
             start = time.perf_counter()
             bytes_up = 0
             client_peak = 0.0
-            tasks = self._setup_tasks(server, index, phase.kind)
+            tasks = self._setup_tasks(server, index, phase.kind, versions)
             if tasks:
-                down_each = ray.get(server.message_nbytes.remote()) if phase.kind == "personal" else 0
+                clients = [int(c) for c in self.train_clients]
+                down = ray.get(server.setup_message_nbytes.remote(index, clients)) if phase.kind == "personal" else 0
                 bar = self.progress.bar(len(tasks), f"{self.name} · {phase.name}")
                 for _, _ref, info in self._in_client_order(tasks, lambda ref: server.collect.remote(ref)):
                     bytes_up += int(info["bytes_up"])
@@ -149,9 +150,9 @@ class Simulation:
                     bar.update(1)
                 bar.close()
                 rows.append((RUN_LEVEL, "run", f"{phase.name}/client_peak_rss_mb", client_peak))
-                if phase.kind == "personal":  # each client downloads the broadcast once: counted like a round's
-                    rows.append((RUN_LEVEL, "run", f"{phase.name}/bytes_down", float(down_each * len(tasks))))
-                    rows.append((RUN_LEVEL, "run", "bytes_down", float(down_each * len(tasks))))
+                if phase.kind == "personal":  # each client downloads its message once: counted like a round's
+                    rows.append((RUN_LEVEL, "run", f"{phase.name}/bytes_down", float(down)))
+                    rows.append((RUN_LEVEL, "run", "bytes_down", float(down)))
             metrics = ray.get(server.run_setup_server.remote(index))
             rows.append((RUN_LEVEL, "run", f"{phase.name}/bytes_up", float(bytes_up)))
             rows.append((RUN_LEVEL, "run", f"{phase.name}/wall_s", time.perf_counter() - start))
@@ -159,7 +160,7 @@ class Simulation:
             self.progress.note(f"{self.name} · {phase.name}: {time.perf_counter() - start:.1f}s")
         return rows
 
-    def _setup_tasks(self, server: Any, index: int, kind: str) -> list[Task]:
+    def _setup_tasks(self, server: Any, index: int, kind: str, versions: np.ndarray) -> list[Task]:
         """The pool tasks of one setup phase (none for a server-only phase)."""
         if kind == "client":
             return [
@@ -169,13 +170,14 @@ class Simulation:
                 for cid in range(self.run.num_clients)
             ]
         if kind == "personal":
-            message = server.broadcast.remote()
+            shared = None if self.algorithm.setup_phases()[index].message else server.broadcast.remote()
+
+            def personal(actor: Any, cid: int) -> Any:
+                message = shared if shared is not None else server.setup_message.remote(index, cid)
+                return actor.run_setup_personal.remote(index, cid, message, int(versions[cid]))
+
             return [
-                Task(
-                    int(cid),
-                    float(self.train_sizes[cid]),
-                    lambda actor, cid=int(cid): actor.run_setup_personal.remote(index, cid, message, -1),
-                )
+                Task(int(cid), float(self.train_sizes[cid]), lambda actor, cid=int(cid): personal(actor, cid))
                 for cid in self.train_clients
             ]
         if kind == "work":
