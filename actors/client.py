@@ -17,6 +17,7 @@ import ray
 import torch
 
 from actors.devices import claim_device, device_info
+from actors.serialization import install_tensor_serializer
 from actors.state_store import ClientStateStore
 from algorithms.base import (
     Algorithm,
@@ -43,6 +44,7 @@ class ClientWorker:
         # torch imports its compiler stack (~1 s) the first time an optimizer is built; pay that
         # while the actor starts up rather than inside the first client update of round 1.
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        install_tensor_serializer()
         self.dataset = dataset
         self.device = claim_device()
         self._algorithm: Algorithm | None = None

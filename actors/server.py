@@ -19,6 +19,7 @@ import ray
 import torch
 
 from actors.devices import claim_device, device_info
+from actors.serialization import install_tensor_serializer
 from algorithms.base import (
     Aggregator,
     Algorithm,
@@ -36,6 +37,7 @@ from sim.memory import peak_rss_mb, reset_peak
 class ServerWorker:
     def __init__(self, threads: int | None = None) -> None:
         torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+        install_tensor_serializer()
         self.device = claim_device()
 
     def configure(self, algorithm: Algorithm, run: RunContext) -> bool:
