@@ -63,6 +63,7 @@ class ClientWorker:
         torch.manual_seed(run.seed)  # the same initialization as the server's global model
         self.model = run.build_model().to(self.device)
         self.init_weights = model_weights(self.model)
+        self.state_keys = frozenset(self.init_weights)
         self._scratch: dict[str, Classifier] = {}
         self.store = ClientStateStore(Path(state_dir))
         return True
@@ -98,6 +99,7 @@ class ClientWorker:
             self.device,
             public=self.dataset.public,
             reset=self._reset,
+            state_keys=self.state_keys,
         )
 
     def train(self, client_id: int, round: int, message: Broadcast, version: int) -> tuple[Any, dict[str, Any]]:

@@ -214,9 +214,11 @@ class ClientContext:
         public: Any = None,
         *,
         reset: Callable[[Classifier], None] | None = None,
+        state_keys: frozenset[str] | None = None,
     ) -> None:
         """`reset`: applied to the resident model and to each scratch model the first time this
-        context hands it out (so a verb that never reads a model does not pay for its reset)."""
+        context hands it out (so a verb that never reads a model does not pay for its reset).
+        `state_keys`: the models' state keys; `load_model` skips the reset when weights cover them."""
         self.client_id = client_id
         self.round = round
         self.run = run
@@ -225,6 +227,7 @@ class ClientContext:
         self._scratch = scratch
         self._reset = reset
         self._handed_out: set[str | None] = set()  # None: the resident model; else scratch keys
+        self._state_keys = state_keys
         self.device = device
         self.public = public
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -239,6 +242,15 @@ class ClientContext:
     def model(self) -> Classifier:
         """The resident model, reset (when the context was given a `reset`) on first use in this context."""
         return self._hand_out(None, self._model)
+
+    def load_model(self, weights: Mapping[str, torch.Tensor]) -> Classifier:
+        """The resident model holding `weights`. When they cover its whole state, nothing a previous
+        client left can survive the load, so the reset is skipped (one copy of the weights, not two)."""
+        if self._state_keys is not None and weights.keys() >= self._state_keys:
+            self._handed_out.add(None)
+        model = self.model
+        load_weights(model, weights)
+        return model
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -434,8 +446,8 @@ class Algorithm(Generic[StateT, MessageT, ClientStateT]):
     ) -> tuple[ClientUpdate, ClientStateT | None]:
         from sim.training import cross_entropy, local_sgd
 
-        load_weights(ctx.model, self.start_weights(ctx, message, client_state))
-        metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy)
+        model = ctx.load_model(self.start_weights(ctx, message, client_state))
+        metrics = local_sgd(ctx, model, loss_fn=cross_entropy)
         trained = model_weights(ctx.model)
         new_state = (
             cast(ClientStateT, PersonalState(self.personal_part(trained))) if self.personal_patterns else client_state

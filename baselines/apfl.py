@@ -87,7 +87,7 @@ class APFL(CarriesInit[APFLClientState]):
         v_weights, alpha_value = self._local_state(message, client_state)
         local = ctx.scratch_model("apfl/local")
         load_weights(local, v_weights)
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         trainable: list[torch.Tensor] = [*ctx.model.parameters(), *local.parameters()]
         alpha: torch.Tensor | float = alpha_value
         after_step = None

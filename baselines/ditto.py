@@ -60,7 +60,7 @@ class Ditto(CarriesInit[PersonalState]):
             epochs=self.params.personal_epochs,
             purpose="train",
         )
-        load_weights(ctx.model, global_w)
+        ctx.load_model(global_w)
         metrics = local_sgd(ctx, ctx.model, purpose="ditto/global")
         update = ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics)
         return update, PersonalState(model_weights(personal))

@@ -43,7 +43,6 @@ from algorithms.base import (
     RunContext,
     ServerState,
     Weights,
-    load_weights,
     model_weights,
 )
 from algorithms.registry import register
@@ -149,7 +148,7 @@ class FedALA(Algorithm[ServerState, Broadcast, FedALAClientState]):
         g = {n: glob[n].to(device) for n in parameter_names(ctx.model)}
         loc = {n: local[n].to(device) for n in self.adapted}
         w = {n: m.to(device).requires_grad_(True) for n, m in mask.items()}
-        load_weights(ctx.model, glob)  # lower layers and buffers: the global model's
+        ctx.load_model(glob)  # lower layers and buffers: the global model's
         sub = derived_context(ctx, data=sample, lr=self.params.eta, momentum=0.0, weight_decay=0.0)
 
         def clip() -> None:
@@ -189,7 +188,7 @@ class FedALA(Algorithm[ServerState, Broadcast, FedALAClientState]):
             start, mask = self.adapt(ctx, glob, client_state.local, client_state.mask)
         else:
             start, mask = glob, None  # no local model yet: θ_i⁰ = θ
-        load_weights(ctx.model, start)
+        ctx.load_model(start)
         metrics = local_sgd(ctx, ctx.model)
         trained = model_weights(ctx.model)
         return ClientUpdate(ctx.client_id, trained, ctx.data.size("train"), metrics), FedALAClientState(trained, mask)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from algorithms.base import Algorithm, Broadcast, ClientContext, ClientState, Weights, load_weights, model_weights
+from algorithms.base import Algorithm, Broadcast, ClientContext, ClientState, Weights, model_weights
 from algorithms.registry import register
 from sim.config import TrainConfig
 from sim.training import local_sgd
@@ -23,6 +23,6 @@ class FedAvgFT(Algorithm):
         return f"{train.finetune_epochs} epochs (whole model)"
 
     def personal_weights(self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None) -> Weights:
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         return model_weights(ctx.model)

@@ -22,7 +22,6 @@ from algorithms.base import (
     ClientUpdate,
     ServerState,
     Weights,
-    load_weights,
     model_weights,
     weights_nbytes,
 )
@@ -58,13 +57,13 @@ class FedBABU(Algorithm):
     def local_train(
         self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
     ) -> tuple[ClientUpdate, ClientState | None]:
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         with trainable_only(ctx.model, lambda name: not self.is_frozen(name)):
             metrics = local_sgd(ctx, ctx.model)
         body = self.trained_part(model_weights(ctx.model))
         return ClientUpdate(ctx.client_id, body, ctx.data.size("train"), metrics), client_state
 
     def personal_weights(self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None) -> Weights:
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         return model_weights(ctx.model)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from algorithms.base import Algorithm, Broadcast, ClientContext, ClientState, ClientUpdate, load_weights, model_weights
+from algorithms.base import Algorithm, Broadcast, ClientContext, ClientState, ClientUpdate, model_weights
 from algorithms.registry import register
 from sim.training import cross_entropy, local_sgd
 
@@ -43,7 +43,7 @@ class FedProx(Algorithm):
     def local_train(
         self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
     ) -> tuple[ClientUpdate, ClientState | None]:
-        load_weights(ctx.model, self.start_weights(ctx, message, client_state))
+        ctx.load_model(self.start_weights(ctx, message, client_state))
         anchor = {k: v.detach().clone() for k, v in ctx.model.named_parameters()}
         metrics = local_sgd(ctx, ctx.model, loss_fn=proximal_loss(anchor, self.params.mu))
         trained = model_weights(ctx.model)

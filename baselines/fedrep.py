@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from algorithms.base import ClientContext, ClientUpdate, PersonalState, load_weights, model_weights
+from algorithms.base import ClientContext, ClientUpdate, PersonalState, model_weights
 from algorithms.registry import register
 from baselines.common import InitBroadcast, PartialSharing, trainable_only
 from sim.metrics import declare_metric
@@ -44,7 +44,7 @@ class FedRep(PartialSharing):
     def local_train(
         self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None
     ) -> tuple[ClientUpdate, PersonalState | None]:
-        load_weights(ctx.model, self.start_weights(ctx, message, client_state))
+        ctx.load_model(self.start_weights(ctx, message, client_state))
         with trainable_only(ctx.model, self.is_personal):
             head = local_sgd(ctx, ctx.model, epochs=self.params.head_epochs, purpose="fedrep/head")
         with trainable_only(ctx.model, lambda name: not self.is_personal(name)):

@@ -39,7 +39,6 @@ from algorithms.base import (
     ClientUpdate,
     ServerState,
     Weights,
-    load_weights,
     model_weights,
 )
 from algorithms.registry import register
@@ -110,7 +109,7 @@ class FedRoD(Algorithm[ServerState, Broadcast, FedRoDClientState]):
     def local_train(
         self, ctx: ClientContext, message: Broadcast, client_state: FedRoDClientState | None
     ) -> tuple[ClientUpdate, FedRoDClientState]:
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         p_weight, p_bias = (t.to(ctx.device).requires_grad_(True) for t in self._personal_head(message, client_state))
         counts = None
         if self.params.generic_loss == "bsm":

@@ -9,7 +9,6 @@ from algorithms.base import (
     PersonalState,
     ServerState,
     Weights,
-    load_weights,
     model_weights,
 )
 from algorithms.registry import register
@@ -35,6 +34,6 @@ class LocalOnly(Algorithm[ServerState, InitBroadcast, PersonalState]):
     def local_train(
         self, ctx: ClientContext, message: InitBroadcast, client_state: PersonalState | None
     ) -> tuple[ClientUpdate, PersonalState]:
-        load_weights(ctx.model, self.start_weights(ctx, message, client_state))
+        ctx.load_model(self.start_weights(ctx, message, client_state))
         metrics = local_sgd(ctx, ctx.model)
         return ClientUpdate(ctx.client_id, {}, 0.0, metrics), PersonalState(model_weights(ctx.model))

@@ -173,7 +173,7 @@ class Moon(Algorithm[MoonState, MoonBroadcast, MoonClientState]):
         # trained model's does, so z_glob = z exactly at the first step (scratch buffers are reloaded).
         glob.train()
         prev.train()
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         params = list(ctx.model.parameters())
         heads: dict[str, nn.Module] = {}
         if message.projection is not None:

@@ -40,7 +40,6 @@ from algorithms.base import (
     ClientState,
     ClientUpdate,
     Weights,
-    load_weights,
     model_weights,
 )
 from algorithms.registry import register
@@ -123,14 +122,14 @@ class PerFedAvg(Algorithm):
     def local_train(
         self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
     ) -> tuple[ClientUpdate, ClientState | None]:
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         outer = ctx if self.params.outer_momentum else derived_context(ctx, momentum=0.0)
         loss = (hessian_free_maml_loss if self.params.variant == "hf" else first_order_maml_loss)(self.params.alpha)
         metrics = local_sgd(outer, ctx.model, loss_fn=loss, lr=self.params.beta)
         return ClientUpdate(ctx.client_id, model_weights(ctx.model), ctx.data.size("train"), metrics), client_state
 
     def personal_weights(self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None) -> Weights:
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         if self.params.finetune:  # exactly FedAvg-FT's fine-tuning, from Per-FedAvg's model
             local_sgd(ctx, ctx.model, epochs=ctx.train_cfg.finetune_epochs, purpose="finetune")
         else:

@@ -47,7 +47,6 @@ from algorithms.base import (
     ClientUpdate,
     ServerState,
     Weights,
-    load_weights,
     model_weights,
 )
 from algorithms.registry import register
@@ -123,7 +122,7 @@ class PFedMe(Algorithm):
         self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None
     ) -> tuple[ClientUpdate, ClientState | None]:
         p = self.params
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         outer = ctx if p.outer_momentum else derived_context(ctx, momentum=0.0)
         loss = moreau_envelope_loss(p.lam, p.personal_lr, p.inner_steps, p.warm_start)
         metrics = local_sgd(outer, ctx.model, loss_fn=loss)
@@ -139,7 +138,7 @@ class PFedMe(Algorithm):
 
     def personal_weights(self, ctx: ClientContext, message: Broadcast, client_state: ClientState | None) -> Weights:
         p = self.params
-        load_weights(ctx.model, message.weights)
+        ctx.load_model(message.weights)
         x, y = ctx.data.x["train"].to(ctx.device), ctx.data.y["train"].to(ctx.device)
         if y.shape[0] < 2:
             return dict(message.weights)

@@ -37,7 +37,6 @@ from algorithms.base import (
     RunContext,
     ServerState,
     Weights,
-    load_weights,
     model_weights,
     weights_nbytes,
 )
@@ -111,7 +110,7 @@ class Scaffold(Algorithm[ScaffoldState, ScaffoldBroadcast, ScaffoldClientState])
     ) -> tuple[ClientUpdate, ScaffoldClientState]:
         x, c = message.weights, message.control
         c_i = client_state.control if client_state else {n: torch.zeros_like(c[n]) for n in self.param_names}
-        load_weights(ctx.model, x)
+        ctx.load_model(x)
         params = dict(ctx.model.named_parameters())
         correction = {n: (c[n] - c_i[n]).to(ctx.device) for n in self.param_names}
         grad_sum = {n: torch.zeros_like(params[n]) for n in self.param_names}

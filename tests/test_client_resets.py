@@ -59,7 +59,17 @@ def test_training_gathers_only_the_train_split_and_resets_only_the_model_it_uses
     worker, run, gathers, loads = spied
     worker.train(4, 1, _message(run), -1)
     assert gathers == Counter({(4, "train"): 1})
-    assert loads == ["resident", "resident"]  # the reset to the init, then the starting weights
+    assert loads == ["resident"]  # the starting weights cover the whole state: no reset before them
+
+
+def test_starting_weights_that_leave_part_of_the_state_out_load_after_a_reset(spied, tmp_path):
+    worker, run, _, loads = spied
+    algorithm = _HeadStaysHome(None, run)
+    worker.configure(algorithm, worker.partition, run, str(tmp_path / "state"))
+    message = Broadcast(algorithm.shared_part(_message(run).weights))
+    loads.clear()
+    worker.train(4, 1, message, -1)
+    assert loads == ["resident", "resident"]  # the reset to the init (the head), then the broadcast body
 
 
 def test_a_model_left_in_another_state_changes_no_number(tmp_path):

@@ -806,7 +806,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         previous = client_state.personal if client_state else None
         personal, personal_metrics = self._personalize(ctx, message.weights, previous)
         if self.params.upload == "ce":
-            load_weights(ctx.model, message.weights)
+            ctx.load_model(message.weights)
             metrics = local_sgd(ctx, ctx.model, loss_fn=cross_entropy, lr=self.local_lr(self.params, self.run.train))
             upload = model_weights(ctx.model)
         else:
