@@ -23,24 +23,39 @@ import torch
 _RAW, _TORCH = "raw", "torch"
 
 
+def _memory_order(tensor: torch.Tensor) -> list[int] | None:
+    """The dims from outermost to innermost in memory, when the tensor is dense in that order
+    (contiguous, channels-last, any permutation of either); None if it has gaps or overlaps."""
+    perm = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+    return perm if tensor.permute(perm).is_contiguous() else None
+
+
 def tensor_to_wire(tensor: torch.Tensor) -> tuple[Any, ...]:
-    """(raw, bytes as uint8 array, dtype name, shape) for a dense tensor; torch's own format otherwise."""
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.requires_grad:
+    """(raw, bytes as uint8 array in memory order, dtype name, shape, strides) for a dense tensor, so a
+    channels-last weight arrives channels-last (convolutions pick their kernels by layout, and a
+    different kernel rounds differently); torch's own format for anything else."""
+    order = None
+    if tensor.layout == torch.strided and not tensor.is_quantized and not tensor.requires_grad:
+        tensor = tensor.detach().cpu()
+        order = _memory_order(tensor)
+    if order is None:
         buffer = io.BytesIO()
         torch.save(tensor, buffer)
         return (_TORCH, buffer.getvalue())
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return (_RAW, flat.view(torch.uint8).numpy(), str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+    flat = tensor.permute(order).reshape(-1)  # the elements in memory order
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return (_RAW, flat.view(torch.uint8).numpy(), dtype, tuple(tensor.shape), tuple(tensor.stride()))
 
 
 def tensor_from_wire(wire: tuple[Any, ...]) -> torch.Tensor:
     if wire[0] == _TORCH:
         return torch.load(io.BytesIO(wire[1]), map_location="cpu", weights_only=True)
-    _, raw, dtype, shape = wire
+    _, raw, dtype, shape, stride = wire
     kind = getattr(torch, dtype)
     if raw.size == 0:  # an empty uint8 array cannot be viewed as a wider dtype
         return torch.empty(shape, dtype=kind)
-    return torch.from_numpy(np.array(raw, copy=True)).view(kind).reshape(shape)
+    # dense in memory order, so the sender's strides address exactly these elements
+    return torch.from_numpy(np.array(raw, copy=True)).view(kind).as_strided(shape, stride)
 
 
 def install_tensor_serializer() -> None:

@@ -182,3 +182,24 @@ def test_integer_entries_are_rounded_to_their_dtype():
     mean = agg.mean({"n": torch.tensor(0), "f": torch.zeros(1, dtype=torch.float16)})
     assert mean["n"].dtype == torch.int64 and mean["n"].item() == 3
     assert mean["f"].dtype == torch.float16 and mean["f"].item() == pytest.approx(1.6, abs=1e-3)
+
+
+def test_the_mean_keeps_each_reference_tensors_memory_layout():
+    """A channels-last conv weight is averaged into a channels-last tensor: a method that runs the
+    broadcast weights directly (FedALA's adaptive mix) would otherwise convolve with another kernel."""
+    like = {"conv": torch.zeros(4, 3, 3, 3).to(memory_format=torch.channels_last), "b": torch.zeros(4)}
+    agg = Aggregator()
+    for i in range(3):
+        torch.manual_seed(i)
+        agg.add(ClientUpdate(i, {k: torch.randn_like(v) for k, v in like.items()}, 1.0 + i))
+    mean = agg.mean(like)
+    assert (
+        mean["conv"].is_contiguous(memory_format=torch.channels_last) and mean["conv"].stride() == like["conv"].stride()
+    )
+    expected = sum((1.0 + i) * _randn_like(i, like)["conv"].double() for i in range(3)) / 6.0
+    assert torch.equal(mean["conv"], expected.float())
+
+
+def _randn_like(seed: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: torch.randn_like(v) for k, v in like.items()}

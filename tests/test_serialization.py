@@ -21,14 +21,17 @@ from actors.serialization import tensor_from_wire, tensor_to_wire
         torch.zeros(0, 4),
         torch.randn(4, 6).t(),  # non-contiguous
         torch.tensor([True, False]),
+        torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last),
+        torch.randn(8, 1, 3, 3).to(memory_format=torch.channels_last),
     ],
-    ids=["f32", "f64", "bf16", "int64", "scalar", "empty", "transposed", "bool"],
+    ids=["f32", "f64", "bf16", "int64", "scalar", "empty", "transposed", "bool", "channels_last", "channels_last_c1"],
 )
 def test_a_dense_tensor_survives_the_wire_bit_for_bit(tensor):
     wire = tensor_to_wire(tensor)
     assert wire[0] == "raw"
     back = tensor_from_wire(pickle.loads(pickle.dumps(wire, protocol=5)))
     assert back.dtype == tensor.dtype and back.shape == tensor.shape
+    assert back.stride() == tensor.stride() or tensor.numel() == 0  # the layout too: kernels choose by it
     assert torch.equal(_bytes(back), _bytes(tensor))
     if tensor.numel() and tensor.dtype != torch.bool:
         back.add_(1)  # writable, and a copy: the tensor sent is untouched
@@ -42,7 +45,8 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
 def test_tensors_torch_cannot_view_as_bytes_take_torchs_own_format():
     sparse = torch.eye(3).to_sparse()
     grad = torch.ones(2, requires_grad=True)
-    for tensor in (sparse, grad):
+    strided = torch.arange(12.0)[::2]  # gaps between elements
+    for tensor in (sparse, grad, strided):
         wire = tensor_to_wire(tensor)
         assert wire[0] == "torch"
         back = tensor_from_wire(wire)
