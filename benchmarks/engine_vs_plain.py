@@ -171,6 +171,7 @@ class Measured:
     pss: int
     eval: float  # of `rounds`, the evaluation of every client after each round
     breakdown: dict[str, int] = field(default_factory=dict)  # PSS per process at the peak (engine)
+    fixed: dict[str, float] = field(default_factory=dict)  # the engine's fixed cost by part (its manifest)
 
 
 def run_engine(args: argparse.Namespace, out: str) -> Measured:
@@ -186,7 +187,11 @@ def run_engine(args: argparse.Namespace, out: str) -> Measured:
     df = read_metrics(result.run_dir).to_pandas()
     run = df[(df.client_id == RUN_LEVEL) & (df["round"] > 0)]
     rounds, evals = (float(run[run.metric == m].value.sum()) for m in ("wall_s", "eval_s"))
-    return Measured(wall, rounds, mem.peak, mem.peak_pss, evals, mem.breakdown)
+    fixed = json.loads((result.run_dir / "manifest.json").read_text()).get("fixed_s", {})
+    round0 = float(df[(df.client_id == RUN_LEVEL) & (df["round"] == 0) & (df.metric == "wall_s")].value.sum())
+    fixed = {**fixed, "round 0 (setup + evaluation)": round0}
+    fixed["rest (imports, configure, results)"] = wall - rounds - sum(fixed.values())
+    return Measured(wall, rounds, mem.peak, mem.peak_pss, evals, mem.breakdown, fixed)
 
 
 def run_plain(args: argparse.Namespace, out: str) -> Measured:
@@ -301,6 +306,8 @@ def describe(side: str, m: Measured, threads: int = 1) -> str:
         f"peak RSS sum {m.rss / mib:6.0f} MiB  PSS sum {m.pss / mib:6.0f} MiB (driver + Ray processes)\n"
         "        PSS at the peak (MiB): "
         + ", ".join(f"{name} {size / mib:.0f}" for name, size in sorted(m.breakdown.items(), key=lambda kv: -kv[1]))
+        + "\n        outside the rounds (s): "
+        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in m.fixed.items())
     )
 
 

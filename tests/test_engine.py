@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -96,6 +98,10 @@ def test_results_layout_and_rows(ray_local, tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "fedavg" in report and "personal acc" in report and "Cost of one round" in report
     assert "After the one-shot warm start" not in report  # no warm-started algorithm in this run
+    # the fixed cost outside the rounds, by part (benchmarks/engine_vs_plain.py prints it)
+    fixed = json.loads((run_dir / "manifest.json").read_text())["fixed_s"]
+    assert {"prepare", "ray_start", "report"} <= fixed.keys() and all(v >= 0 for v in fixed.values())
+    assert fixed["report"] > 0
 
 
 @pytest.mark.slow

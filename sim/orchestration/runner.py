@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -236,6 +237,9 @@ def share_dataset(dataset: ArrayDataset, keep_cached: bool = False) -> tuple[Arr
 
 def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_dataset_cached: bool = False) -> RunResult:
     progress = progress or Progress(cfg.progress)
+    # the fixed cost, part by part (manifest "fixed_s"; benchmarks/engine_vs_plain.py prints it)
+    fixed: dict[str, float] = {}
+    clock = time.perf_counter()
     names = run_algorithms(cfg)
     check_writable(Path(cfg.out), "out")
     if cfg.cache_dir:
@@ -264,8 +268,11 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
     server: Any = None
     parked = False  # the actors wait in warm_actors for the next comparison of this process
     begun = False  # a run folder made by this call holds nothing worth keeping until the actors exist
+    fixed["prepare"] = time.perf_counter() - clock  # data, partitions, checks, the run folder
     try:
+        clock = time.perf_counter()
         started_ray = connect(cfg, run_dir.name)
+        fixed["ray_start"] = time.perf_counter() - clock
         plan = plan_pool(cfg, available=warm_actors.with_parked(ray.available_resources()))
         warm = warm_actors.take(plan, dataset.fingerprint(), cfg.server_resources.threads)
         manifest["pool"] = to_mapping(plan)
@@ -284,6 +291,9 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
                 cfg.server_resources.threads
             )
             pool = ActorPool(lambda: ClientActor.options(**plan.actor_options()).remote(dataset_ref), plan.size)  # type: ignore[attr-defined]
+            clock = time.perf_counter()
+            ray.get([server.ping.remote(), *(actor.ping.remote() for actor in pool.actors)])
+            fixed["actors"] = time.perf_counter() - clock  # waiting for them to start (torch imports)
         begun = True
         manifest["partitions"] = {}
         for seed in cfg.seeds:
@@ -326,10 +336,16 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
         if started_ray:
+            clock = time.perf_counter()
             ray.shutdown()
+            fixed["ray_shutdown"] = time.perf_counter() - clock
     from sim.orchestration.report import write_report
 
+    clock = time.perf_counter()
     report = write_report(run_dir)
+    fixed["report"] = time.perf_counter() - clock
+    manifest["fixed_s"] = {name: round(seconds, 3) for name, seconds in fixed.items()}
+    write_json(run_dir / "manifest.json", manifest)
     return RunResult(run_dir, report)
 
 
