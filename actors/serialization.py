@@ -26,7 +26,8 @@ _RAW, _TORCH = "raw", "torch"
 def _memory_order(tensor: torch.Tensor) -> list[int] | None:
     """The dims from outermost to innermost in memory, when the tensor is dense in that order
     (contiguous, channels-last, any permutation of either); None if it has gaps or overlaps."""
-    perm = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+    strides = tensor.stride()
+    perm = sorted(range(tensor.dim()), key=lambda d: (-strides[d], d))
     return perm if tensor.permute(perm).is_contiguous() else None
 
 
