@@ -313,3 +313,21 @@ def test_check_synthetic_without_a_one_shot_personalization_is_refused(tmp_path)
     cfg = load_config(None, bad)
     with pytest.raises(ConfigError, match="check_synthetic needs the one-shot personalization"):
         preflight(cfg, load_dataset(cfg.dataset, cfg.data))
+
+
+def test_every_warmfed_field_is_classed_as_shaping_the_lora_upload_or_not():
+    """Reuse between variants keys a LoRA upload by the fields that can change it; a new field left
+    out of `_NOT_LORA` silently retrains every client's LoRA in each variant that sets it (as
+    check_synthetic first did), one wrongly put in would reuse an upload it should not."""
+    import dataclasses
+
+    from algorithms.warmfed.algorithm import _NOT_LORA, WarmFedParams
+
+    shapes_the_upload = {
+        "backbone", "sd_model", "prompt_template", "pretrain_steps", "pretrain_augment", "backbone_channels",
+        "personalize", "lora_rank", "lora_steps", "lora_lr", "lora_batch_size", "lora_resnet_convs",
+        "lora_embeddings", "dp_clip", "dp_noise",
+    }  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(WarmFedParams)}
+    assert fields - _NOT_LORA == shapes_the_upload
+    assert _NOT_LORA <= fields  # no stale names

@@ -386,6 +386,7 @@ _NOT_LORA = frozenset(
         "round_lr",
         "upload",
         "oneshot_personal",
+        "check_synthetic",
         "personal_lr",
         "dsd",
         "dsd_teacher",
