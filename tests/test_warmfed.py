@@ -68,7 +68,10 @@ def test_warmfed_phases_bytes_and_determinism(two_pool_runs):
     assert run["synthesis/images"] > 0
     # synthesis ran on the pool, one item per client; the one-shot personalization downloaded the warm start
     assert sorted(df[df.metric == "synthesis/work_s"].client_id) == [0, 1, 2, 3]
-    assert run["personalize/bytes_down"] == 4 * run["lora/classifier_bytes"]
+    # the warm start, and (check_synthetic) each client's own samples: 3 per class of its classes
+    samples = run["synthesis/images"]
+    image_bytes = samples * 3 * 16 * 16 * 4 + samples * 8  # float32 images, int64 labels
+    assert run["personalize/bytes_down"] == 4 * run["lora/classifier_bytes"] + image_bytes
     grids = list((runs[0] / "artifacts" / "warmfed" / "seed0").glob("client*.png"))
     assert len(grids) == 4
     report = (runs[0] / "report.md").read_text()
@@ -261,7 +264,8 @@ def test_clients_check_their_own_synthetic_samples_and_the_rounds_train_on_what_
     from sim.orchestration.runner import run_context
 
     variants = ["variants.warmfed-check.algorithm=warmfed", "variants.warmfed-check.check_synthetic=true"]
-    cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-check", *tiny, *variants))
+    unchecked = "algo.warmfed.check_synthetic=false"
+    cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-check", *tiny, *variants, unchecked))
     run_dir = run_comparison(cfg).run_dir
     df = read_metrics(run_dir).to_pandas()
     run = df[df.client_id == -1]

@@ -118,9 +118,10 @@ class WarmFedParams:
     oneshot_personal: bool = True  # round 0: DSD from the warm start, before any round
     # each client checks its own synthetic samples with its one-shot personalized model (trained on
     # its real data) and the rounds' server fine-tunes keep only those it labels as asked
-    check_synthetic: bool = False
-    # DSD's rate; None: the rounds' rate (chosen on validation: README, "The client budget")
-    personal_lr: float | None = 0.01
+    # (chosen on validation: README, "Checking the synthetic set")
+    check_synthetic: bool = True
+    # DSD's rate; None: the rounds' rate (chosen on validation: README, "Checking the synthetic set")
+    personal_lr: float | None = 0.03
     dsd: bool = True  # false: plain CE personalization from the global model
     dsd_teacher: str = "personal"  # personal: the client's own previous personalized model | global
     dsd_tau: float = 2.0
