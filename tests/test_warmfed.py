@@ -317,6 +317,16 @@ def test_check_synthetic_without_a_one_shot_personalization_is_refused(tmp_path)
     cfg = load_config(None, bad)
     with pytest.raises(ConfigError, match="check_synthetic needs the one-shot personalization"):
         preflight(cfg, load_dataset(cfg.dataset, cfg.data))
+    idle = small_overrides(
+        tmp_path, "algorithms=warmfed", "algo.warmfed.check_synthetic=true", "algo.warmfed.round_server_epochs=0"
+    )
+    cfg = load_config(None, idle)
+    with pytest.raises(ConfigError, match="no round reads the checked set"):
+        preflight(cfg, load_dataset(cfg.dataset, cfg.data))
+    # unset (the default), it simply checks whenever there is a one-shot personalized model to check with
+    quiet = small_overrides(tmp_path, "algorithms=warmfed", "algo.warmfed.oneshot_personal=false")
+    cfg = load_config(None, quiet)
+    preflight(cfg, load_dataset(cfg.dataset, cfg.data))
 
 
 def test_every_warmfed_field_is_classed_as_shaping_the_lora_upload_or_not():

@@ -118,8 +118,9 @@ class WarmFedParams:
     oneshot_personal: bool = True  # round 0: DSD from the warm start, before any round
     # each client checks its own synthetic samples with its one-shot personalized model (trained on
     # its real data) and the rounds' server fine-tunes keep only those it labels as asked
-    # (chosen on validation: README, "Checking the synthetic set")
-    check_synthetic: bool = True
+    # (chosen on validation: README, "Checking the synthetic set"); None: whenever there is a one-shot
+    # personalized model to check with; true insists on it
+    check_synthetic: bool | None = None
     # DSD's rate; None: the rounds' rate (chosen on validation: README, "Checking the synthetic set")
     personal_lr: float | None = 0.03
     dsd: bool = True  # false: plain CE personalization from the global model
@@ -446,12 +447,18 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
 
     def __init__(self, params: WarmFedParams, run: Any) -> None:
         super().__init__(params, run)
-        if params.check_synthetic and (not params.oneshot_personal or run.train.finetune_epochs == 0):
+        if params.check_synthetic is True and (not params.oneshot_personal or run.train.finetune_epochs == 0):
             from sim.errors import ConfigError
 
             raise ConfigError(
                 "warmfed: check_synthetic needs the one-shot personalization (oneshot_personal: true and "
                 "train.finetune_epochs > 0): the clients check the samples with that model"
+            )
+        if params.check_synthetic is True and params.round_server_epochs == 0:
+            from sim.errors import ConfigError
+
+            raise ConfigError(
+                "warmfed: check_synthetic: true, but round_server_epochs is 0: no round reads the checked set"
             )
         if params.backbone == "stable-diffusion" and params.sd_model:
             self._check_sd_path(params.sd_model)
@@ -491,7 +498,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
                 SetupPhase("server_finetune", None, self._server_finetune),
             ]
         if self.params.oneshot_personal and self.run.train.finetune_epochs > 0:
-            if self.params.check_synthetic and self.params.round_server_epochs > 0:
+            if self.params.check_synthetic is not False and self.params.round_server_epochs > 0:
                 phases.append(
                     SetupPhase(
                         "personalize",
