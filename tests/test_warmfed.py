@@ -315,7 +315,7 @@ def test_check_synthetic_without_a_one_shot_personalization_is_refused(tmp_path)
         tmp_path, "algorithms=warmfed", "algo.warmfed.check_synthetic=true", "train.finetune_epochs=0"
     )
     cfg = load_config(None, bad)
-    with pytest.raises(ConfigError, match="check_synthetic needs the one-shot personalization"):
+    with pytest.raises(ConfigError, match="check_synthetic: true, but it needs the one-shot personalization"):
         preflight(cfg, load_dataset(cfg.dataset, cfg.data))
     idle = small_overrides(
         tmp_path, "algorithms=warmfed", "algo.warmfed.check_synthetic=true", "algo.warmfed.round_server_epochs=0"

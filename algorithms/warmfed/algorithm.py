@@ -448,19 +448,16 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
 
     def __init__(self, params: WarmFedParams, run: Any) -> None:
         super().__init__(params, run)
-        if params.check_synthetic is True and (not params.oneshot_personal or run.train.finetune_epochs == 0):
+        if params.check_synthetic is True and not self._checks_synthetic:
             from sim.errors import ConfigError
 
-            raise ConfigError(
-                "warmfed: check_synthetic needs the one-shot personalization (oneshot_personal: true and "
-                "train.finetune_epochs > 0): the clients check the samples with that model"
+            why = (
+                "no round reads the checked set (round_server_epochs is 0)"
+                if self._has_oneshot_personal
+                else "it needs the one-shot personalization (oneshot_personal: true and train.finetune_epochs > 0): "
+                "the clients check the samples with that model"
             )
-        if params.check_synthetic is True and params.round_server_epochs == 0:
-            from sim.errors import ConfigError
-
-            raise ConfigError(
-                "warmfed: check_synthetic: true, but round_server_epochs is 0: no round reads the checked set"
-            )
+            raise ConfigError(f"warmfed: check_synthetic: true, but {why}")
         if params.backbone == "stable-diffusion" and params.sd_model:
             self._check_sd_path(params.sd_model)
 
@@ -498,20 +495,32 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
                 ),
                 SetupPhase("server_finetune", None, self._server_finetune),
             ]
-        if self.params.oneshot_personal and self.run.train.finetune_epochs > 0:
-            if self.params.check_synthetic is not False and self.params.round_server_epochs > 0:
-                phases.append(
-                    SetupPhase(
-                        "personalize",
-                        personal=self._oneshot_personal,
-                        message=self._synthetic_check,
-                        server=self._server_keep_checked,
-                        upload_nbytes=lambda verdicts: verdicts.nbytes if verdicts is not None else 0,
-                    )
+        if self._checks_synthetic:
+            phases.append(
+                SetupPhase(
+                    "personalize",
+                    personal=self._oneshot_personal,
+                    message=self._synthetic_check,
+                    server=self._server_keep_checked,
+                    upload_nbytes=lambda verdicts: verdicts.nbytes if verdicts is not None else 0,
                 )
-            else:
-                phases.append(SetupPhase("personalize", personal=self._oneshot_personal))
+            )
+        elif self._has_oneshot_personal:
+            phases.append(SetupPhase("personalize", personal=self._oneshot_personal))
         return phases
+
+    @property
+    def _has_oneshot_personal(self) -> bool:
+        return self.params.oneshot_personal and self.run.train.finetune_epochs > 0
+
+    @property
+    def _checks_synthetic(self) -> bool:
+        """Clients check their samples when a one-shot personalized model exists and a round reads the set."""
+        return (
+            self.params.check_synthetic is not False
+            and self._has_oneshot_personal
+            and self.params.round_server_epochs > 0
+        )
 
     def _server_backbone(self, ctx: ServerContext, state: WarmFedServerState, uploads: list) -> WarmFedServerState:
         backbone = load_backbone(self.params, self.run, report=ctx.report)
