@@ -252,8 +252,60 @@ def test_killed_warmfed_run_resumes_to_the_same_metrics(ray_local, two_pool_runs
     )
 
 
+@pytest.fixture(scope="module")
+def checked_run(ray_local, tiny, tmp_path_factory) -> tuple:
+    """Unchecked WarmFed beside three checked variants: judged by the one-shot personalized model,
+    by a CE judge, and without DSD (where the personalized model is that CE judge)."""
+    tmp = tmp_path_factory.mktemp("warmfed_check")
+    variants = {
+        "warmfed-check": "check_synthetic=true",
+        "warmfed-ce-judge": "check_judge=ce",
+        "warmfed-nodsd-check": "dsd=false",
+    }
+    items = [f"variants.{name}.algorithm=warmfed" for name in variants]
+    items += [f"variants.{name}.{setting}" for name, setting in variants.items()]
+    items += ["variants.warmfed-ce-judge.check_synthetic=true", "variants.warmfed-nodsd-check.check_synthetic=true"]
+    # a rate far from DSD's, so the two judges disagree even on the toy backbone's samples
+    items += ["variants.warmfed-ce-judge.check_lr=0.3", "variants.warmfed-nodsd-check.personal_lr=0.3"]
+    algorithms = "algorithms=" + ",".join(["warmfed", *variants])
+    unchecked = "algo.warmfed.check_synthetic=false"
+    cfg = load_config(None, small_overrides(tmp, algorithms, *tiny, *items, unchecked))
+    return cfg, run_comparison(cfg).run_dir
+
+
+def _accuracies(run_dir, metric: str) -> dict:
+    df = read_metrics(run_dir).to_pandas()
+    acc = df[(df.split == "test") & (df.metric == metric)].sort_values("client_id")
+    return {(a, r): g.value.values for (a, r), g in acc.groupby(["algorithm", "round"])}
+
+
 @pytest.mark.slow
-def test_clients_check_their_own_synthetic_samples_and_the_rounds_train_on_what_they_keep(ray_local, tiny, tmp_path):
+def test_the_ce_judge_is_the_plain_ce_fine_tune_of_the_warm_start(checked_run):
+    """check_judge=ce: the samples are judged by the warm start fine-tuned by plain CE on the
+    client's real data (at `check_lr`), the very model dsd=false keeps as personalized at that
+    rate; so the CE-judged run keeps the no-DSD run's samples and its global models are that
+    run's to the bit, while its personalized models stay DSD's."""
+    import numpy as np
+    import torch
+
+    _, run_dir = checked_run
+
+    def kept(algo: str) -> np.ndarray:
+        state = torch.load(run_dir / "checkpoints" / algo / "seed0" / "server_r0.pt", weights_only=False)
+        return state.synthetic_x
+
+    np.testing.assert_array_equal(kept("warmfed-ce-judge"), kept("warmfed-nodsd-check"))
+    assert len(kept("warmfed-ce-judge")) < len(kept("warmfed"))
+    assert not np.array_equal(kept("warmfed-ce-judge"), kept("warmfed-check"))  # not the DSD model's verdicts
+    glob, personal = _accuracies(run_dir, "global_acc"), _accuracies(run_dir, "personal_acc")
+    for r in (0, 1):
+        np.testing.assert_array_equal(glob["warmfed-ce-judge", r], glob["warmfed-nodsd-check", r])
+    np.testing.assert_array_equal(personal["warmfed-ce-judge", 0], personal["warmfed-check", 0])  # DSD's own
+    assert not np.array_equal(personal["warmfed-ce-judge", 0], personal["warmfed-nodsd-check", 0])
+
+
+@pytest.mark.slow
+def test_clients_check_their_own_synthetic_samples_and_the_rounds_train_on_what_they_keep(checked_run):
     """check_synthetic: each client is sent only its own samples with the warm start, answers one
     bit per sample (does its one-shot personalized model label it as asked?), and the rounds'
     server fine-tunes read exactly the kept samples. Round 0 is the unchecked run's to the bit."""
@@ -263,10 +315,7 @@ def test_clients_check_their_own_synthetic_samples_and_the_rounds_train_on_what_
     from sim.data import load_dataset
     from sim.orchestration.runner import run_context
 
-    variants = ["variants.warmfed-check.algorithm=warmfed", "variants.warmfed-check.check_synthetic=true"]
-    unchecked = "algo.warmfed.check_synthetic=false"
-    cfg = load_config(None, small_overrides(tmp_path, "algorithms=warmfed,warmfed-check", *tiny, *variants, unchecked))
-    run_dir = run_comparison(cfg).run_dir
+    cfg, run_dir = checked_run
     df = read_metrics(run_dir).to_pandas()
     run = df[df.client_id == -1]
 
@@ -300,8 +349,7 @@ def test_clients_check_their_own_synthetic_samples_and_the_rounds_train_on_what_
         keep = pred == plain.synthetic_y[mine]
         np.testing.assert_array_equal(checked.synthetic_x[checked.synthetic_owner == c], plain.synthetic_x[mine][keep])
 
-    acc = df[(df.split == "test") & (df.metric == "global_acc")].sort_values("client_id")
-    by = {(a, r): g.value.values for (a, r), g in acc.groupby(["algorithm", "round"])}
+    by = _accuracies(run_dir, "global_acc")
     np.testing.assert_array_equal(by["warmfed", 0], by["warmfed-check", 0])  # the check changes the rounds only
     assert not np.array_equal(by["warmfed", 1], by["warmfed-check", 1])
 

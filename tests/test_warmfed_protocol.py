@@ -294,6 +294,8 @@ def test_one_shot_personal_model_is_dsd_from_the_warm_start():
         ({"dsd_teacher": "self"}, ["dsd_teacher", "personal"]),
         ({"round_server_epochs": -1}, ["round_server_epochs"]),
         ({"personal_lr": 0}, ["personal_lr"]),
+        ({"check_judge": "global"}, ["check_judge", "ce", "personal"]),
+        ({"check_lr": -0.01}, ["check_lr"]),
         ({"dsd_selection": "x"}, ["selection", "credibility"]),
         ({"dsd_teacher_mode": "eval"}, ["teacher_mode", "batch"]),
         ({"dsd_client_weighting": "x"}, ["client_weighting", "advantage"]),

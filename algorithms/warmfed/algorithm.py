@@ -64,12 +64,14 @@ from algorithms.registry import register
 from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
 from algorithms.warmfed.lora import LORA_DEFAULTS
 from sim.devices import process_device
+from sim.models import Classifier
 from sim.training import cross_entropy, evaluate, local_sgd
 
 BACKBONES = ("tiny", "stable-diffusion")
 SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
 UPLOADS = ("ce", "dsd")
 TEACHERS = ("personal", "global")
+JUDGES = ("ce", "personal")
 # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
 PRETRAIN_AUGMENTATIONS = ("none", "photometric", "polarity", "textures")
 
@@ -121,6 +123,10 @@ class WarmFedParams:
     # (chosen on validation: README, "Checking the synthetic set"); None: whenever there is a one-shot
     # personalized model to check with; true insists on it
     check_synthetic: bool | None = None
+    # who checks: personal = the one-shot personalized model; ce = a model fine-tuned from the warm
+    # start by plain CE on the client's real data (`WarmFed._judge` says why it differs)
+    check_judge: str = "personal"
+    check_lr: float | None = None  # the CE judge's rate; None: the personalization's rate
     # DSD's rate; None: the rounds' rate. 0.03 won without the synthetic check but lost 7.7 points of
     # validation global accuracy with it (README, "Checking the synthetic set")
     personal_lr: float | None = 0.01
@@ -161,10 +167,11 @@ class WarmFedParams:
             ("sampler", self.sampler, SAMPLERS),
             ("upload", self.upload, UPLOADS),
             ("dsd_teacher", self.dsd_teacher, TEACHERS),
+            ("check_judge", self.check_judge, JUDGES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        for name in ("personal_lr", "round_server_lr"):
+        for name in ("personal_lr", "round_server_lr", "check_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lora_steps", "synth_per_class", "sampler_steps", "server_epochs", "round_server_epochs"):
@@ -390,6 +397,8 @@ _NOT_LORA = frozenset(
         "upload",
         "oneshot_personal",
         "check_synthetic",
+        "check_judge",
+        "check_lr",
         "personal_lr",
         "dsd",
         "dsd_teacher",
@@ -730,13 +739,40 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         personal, _ = self._personalize(ctx, message.weights, None)
         verdicts = None
         if isinstance(message, SyntheticCheck):
-            model = ctx.model  # holds `personal` now
+            model = self._judge(ctx, message.weights)
             model.eval()
             with torch.no_grad():
                 x = torch.from_numpy(message.images).to(ctx.device)
                 pred = torch.cat([model(b).argmax(1) for b in x.split(512)]) if len(x) else torch.zeros(0)
             verdicts = SampleVerdicts(ctx.client_id, pred.cpu().numpy() == message.labels)
         return verdicts, PersonalState(personal)
+
+    def _judge_lr(self) -> float:
+        p = self.params
+        return p.check_lr if p.check_lr is not None else self._personal_lr()
+
+    def _judge(self, ctx: ClientContext, warm_start: Weights) -> Classifier:
+        """The model that labels the client's synthetic samples; `ctx.model` holds the one-shot
+        personalized model when this is called.
+
+        `personal` judges with that model. Its DSD distils from the warm start, the very model the
+        server fine-tuned on these samples, so it inherits the warm start's labels for them, wrong
+        ones included. `ce` fine-tunes the warm start by plain CE on the client's real data only
+        (same epochs, `check_lr`): pulled toward the real data alone, a more independent judge.
+        When that is exactly how the personalized model was trained, it is that model."""
+        p = self.params
+        same_as_personal = not p.dsd and self._judge_lr() == self._personal_lr()
+        if p.check_judge == "personal" or same_as_personal:
+            return ctx.model
+        judge = ctx.scratch_model("judge")
+        load_weights(judge, warm_start)
+        epochs = self.run.train.finetune_epochs
+        local_sgd(ctx, judge, loss_fn=cross_entropy, epochs=epochs, lr=self._judge_lr(), purpose="personal")
+        return judge
+
+    def _personal_lr(self) -> float:
+        p = self.params
+        return p.personal_lr if p.personal_lr is not None else self.local_lr(p, self.run.train)
 
     def _synthetic_check(self, state: WarmFedServerState, client_id: int) -> Broadcast:
         """The warm start and, when the rounds will read the synthetic set, this client's own samples."""
@@ -798,7 +834,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         epochs = self.run.train.finetune_epochs
         if epochs == 0:
             return model_weights(student), {}
-        lr = p.personal_lr if p.personal_lr is not None else self.local_lr(p, self.run.train)
+        lr = self._personal_lr()
         if not p.dsd:
             metrics = local_sgd(ctx, student, loss_fn=cross_entropy, epochs=epochs, lr=lr, purpose="personal")
             return model_weights(student), {"personal_loss": metrics["train_loss"]}
