@@ -50,7 +50,27 @@ def test_dsd_loss_matches_hand_computation():
 
 def test_dsd_with_zero_weight_is_cross_entropy():
     s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    assert float(dsd_loss(s, t, y, DSDConfig(), 0.0)) == pytest.approx(float(torch.nn.functional.cross_entropy(s, y)))
+    ce = float(torch.nn.functional.cross_entropy(s, y))
+    for combine in ("additive", "convex"):
+        assert float(dsd_loss(s, t, y, DSDConfig(combine=combine), 0.0)) == pytest.approx(ce)
+
+
+def test_convex_dsd_weights_ce_and_distillation_to_one():
+    """(1 − α)·CE + α·τ²·KL with α = w / (1 + w): the additive loss divided by 1 + w, so its
+    gradient keeps plain CE's scale whatever the weight."""
+    student = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]]
+    teacher = [[1.5, 1.0, -0.5], [2.0, -1.0, 0.0]]
+    y, tau, lam = [0, 2], 2.0, 1.5
+    cfg = DSDConfig(tau=tau, selection="all", combine="convex")
+    got = dsd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(y), cfg, lam)
+    ce = (_hand_ce(student[0], 0) + _hand_ce(student[1], 2)) / 2
+    kl = (_hand_kl(teacher[0], student[0], tau) + _hand_kl(teacher[1], student[1], tau)) / 2
+    alpha = lam / (1 + lam)
+    assert float(got) == pytest.approx((1 - alpha) * ce + alpha * tau**2 * kl, rel=1e-6)
+    additive = dsd_loss(
+        torch.tensor(student), torch.tensor(teacher), torch.tensor(y), DSDConfig(tau=tau, selection="all"), lam
+    )
+    assert float(got) == pytest.approx(float(additive) / (1 + lam), rel=1e-6)
 
 
 def test_schedules():

@@ -300,6 +300,7 @@ def test_one_shot_personal_model_is_dsd_from_the_warm_start():
         ({"dsd_teacher_mode": "eval"}, ["teacher_mode", "batch"]),
         ({"dsd_client_weighting": "x"}, ["client_weighting", "advantage"]),
         ({"dsd_margin": 0}, ["margin"]),
+        ({"dsd_combine": "sum"}, ["combine", "additive", "convex"]),
         ({"pretrain_augment": "colour"}, ["pretrain_augment", "none", "photometric", "polarity"]),
     ],
 )

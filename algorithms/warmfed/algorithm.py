@@ -140,6 +140,7 @@ class WarmFedParams:
     dsd_client_weighting: str = "advantage"
     dsd_margin: float = 0.1
     dsd_teacher_mode: str = "batch"
+    dsd_combine: str = "additive"  # additive: CE + weight·KL | convex: the weights sum to 1 (dsd.py says why)
     reuse: bool = True  # share LoRA uploads and synthetic sets between variants with the same inputs
 
     def __post_init__(self) -> None:
@@ -193,6 +194,7 @@ class WarmFedParams:
             self.dsd_client_weighting,
             self.dsd_margin,
             self.dsd_teacher_mode,
+            self.dsd_combine,
         )
 
     @property
@@ -410,6 +412,7 @@ _NOT_LORA = frozenset(
         "dsd_client_weighting",
         "dsd_margin",
         "dsd_teacher_mode",
+        "dsd_combine",
         "reuse",
     }
 )

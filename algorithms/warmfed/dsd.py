@@ -20,6 +20,13 @@ distil more where the teacher is credible.
 * per step, λ_t: a schedule over the local steps (decaying: the own past anchors the start,
   the client's data has the last word).
 
+How the two terms combine (``combine``): ``"additive"`` is the formula above; ``"convex"`` takes
+α = w_c·λ_t / (1 + w_c·λ_t) and minimises (1 − α)·CE + α·τ²·mean_i[m_i·KL], Hinton et al.'s
+weighting ("Distilling the Knowledge in a Neural Network", 2015), so the gradient keeps the scale
+of plain fine-tuning and DSD at a rate takes steps of the size plain CE takes at that rate (the
+additive sum can reach three times the CE term's weight, and at the fine-tuning baselines' rate
+its first round diverged on the mechanism benchmark).
+
 Teacher and student run in the same normalization mode (``teacher_mode="batch"``: both use
 batch statistics, as the training student does), so the KL is exactly zero at identical
 weights; ``"running"`` runs the teacher in eval mode instead.
@@ -38,6 +45,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 SELECTIONS = ("all", "correct", "confidence", "credibility")
 CLIENT_WEIGHTINGS = ("none", "advantage")
 TEACHER_MODES = ("batch", "running")
+COMBINATIONS = ("additive", "convex")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class DSDConfig:
     client_weighting: str = "advantage"  # none | advantage (teacher vs new global on the client's val split)
     margin: float = 0.1  # accuracy gap at which the client weight reaches 0 (teacher worse) or 2 (better)
     teacher_mode: str = "batch"  # batch: BatchNorm on batch statistics, as the student | running: eval mode
+    combine: str = "additive"  # additive: CE + weight·KL | convex: (1 − α)·CE + α·KL, α = weight / (1 + weight)
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
@@ -64,6 +73,7 @@ class DSDConfig:
             ("selection", self.selection, SELECTIONS),
             ("client_weighting", self.client_weighting, CLIENT_WEIGHTINGS),
             ("teacher_mode", self.teacher_mode, TEACHER_MODES),
+            ("combine", self.combine, COMBINATIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"dsd {field} must be one of {', '.join(allowed)}, got {value!r}")
@@ -114,7 +124,11 @@ def dsd_loss(
         return ce
     kl = distillation_kl(student_logits, teacher_logits, cfg.tau)
     mask = teacher_mask(cfg, teacher_logits.detach(), y)
-    return ce + lam * cfg.tau * cfg.tau * (mask * kl).mean()
+    distill = cfg.tau * cfg.tau * (mask * kl).mean()
+    if cfg.combine == "convex":
+        alpha = lam / (1.0 + lam)
+        return (1.0 - alpha) * ce + alpha * distill
+    return ce + lam * distill
 
 
 class DSDObjective:
