@@ -264,7 +264,8 @@ def checked_run(ray_local, tiny, tmp_path_factory) -> tuple:
     }
     items = [f"variants.{name}.algorithm=warmfed" for name in variants]
     items += [f"variants.{name}.{setting}" for name, setting in variants.items()]
-    items += ["variants.warmfed-ce-judge.check_synthetic=true", "variants.warmfed-nodsd-check.check_synthetic=true"]
+    items += [f"variants.{name}.check_synthetic=true" for name in variants]
+    items += ["variants.warmfed-check.check_judge=personal", "variants.warmfed-nodsd-check.check_judge=personal"]
     # a rate far from DSD's, so the two judges disagree even on the toy backbone's samples
     items += ["variants.warmfed-ce-judge.check_lr=0.3", "variants.warmfed-nodsd-check.personal_lr=0.3"]
     algorithms = "algorithms=" + ",".join(["warmfed", *variants])
