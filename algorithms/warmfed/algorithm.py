@@ -8,7 +8,10 @@
                                fanned out over the client actor pool), save a grid
     server_finetune  (server)  train the global classifier on the union of synthetic data: the
                                one-shot global model; the synthetic set stays in the server state
-    personalize      (clients) the one-shot personalized model: DSD from the warm start (round 0)
+    personalize      (clients) the one-shot personalized model: DSD from the warm start (round 0);
+                               with `check_synthetic`, each client also labels the samples drawn
+                               from its own LoRA (`check_judge`) and uploads one bit per sample;
+                               the rounds' server fine-tunes keep those labelled as asked
     rounds 1..R      clients upload a model trained from the global one (`upload`), the server
                      averages and fine-tunes the average on the synthetic union again
                      (`round_server_epochs`, FGL's protocol); each client's personalized model is
@@ -23,7 +26,8 @@ for the one-shot personalization).
 
 Each part has a switch: `personalize=false` (no LoRA: plain backbone samples),
 `server_finetune=false` (rounds start from the random init), `round_server_epochs=0`,
-`oneshot_personal=false`, `dsd=false` (plain CE personalization), `dsd_teacher=global`.
+`oneshot_personal=false`, `check_synthetic=false`, `dsd=false` (plain CE personalization),
+`dsd_teacher=global`.
 Phases whose output nothing reads are skipped, and LoRA uploads and synthetic sets are reused
 between variants of a run that provably share them (`reuse`, keyed by content).
 """
