@@ -751,7 +751,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
             model = self._judge(ctx, message.weights)
             model.eval()
             with torch.no_grad():
-                x = torch.from_numpy(message.images).to(ctx.device)
+                x = torch.tensor(message.images, device=ctx.device)  # a copy: Ray hands arrays over read-only
                 pred = torch.cat([model(b).argmax(1) for b in x.split(512)]) if len(x) else torch.zeros(0)
             verdicts = SampleVerdicts(ctx.client_id, pred.cpu().numpy() == message.labels)
         return verdicts, PersonalState(personal)
