@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sim.config import ConfigError, RunConfig, dump_config, load_config
 from sim.typed import from_mapping
+
+SHIPPED_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_defaults_are_the_embedded_benchmark():
@@ -176,3 +180,18 @@ def test_a_run_directory_or_sweep_cell_refuses_a_different_config_but_not_anothe
     (cell.dir / "config.yaml").write_text(dump_config(dataclasses.replace(cell.cfg, num_clients=12)))
     with pytest.raises(ConfigError, match=f"cell {cell.id} .* was run with a different config"):
         check_cells(sweep)
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_algorithms_take_their_parameters(path):
+    """A config the README tells users to run must parse, and every run name (variants included)
+    must build its typed hyper-parameters: a renamed or removed parameter fails here, not mid-run."""
+    from sim.config import algorithm_spec, run_algorithms
+
+    assert len(SHIPPED_CONFIGS) >= 9  # the glob found the folder
+    cfg = load_config(path)
+    names = run_algorithms(cfg)
+    assert names
+    for name in names:
+        cls, params = algorithm_spec(cfg, name)
+        assert isinstance(params, cls.Params)
