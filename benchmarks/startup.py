@@ -43,7 +43,7 @@ class RoundOneMark(Callback):
             path.write_text(repr(time.time()))
 
 
-MARKS = (("ray up", "client actors ("), ("round 0", " round 0:"))
+MARKS = (("ray up", "client actors ("), ("round 0", " round 0 ("))
 
 
 def imports_time() -> float:

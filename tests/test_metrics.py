@@ -11,19 +11,20 @@ from sim.orchestration.progress import round_line
 from tests.conftest import small_overrides
 
 
-def test_the_progress_line_combines_each_metric_as_declared():
+def test_the_progress_line_shows_validation_combined_as_declared():
     rows = [
-        (0, "test", "n", 30.0),
-        (1, "test", "n", 10.0),
-        (0, "test", "global_acc", 0.9),
-        (1, "test", "global_acc", 0.3),  # pooled over samples: (0.9*30 + 0.3*10) / 40 = 0.75
-        (0, "test", "personal_acc", 0.5),
-        (1, "test", "personal_acc", 0.7),  # mean over clients: 0.6
-        (0, "val", "global_acc", 0.0),  # other splits are not the progress line's
-        (1, "test", "personal_acc", math.nan),
+        (0, "val", "n", 30.0),
+        (1, "val", "n", 10.0),
+        (0, "val", "global_acc", 0.9),
+        (1, "val", "global_acc", 0.3),  # pooled over samples: (0.9*30 + 0.3*10) / 40 = 0.75
+        (0, "val", "personal_acc", 0.5),
+        (1, "val", "personal_acc", 0.7),  # mean over clients: 0.6
+        (0, "test", "global_acc", 0.0),  # test is not streamed while validation exists
+        (1, "val", "personal_acc", math.nan),
     ]
-    assert round_line("fedavg", 0, 3, rows) == "fedavg seed 0 round 3: global 0.750 personal 0.600"
-    assert round_line("local", 1, 0, [(0, "test", "personal_acc", 0.25)]) == "local seed 1 round 0: personal 0.250"
+    assert round_line("fedavg", 0, 3, rows) == "fedavg seed 0 round 3 (val): global 0.750 personal 0.600"
+    test_only = [(0, "test", "personal_acc", 0.25)]  # no validation split: test, labelled so
+    assert round_line("local", 1, 0, test_only) == "local seed 1 round 0 (test): personal 0.250"
 
 
 def test_a_metric_has_one_declaration():
