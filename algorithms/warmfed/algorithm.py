@@ -743,8 +743,8 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         self, ctx: ClientContext, message: Broadcast, client_state: PersonalState | None
     ) -> tuple[SampleVerdicts | None, PersonalState]:
         """The one-shot personalized model: DSD from the warm start, which is also its teacher.
-        Sent its own synthetic samples (SyntheticCheck), the client also says which of them this
-        model, trained on its real data, labels as asked."""
+        Sent its own synthetic samples (SyntheticCheck), the client also says which of them its
+        judge (`_judge`), trained on its real data, labels as asked."""
         personal, _ = self._personalize(ctx, message.weights, None)
         verdicts = None
         if isinstance(message, SyntheticCheck):
