@@ -775,9 +775,15 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
             return ctx.model
         judge = ctx.scratch_model("judge")
         load_weights(judge, warm_start)
-        epochs = self.run.train.finetune_epochs
-        local_sgd(ctx, judge, loss_fn=cross_entropy, epochs=epochs, lr=self._judge_lr(), purpose="personal")
+        self._fine_tune_ce(ctx, judge, self._judge_lr())
         return judge
+
+    def _fine_tune_ce(self, ctx: ClientContext, model: Classifier, lr: float) -> dict[str, float]:
+        """Plain CE on the client's data for the personalization budget: the dsd=false personalized
+        model and the CE judge are the same training, so the judge reproduces that model exactly."""
+        return local_sgd(
+            ctx, model, loss_fn=cross_entropy, epochs=self.run.train.finetune_epochs, lr=lr, purpose="personal"
+        )
 
     def _personal_lr(self) -> float:
         p = self.params
@@ -845,7 +851,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
             return model_weights(student), {}
         lr = self._personal_lr()
         if not p.dsd:
-            metrics = local_sgd(ctx, student, loss_fn=cross_entropy, epochs=epochs, lr=lr, purpose="personal")
+            metrics = self._fine_tune_ce(ctx, student, lr)
             return model_weights(student), {"personal_loss": metrics["train_loss"]}
         teacher = ctx.scratch_model("teacher")
         load_weights(teacher, previous if previous is not None and p.dsd_teacher == "personal" else global_weights)
