@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from algorithms.warmfed.fidelity import FidelityJudges, JudgeConfig, format_table
     from algorithms.warmfed.lora import LORA_DEFAULTS, LoraConfig, apply_lora, train_client_lora
+    from algorithms.warmfed.pixel_map import PixelStats
     from algorithms.warmfed.synthesis import save_sample_grid, synthesize
     from sim.data import load_dataset
 
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         "--samplers",
         default="dpm++:10",
         help=f"comma list of sampler:steps ({', '.join(SAMPLERS)}); every one is scored, the first is the main row",
+    )
+    ap.add_argument(
+        "--pixel-map",
+        choices=("none", "moments"),
+        default="moments",
+        help="LoRA on the client's images mapped onto the public look (WarmFed's default with a public split)",
     )
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--per-class", type=int, default=10, help="synthetic images per class and client")
@@ -160,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         include_embeddings=args.embeddings,
         include_resnet_convs=args.resnet_convs,
         include_io_convs=args.io_convs,
+        pixel_map=args.pixel_map,
     )
+    if args.pixel_map != "none" and ds.public is None:
+        raise SystemExit(f"--pixel-map {args.pixel_map} needs a public split; dataset {args.dataset} has none")
+    reference = PixelStats.of(ds.public.images) if args.pixel_map != "none" else None
     want = np.full(ds.num_classes, args.per_class)
     sets: dict[str, dict[str, list]] = {}
     lora_seconds, sample_rate = [], {}
@@ -173,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             seed = (1000 if args.split == "val" else 2000) + client
             t = time.perf_counter()
             up = train_client_lora(
-                bb, ds.images[part], ds.labels[part], LoraConfig(**{**cfg.to_dict(), "seed": client})
+                bb,
+                ds.images[part],
+                ds.labels[part],
+                LoraConfig(**{**cfg.to_dict(), "seed": client}),
+                reference=reference,
             )
             lora_seconds.append(time.perf_counter() - t)
             for name, steps in samplers:

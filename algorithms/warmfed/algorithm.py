@@ -67,6 +67,7 @@ from algorithms.base import (
 from algorithms.registry import register
 from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
 from algorithms.warmfed.lora import LORA_DEFAULTS
+from algorithms.warmfed.pixel_map import PIXEL_MAPS, PixelStats
 from sim.devices import process_device
 from sim.models import Classifier
 from sim.training import cross_entropy, evaluate, local_sgd
@@ -100,6 +101,9 @@ class WarmFedParams:
     lora_batch_size: int = LORA_DEFAULTS.batch_size
     lora_resnet_convs: bool = LORA_DEFAULTS.include_resnet_convs
     lora_embeddings: bool = LORA_DEFAULTS.include_embeddings  # class embedding (client token) + time_emb_proj
+    # none | moments: the LoRA trains on the client's images mapped onto the public look
+    # (pixel_map.py) | auto: moments when the dataset has a public split and no DP noise is asked
+    lora_pixel_map: str = "auto"
     dp_clip: float = 0.0  # > 0: clip the LoRA upload's L2 norm and add Gaussian noise (dp_noise × dp_clip)
     dp_noise: float = 0.0
     # server synthesis
@@ -175,6 +179,7 @@ class WarmFedParams:
             ("upload", self.upload, UPLOADS),
             ("dsd_teacher", self.dsd_teacher, TEACHERS),
             ("check_judge", self.check_judge, JUDGES),
+            ("lora_pixel_map", self.lora_pixel_map, ("auto", *PIXEL_MAPS)),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -186,6 +191,10 @@ class WarmFedParams:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dp_clip < 0 or self.dp_noise < 0:
             raise ValueError("dp_clip and dp_noise must be >= 0")
+        if self.lora_pixel_map == "moments" and self.dp_clip > 0:
+            raise ValueError(
+                "lora_pixel_map 'moments' uploads moments of the client's pixels, which DP does not noise: use none or auto"
+            )
         if "{class_name}" not in self.prompt_template:
             raise ValueError(f"prompt_template {self.prompt_template!r} has no {{class_name}} slot")
         self.dsd_config()  # validates the DSD fields
@@ -552,6 +561,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         if not self.params.personalize:
             return ClientUploadBundle(None, counts)
         backbone = load_backbone(self.params, self.run, public=ctx.public)
+        pixel_map = self._pixel_map(ctx.public)
         cfg = LoraConfig(
             rank=self.params.lora_rank,
             steps=self.params.lora_steps,
@@ -559,10 +569,12 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
             batch_size=self.params.lora_batch_size,
             include_resnet_convs=self.params.lora_resnet_convs,
             include_embeddings=self.params.lora_embeddings,
+            pixel_map=pixel_map,
             seed=rng_seed(self.run.seed, ctx.client_id, "lora") % (2**31),
         )
+        reference = PixelStats.of(ctx.public.images) if pixel_map == "moments" else None
         with self.run.autocast(ctx.device):  # mixed precision on a GPU when the run asks; CPU: exact fp32
-            upload = train_client_lora(backbone, ctx.data.x["train"], ctx.data.y["train"], cfg)
+            upload = train_client_lora(backbone, ctx.data.x["train"], ctx.data.y["train"], cfg, reference=reference)
         if self.params.dp_clip > 0:
             upload = privatize_upload(
                 upload,
@@ -572,6 +584,17 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
             )
         return ClientUploadBundle(upload, counts)
 
+    def _pixel_map(self, public: Any) -> str:
+        """The pixel map the client LoRA trains with (`lora_pixel_map`, `auto` resolved)."""
+        kind = self.params.lora_pixel_map
+        if kind == "auto":
+            return "moments" if public is not None and self.params.dp_clip == 0 else "none"
+        if kind == "moments" and public is None:
+            raise ValueError(
+                "algo.warmfed.lora_pixel_map=moments needs the dataset's public split (its pixel statistics)"
+            )
+        return kind
+
     def _lora_key(self, ctx: ClientContext, backbone: Any) -> str:
         """Everything that determines a client's upload: backbone, LoRA fields, seed, client, its data."""
         fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _NOT_LORA}
@@ -579,6 +602,9 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
             "lora",
             backbone.fingerprint(),
             fields,
+            # the pixel map's reference: the public images' statistics
+            self._pixel_map(ctx.public),
+            ctx.public.fingerprint() if ctx.public is not None else "-",
             self.run.seed,
             ctx.client_id,
             ctx.data.x["train"],

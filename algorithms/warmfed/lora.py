@@ -5,6 +5,10 @@
 * :func:`apply_lora` -- a context manager that loads an upload onto a backbone for sampling and
   removes it on exit.
 
+With ``pixel_map="moments"`` the adapter trains on the client's images mapped onto the
+backbone's public look (algorithms/warmfed/pixel_map.py) and the upload carries that map, which
+``apply_lora`` inverts on every sample.
+
 The backbone object is shared (one per actor), so neither function leaves it changed: the
 LoRA layers are injected into ``backbone.unet`` in place and stripped again afterwards
 (every ``BaseTunerLayer`` is swapped back for its original base layer), so the UNet's
@@ -29,6 +33,7 @@ import torch
 from algorithms.warmfed.diffusion.base import DiffusionBackbone
 from algorithms.warmfed.diffusion.base import as_images as _as_images
 from algorithms.warmfed.diffusion.base import as_labels as _as_labels
+from algorithms.warmfed.pixel_map import PIXEL_MAPS, PixelMap, PixelStats
 from sim.errors import UserError
 
 __all__ = [
@@ -87,6 +92,9 @@ class LoraConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     domain: str | None = None  # fills the prompt's {domain} slot (text-conditioned backbones)
+    # none | moments: train on the client's images mapped onto the backbone's public look
+    # (pixel_map.py); needs the public pixel statistics, which only the caller has
+    pixel_map: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +111,8 @@ class LoraConfig:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("LoRA steps must be >= 0, batch_size >= 1 and lr > 0")
+        if self.pixel_map not in PIXEL_MAPS:
+            raise ValueError(f"LoRA pixel_map must be one of {', '.join(PIXEL_MAPS)}, got {self.pixel_map!r}")
 
     @property
     def lora_alpha(self) -> float:
@@ -161,10 +171,12 @@ class LoraUpload:
     backbone_fingerprint: str
     config: LoraConfig
     info: dict[str, Any] = field(default_factory=dict)  # loss, seconds, ... (not the data)
+    pixel_map: PixelMap | None = None  # the images the LoRA trained on were mapped by it
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state.values())
+        tensors = sum(t.numel() * t.element_size() for t in self.state.values())
+        return tensors + (self.pixel_map.num_bytes if self.pixel_map is not None else 0)
 
     @property
     def num_parameters(self) -> int:
@@ -179,6 +191,8 @@ class LoraUpload:
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "info": json.dumps(self.info, sort_keys=True, default=str),
         }
+        if self.pixel_map is not None:
+            meta["pixel_map"] = json.dumps(self.pixel_map.to_dict())
         return save({k: v.contiguous() for k, v in self.state.items()}, metadata=meta)
 
     @classmethod
@@ -188,11 +202,16 @@ class LoraUpload:
         meta = _safetensors_metadata(data)
         if meta.get("format") != _FORMAT:
             raise LoraMismatchError(f"not a WarmFed LoRA upload (format {meta.get('format')!r})")
+        try:
+            pixel_map = PixelMap.from_dict(json.loads(meta["pixel_map"])) if "pixel_map" in meta else None
+        except ValueError as e:
+            raise LoraMismatchError(f"LoRA upload has an unreadable pixel map: {e}") from e
         return cls(
             state=load(data),
             backbone_fingerprint=meta["backbone_fingerprint"],
             config=LoraConfig.from_dict(json.loads(meta["config"])),
             info=json.loads(meta.get("info", "{}")),
+            pixel_map=pixel_map,
         )
 
 
@@ -273,13 +292,22 @@ def train_client_lora(
     labels: np.ndarray | torch.Tensor,
     cfg: LoraConfig = LoraConfig(),
     progress: Callable[[int, int, float], None] | None = None,
+    *,
+    reference: PixelStats | None = None,
 ) -> LoraUpload:
     """Fine-tune LoRA adapters on a frozen backbone with the backbone's own diffusion loss.
 
     Deterministic for ``cfg.seed``; only the LoRA parameters are trained; the backbone is
-    left as it was found (see the module docstring).
+    left as it was found (see the module docstring). ``reference``: the pixel statistics of the
+    backbone's public data, which ``cfg.pixel_map="moments"`` maps the client's images onto.
     """
     x = _as_images(images)
+    pixel_map = None
+    if cfg.pixel_map == "moments":
+        if reference is None:
+            raise ValueError("LoRA pixel_map 'moments' needs reference=PixelStats of the backbone's public images")
+        pixel_map = PixelMap.fit(x, reference)
+        x = pixel_map.to_backbone(x)
     y = _as_labels(labels, backbone.num_classes)
     n = x.shape[0]
     if n == 0 or y.shape[0] != n:
@@ -332,7 +360,9 @@ def train_client_lora(
         "final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
         "backbone": backbone.name,
     }
-    return LoraUpload(state=state, backbone_fingerprint=backbone.fingerprint(), config=cfg, info=info)
+    return LoraUpload(
+        state=state, backbone_fingerprint=backbone.fingerprint(), config=cfg, info=info, pixel_map=pixel_map
+    )
 
 
 #: UNets up to this many parameters are copied and merged for sampling; bigger ones (Stable
@@ -415,13 +445,31 @@ def apply_lora(
         assert with_unet is not None
         personalized = with_unet(_merged_copy(unet, upload, backbone.name))
         with personalized.use_domain(upload.config.domain):
-            yield personalized
+            yield _mapped(personalized, upload.pixel_map)
         return
     with _preserved(unet):
         _load_upload(unet, upload, backbone.name)
         unet.eval()
         with backbone.use_domain(upload.config.domain):
-            yield backbone
+            yield _mapped(backbone, upload.pixel_map)
+
+
+class _PixelMappedBackbone:
+    """A personalized backbone whose samples come back in the client's look (``PixelMap.to_client``)."""
+
+    def __init__(self, inner: DiffusionBackbone, pixel_map: PixelMap) -> None:
+        self._inner = inner
+        self.pixel_map = pixel_map
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def sample(self, labels: np.ndarray, **kwargs: Any) -> np.ndarray:
+        return self.pixel_map.to_client(self._inner.sample(labels, **kwargs))
+
+
+def _mapped(backbone: DiffusionBackbone, pixel_map: PixelMap | None) -> DiffusionBackbone:
+    return backbone if pixel_map is None else _PixelMappedBackbone(backbone, pixel_map)
 
 
 def privatize_upload(upload: LoraUpload, *, clip_norm: float, noise_multiplier: float, seed: int) -> LoraUpload:
@@ -432,6 +480,10 @@ def privatize_upload(upload: LoraUpload, *, clip_norm: float, noise_multiplier: 
     """
     if clip_norm <= 0 or noise_multiplier < 0:
         raise ValueError("clip_norm must be > 0 and noise_multiplier >= 0")
+    if upload.pixel_map is not None:
+        raise ValueError(
+            "the upload's pixel map (moments of the client's pixels) is not privatized: train with pixel_map='none'"
+        )
     keys = sorted(upload.state)
     norm = math.sqrt(sum(float(upload.state[k].double().pow(2).sum()) for k in keys))
     scale = min(1.0, clip_norm / max(norm, 1e-12))

@@ -23,7 +23,8 @@ __all__ = [
     "get_or_pretrain_tiny_backbone",
 ]
 
-#: Folder holding the committed default checkpoint (``tiny_backbone.json`` + ``.safetensors``).
+#: Folder holding the committed default checkpoint (``tiny_backbone.json`` + ``.safetensors``)
+#: and, in subfolders, other committed checkpoints.
 DEFAULT_ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 _TINY_FORMAT = "warmfed-tiny-backbone/1"
@@ -103,22 +104,36 @@ def load_tiny_backbone(path: str | os.PathLike, *, expected_key: str | None = No
 def load_default_asset(
     cfg: TinyBackboneConfig, data_fingerprint: str, asset_dir: str | os.PathLike = DEFAULT_ASSET_DIR
 ) -> TinyBackbone | None:
-    """The committed default checkpoint if its key matches ``cfg`` + ``data_fingerprint``, else None."""
+    """The committed checkpoint whose key matches ``cfg`` + ``data_fingerprint``, else None.
+
+    ``asset_dir`` holds the default backbone and, one folder each, other committed ones (the
+    mechanism benchmark's, so that its first run does not pretrain for minutes).
+    """
+    found = _find_asset(cfg, data_fingerprint, asset_dir)
+    return None if found is None else found[0]
+
+
+def _find_asset(
+    cfg: TinyBackboneConfig, data_fingerprint: str, asset_dir: str | os.PathLike
+) -> tuple[TinyBackbone, Path] | None:
     asset_dir = Path(asset_dir)
-    jpath = asset_dir / _TINY_JSON
-    if not jpath.is_file():
-        return None
-    try:
-        recorded = json.loads(jpath.read_text()).get("key")
-    except (OSError, json.JSONDecodeError):
-        return None
-    if recorded != cfg.key(data_fingerprint):
-        return None
-    try:
-        return load_tiny_backbone(asset_dir, expected_key=recorded)
-    except BackboneError as e:
-        warnings.warn(f"ignoring the default backbone asset: {e}", stacklevel=2)
-        return None
+    want = cfg.key(data_fingerprint)
+    candidates = [asset_dir, *sorted(p for p in asset_dir.iterdir() if p.is_dir())] if asset_dir.is_dir() else []
+    for folder in candidates:
+        jpath = folder / _TINY_JSON
+        if not jpath.is_file():
+            continue
+        try:
+            recorded = json.loads(jpath.read_text()).get("key")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if recorded != want:
+            continue
+        try:
+            return load_tiny_backbone(folder, expected_key=recorded), folder
+        except BackboneError as e:
+            warnings.warn(f"ignoring the committed backbone asset {folder}: {e}", stacklevel=2)
+    return None
 
 
 def get_or_pretrain_tiny_backbone(
@@ -151,9 +166,9 @@ def get_or_pretrain_tiny_backbone(
             warnings.warn(f"cached backbone unusable, pretraining again: {e}", stacklevel=2)
             shutil.rmtree(final, ignore_errors=True)
     if asset_dir is not None:
-        bb = load_default_asset(cfg, data_fingerprint, asset_dir)
-        if bb is not None:
-            return bb, Path(asset_dir), False
+        found = _find_asset(cfg, data_fingerprint, asset_dir)
+        if found is not None:
+            return found[0], found[1], False
     bb = pretrain_tiny_backbone(
         images, labels, cfg, progress, data_fingerprint=data_fingerprint, show_progress=show_progress
     )
