@@ -64,7 +64,8 @@ def test_warmfed_phases_bytes_and_determinism(two_pool_runs):
     lora_bytes, backbone_bytes = run["lora/lora_bytes_per_client"], run["backbone/backbone_bytes"]
     assert 0 < lora_bytes < backbone_bytes  # (8, 16) widths: the conv_in/conv_out LoRA weighs as much as them
     # Only LoRA tensors (+ 10 int32 class counts) travel up in the one-shot phase.
-    assert run["lora/bytes_up"] == 4 * (lora_bytes + 10 * 4)
+    assert run["lora/bytes_up"] == 4 * (lora_bytes + 10 * 4)  # lora_bytes: the tensors and the pixel map
+    assert run["lora/pixel_mapped"] == 4  # lora_pixel_map auto: the dataset has a public split
     assert run["synthesis/images"] > 0
     # synthesis ran on the pool, one item per client; the one-shot personalization downloaded the warm start
     assert sorted(df[df.metric == "synthesis/work_s"].client_id) == [0, 1, 2, 3]

@@ -635,6 +635,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         ctx.report("lora_bytes_per_client", float(np.mean(sizes)) if sizes else 0.0)
         ctx.report("trained", float(sum(u.lora is not None and not u.reused for u in uploads)))
         ctx.report("reused", float(sum(u.reused for u in uploads)))
+        ctx.report("pixel_mapped", float(sum(u.lora is not None and u.lora.pixel_map is not None for u in uploads)))
         ctx.report("classifier_bytes", float(sum(t.numel() * t.element_size() for t in state.weights.values())))
         return dataclasses.replace(state, uploads=list(uploads))
 
