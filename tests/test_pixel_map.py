@@ -185,10 +185,16 @@ def test_warmfed_resolves_auto_and_refuses_what_cannot_work():
         return algo._pixel_map(public)
 
     public = object()
-    assert resolve(WarmFedParams(), public) == "moments"
-    assert resolve(WarmFedParams(), None) == "none"  # no public split: nothing to map onto
-    assert resolve(WarmFedParams(dp_clip=1.0, dp_noise=1.0), public) == "none"
-    assert resolve(WarmFedParams(lora_pixel_map="none"), public) == "none"
+    one_look = WarmFedParams(pretrain_augment="none")
+    assert resolve(one_look, public) == "moments"
+    # the default backbone is photometrically augmented: it draws every look, nothing to map onto
+    assert resolve(WarmFedParams(), public) == "none"
+    assert resolve(WarmFedParams(pretrain_augment="polarity"), public) == "none"
+    assert resolve(WarmFedParams(pretrain_augment="none", backbone="stable-diffusion", sd_model="x"), public) == "none"
+    assert resolve(one_look, None) == "none"  # no public split: nothing to map onto
+    assert resolve(dataclasses.replace(one_look, dp_clip=1.0, dp_noise=1.0), public) == "none"
+    assert resolve(dataclasses.replace(one_look, lora_pixel_map="none"), public) == "none"
+    assert resolve(WarmFedParams(lora_pixel_map="moments"), public) == "moments"
     with pytest.raises(ValueError, match="public split"):
         resolve(WarmFedParams(lora_pixel_map="moments"), None)
 

@@ -17,6 +17,7 @@ from tests.conftest import attached, run_in_process, small_overrides
 TINY = [
     "algo.warmfed.pretrain_steps=20",
     "algo.warmfed.backbone_channels=[8,16]",  # a UNet a tenth the default's cost
+    "algo.warmfed.pretrain_augment=none",  # one look: lora_pixel_map auto maps the clients' images onto it
     "algo.warmfed.lora_steps=3",
     "algo.warmfed.lora_batch_size=16",
     "algo.warmfed.synth_per_class=3",
@@ -65,7 +66,7 @@ def test_warmfed_phases_bytes_and_determinism(two_pool_runs):
     assert 0 < lora_bytes < backbone_bytes  # (8, 16) widths: the conv_in/conv_out LoRA weighs as much as them
     # Only LoRA tensors (+ 10 int32 class counts) travel up in the one-shot phase.
     assert run["lora/bytes_up"] == 4 * (lora_bytes + 10 * 4)  # lora_bytes: the tensors and the pixel map
-    assert run["lora/pixel_mapped"] == 4  # lora_pixel_map auto: the dataset has a public split
+    assert run["lora/pixel_mapped"] == 4  # lora_pixel_map auto: a one-look backbone and a public split
     assert run["synthesis/images"] > 0
     # synthesis ran on the pool, one item per client; the one-shot personalization downloaded the warm start
     assert sorted(df[df.metric == "synthesis/work_s"].client_id) == [0, 1, 2, 3]
