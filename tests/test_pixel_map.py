@@ -27,7 +27,7 @@ from algorithms.warmfed.lora import (
     privatize_upload,
     train_client_lora,
 )
-from algorithms.warmfed.pixel_map import MAX_GAIN, PixelMap, PixelStats
+from algorithms.warmfed.pixel_map import MAX_GAIN, MIN_AGREEMENT, PixelMap, PixelStats, polarity_agreement
 
 
 def _digit_like(n: int = 64, seed: int = 0) -> np.ndarray:
@@ -94,6 +94,20 @@ def test_flat_channel_is_shifted_not_scaled_and_grey_reference_serves_rgb():
         m.to_client(np.zeros((1, 1, 8, 8), np.float32))
 
 
+def test_a_client_mixing_polarities_gets_no_map():
+    """Half bright-on-dark, half dark-on-light: no one map fits both; one-look sets pass the check."""
+    public = _digit_like()
+    ref = PixelStats.of(public)
+    mixed = np.concatenate([_digit_like(seed=7), -_digit_like(seed=8)])
+    assert polarity_agreement(mixed) < MIN_AGREEMENT
+    assert PixelMap.fit_if_one_look(mixed, ref) is None
+    for one_look in (_digit_like(seed=9), -_digit_like(seed=9)):
+        assert polarity_agreement(one_look) >= MIN_AGREEMENT
+        assert PixelMap.fit_if_one_look(one_look, ref) == PixelMap.fit(one_look, ref)
+    mostly = np.concatenate([-_digit_like(95, seed=10), _digit_like(5, seed=11)])  # 95 % one look
+    assert PixelMap.fit_if_one_look(mostly, ref) is not None
+
+
 def test_bad_maps_are_refused():
     with pytest.raises(ValueError, match="non-zero"):
         PixelMap((0.0,), (0.0,), (0.0,))
@@ -126,6 +140,9 @@ def test_lora_trains_on_mapped_images_and_samples_come_back_in_the_client_look(t
     ref = PixelStats.of(_digit_like())
     up = train_client_lora(tiny, x, y, cfg, reference=ref)
     assert up.pixel_map == PixelMap.fit(x, ref)
+    mixed = np.concatenate([x, -x])
+    unmapped = train_client_lora(tiny, mixed, np.concatenate([y, y]), cfg, reference=ref)
+    assert unmapped.pixel_map is None and unmapped.config.pixel_map == "moments"
     # the same adapter trained on the mapped images by hand: the map is all that differs
     plain = train_client_lora(tiny, up.pixel_map.to_backbone(x).numpy(), y, dataclasses.replace(cfg, pixel_map="none"))
     assert plain.pixel_map is None

@@ -299,15 +299,17 @@ def train_client_lora(
 
     Deterministic for ``cfg.seed``; only the LoRA parameters are trained; the backbone is
     left as it was found (see the module docstring). ``reference``: the pixel statistics of the
-    backbone's public data, which ``cfg.pixel_map="moments"`` maps the client's images onto.
+    backbone's public data, which ``cfg.pixel_map="moments"`` maps the client's images onto when
+    they share one look (``PixelMap.fit_if_one_look``; the upload's ``pixel_map`` is None otherwise).
     """
     x = _as_images(images)
     pixel_map = None
     if cfg.pixel_map == "moments":
         if reference is None:
             raise ValueError("LoRA pixel_map 'moments' needs reference=PixelStats of the backbone's public images")
-        pixel_map = PixelMap.fit(x, reference)
-        x = pixel_map.to_backbone(x)
+        pixel_map = PixelMap.fit_if_one_look(x, reference)  # None: images of several looks, left as they are
+        if pixel_map is not None:
+            x = pixel_map.to_backbone(x)
     y = _as_labels(labels, backbone.num_classes)
     n = x.shape[0]
     if n == 0 or y.shape[0] != n:

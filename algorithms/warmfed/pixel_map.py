@@ -16,7 +16,11 @@ not median or mode, because a textured ground (a checkerboard of two greys) has 
 background value. One sign for all channels, because polarity is a property of ink against
 ground, not of a colour channel: a channel without contrast has no skew to read, and flipping it
 alone would change hues. The gain is capped so that a nearly flat channel is not blown up into
-noise. The client's LoRA then learns the residual look in the backbone's space, and
+noise. The map assumes that the client's images share one look: ``fit_if_one_look`` fits it only when at
+least ``MIN_AGREEMENT`` of them have, each on its own, the luminance skew sign of the set (on
+font-digits 0.93-1.00 of a domain's images do); a client mixing dark-on-light and light-on-dark
+images gets no map (with one compromise map such clients fell from 0.79 to 0.29 validation global
+accuracy). The client's LoRA then learns the residual look in the backbone's space, and
 the server maps every sample back with ``to_client``. The map is 3 numbers per channel, uploaded
 with the LoRA; like the LoRA it is computed from the client's data (moments of its pixels), so
 WarmFed sends none under differential privacy (``privatize_upload`` does not noise it).
@@ -30,12 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["PixelStats", "PixelMap", "PIXEL_MAPS", "MAX_GAIN"]
+__all__ = ["PixelStats", "PixelMap", "PIXEL_MAPS", "MAX_GAIN", "MIN_AGREEMENT", "polarity_agreement"]
 
 #: none: the LoRA trains on the client's pixels as they are | moments: on its pixel-mapped images
 PIXEL_MAPS: tuple[str, ...] = ("none", "moments")
 _MIN_STD = 1e-3  # a flat channel carries no polarity: it is shifted, not scaled
 MAX_GAIN = 4.0
+MIN_AGREEMENT = 0.9
 
 
 def _channels(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -70,6 +75,21 @@ class PixelStats:
         return PixelStats(self.mean * channels, self.std * channels, self.skew * channels)
 
 
+def _luminance(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    return np.asarray(x, np.float64).mean(1, keepdims=True)
+
+
+def polarity_agreement(images: np.ndarray | torch.Tensor) -> float:
+    """Fraction of the images whose own luminance skew has the sign of the whole set's."""
+    lum = _luminance(images)
+    flat = lum.reshape(len(lum), -1)
+    z = (flat - flat.mean(1, keepdims=True)) / np.maximum(flat.std(1, keepdims=True), _MIN_STD)
+    per_image = (z**3).mean(1)
+    overall = PixelStats.of(lum).skew[0]
+    return float(np.mean(np.sign(per_image) == np.sign(overall)))
+
+
 @dataclass(frozen=True)
 class PixelMap:
     """``to_backbone`` / ``to_client``: the client's affine pixel map (see the module docstring)."""
@@ -89,14 +109,20 @@ class PixelMap:
     def fit(cls, client_images: np.ndarray | torch.Tensor, reference: PixelStats) -> PixelMap:
         client = PixelStats.of(client_images)
         ref = reference.per_channel(len(client.mean))
-        x = client_images.detach().cpu().numpy() if isinstance(client_images, torch.Tensor) else client_images
-        luminance = PixelStats.of(np.asarray(x, np.float64).mean(1, keepdims=True))
+        luminance = PixelStats.of(_luminance(client_images))
         sign = -1.0 if luminance.skew[0] * float(np.mean(ref.skew)) < 0 else 1.0
         scale = [
             sign * min(MAX_GAIN, r_std / c_std) if c_std >= _MIN_STD else 1.0
             for c_std, r_std in zip(client.std, ref.std, strict=True)
         ]
         return cls(tuple(scale), client.mean, ref.mean)
+
+    @classmethod
+    def fit_if_one_look(cls, client_images: np.ndarray | torch.Tensor, reference: PixelStats) -> PixelMap | None:
+        """`fit`, or None when the images do not share one polarity (see the module docstring)."""
+        if polarity_agreement(client_images) < MIN_AGREEMENT:
+            return None
+        return cls.fit(client_images, reference)
 
     @property
     def channels(self) -> int:
