@@ -391,7 +391,7 @@ def test_every_warmfed_field_is_classed_as_shaping_the_lora_upload_or_not():
     shapes_the_upload = {
         "backbone", "sd_model", "prompt_template", "pretrain_steps", "pretrain_augment", "backbone_channels",
         "personalize", "lora_rank", "lora_steps", "lora_lr", "lora_batch_size", "lora_resnet_convs",
-        "lora_embeddings", "dp_clip", "dp_noise",
+        "lora_embeddings", "lora_pixel_map", "dp_clip", "dp_noise",
     }  # fmt: skip
     fields = {f.name for f in dataclasses.fields(WarmFedParams)}
     assert fields - _NOT_LORA == shapes_the_upload
