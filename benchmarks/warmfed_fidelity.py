@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--pixel-map",
-        choices=("none", "moments"),
-        default="moments",
-        help="LoRA on the client's images mapped onto the public look (WarmFed's default with a public split)",
+        choices=("auto", "none", "moments"),
+        default="auto",
+        help="LoRA on the client's images mapped onto the public look; auto as WarmFed's lora_pixel_map "
+        "(on for a backbone pretrained with augment none)",
     )
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--per-class", type=int, default=10, help="synthetic images per class and client")
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    pixel_map = args.pixel_map
+    if pixel_map == "auto":
+        pixel_map = "moments" if bb.cfg.augment == "none" and ds.public is not None else "none"
     cfg = LoraConfig(
         rank=args.rank,
         steps=args.lora_steps,
@@ -167,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         include_embeddings=args.embeddings,
         include_resnet_convs=args.resnet_convs,
         include_io_convs=args.io_convs,
-        pixel_map=args.pixel_map,
+        pixel_map=pixel_map,
     )
-    if args.pixel_map != "none" and ds.public is None:
-        raise SystemExit(f"--pixel-map {args.pixel_map} needs a public split; dataset {args.dataset} has none")
-    reference = PixelStats.of(ds.public.images) if args.pixel_map != "none" else None
+    if pixel_map != "none" and ds.public is None:
+        raise SystemExit(f"--pixel-map {pixel_map} needs a public split; dataset {args.dataset} has none")
+    reference = PixelStats.of(ds.public.images) if pixel_map != "none" else None
     want = np.full(ds.num_classes, args.per_class)
     sets: dict[str, dict[str, list]] = {}
     lora_seconds, sample_rate = [], {}
