@@ -43,11 +43,19 @@ MAX_GAIN = 4.0
 MIN_AGREEMENT = 0.9
 
 
-def _channels(images: np.ndarray | torch.Tensor) -> np.ndarray:
+def _batch(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The images as a float64 (N, C, H, W) array."""
     x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"pixel statistics need a non-empty (N, C, H, W) batch, got shape {x.shape}")
-    return x.astype(np.float64).transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+    return x.astype(np.float64)
+
+
+def _moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, standard deviation and skewness of each row of a 2-D array."""
+    mean, std = rows.mean(1), rows.std(1)
+    z = (rows - mean[:, None]) / np.maximum(std, _MIN_STD)[:, None]
+    return mean, std, (z**3).mean(1)
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,9 @@ class PixelStats:
 
     @classmethod
     def of(cls, images: np.ndarray | torch.Tensor) -> PixelStats:
-        x = _channels(images)
-        mean, std = x.mean(1), x.std(1)
-        z = (x - mean[:, None]) / np.maximum(std, _MIN_STD)[:, None]
-        return cls(tuple(mean.tolist()), tuple(std.tolist()), tuple((z**3).mean(1).tolist()))
+        x = _batch(images)
+        mean, std, skew = _moments(x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1))
+        return cls(tuple(mean.tolist()), tuple(std.tolist()), tuple(skew.tolist()))
 
     def per_channel(self, channels: int) -> PixelStats:
         """These statistics for ``channels`` channels (a grey reference serves every colour channel)."""
@@ -76,16 +83,13 @@ class PixelStats:
 
 
 def _luminance(images: np.ndarray | torch.Tensor) -> np.ndarray:
-    x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    return np.asarray(x, np.float64).mean(1, keepdims=True)
+    return _batch(images).mean(1, keepdims=True)
 
 
 def polarity_agreement(images: np.ndarray | torch.Tensor) -> float:
     """Fraction of the images whose own luminance skew has the sign of the whole set's."""
     lum = _luminance(images)
-    flat = lum.reshape(len(lum), -1)
-    z = (flat - flat.mean(1, keepdims=True)) / np.maximum(flat.std(1, keepdims=True), _MIN_STD)
-    per_image = (z**3).mean(1)
+    per_image = _moments(lum.reshape(len(lum), -1))[2]
     overall = PixelStats.of(lum).skew[0]
     return float(np.mean(np.sign(per_image) == np.sign(overall)))
 
