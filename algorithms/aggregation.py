@@ -46,9 +46,8 @@ class Layout:
         parts = [payload[key].detach().reshape(-1) for key in self.keys]
         if not parts:  # a method whose clients send nothing (Local-only)
             return torch.zeros(0, dtype=torch.float64)
-        if len({p.dtype for p in parts}) == 1:
-            return torch.cat(parts).to(torch.float64)  # one conversion, the same values as one per tensor
-        return torch.cat([p.to(torch.float64) for p in parts])
+        # cat converts into the float64 vector as it copies: the values of a cast per tensor, one pass
+        return torch.cat(parts, out=torch.empty(sum(p.numel() for p in parts), dtype=torch.float64))
 
     def split(self, flat: torch.Tensor) -> Weights:
         return {
@@ -69,11 +68,15 @@ class SubtreeSum:
     total: float
     count: int
 
-    def joined(self, right: SubtreeSum) -> SubtreeSum:
-        """This (left) subtree and its right sibling as their parent; new tensors, inputs untouched.
-        A key only one side has keeps that side's sum (clients may send different parts)."""
+    def joined(self, right: SubtreeSum, in_place: bool = False) -> SubtreeSum:
+        """This (left) subtree and its right sibling as their parent. A key only one side has keeps
+        that side's sum (clients may send different parts).
+
+        `in_place`: the parent takes over this node's vector (the caller owns both and drops them):
+        a fresh vector per join costs page faults that outweigh the addition (~1 ms a join at
+        10,000 clients, a third of a client update). The bits are those of a new tensor."""
         if self.layout == right.layout:
-            layout, sums = self.layout, self.sums + right.sums
+            layout, sums = self.layout, (self.sums.add_(right.sums) if in_place else self.sums + right.sums)
         else:
             left_parts, right_parts = self.layout.split(self.sums), right.layout.split(right.sums)
             merged = {k: v + right_parts[k] if k in right_parts else v for k, v in left_parts.items()}
@@ -119,7 +122,7 @@ class Aggregator:
             left, right = self._stack[-2], self._stack[-1]
             if left.level != right.level or left.index % 2 or right.index != left.index + 1:
                 break
-            self._stack[-2:] = [left.joined(right)]
+            self._stack[-2:] = [left.joined(right, in_place=True)]  # both nodes are this stack's alone
 
     def add(self, update: ClientUpdate) -> None:
         w = float(update.weight)
@@ -130,13 +133,17 @@ class Aggregator:
         self.end += 1
 
     def merge(self, other: Aggregator) -> None:
-        """Fold in the subtrees of the clients right after ours (another task's partial sums)."""
+        """Fold in the subtrees of the clients right after ours (another task's partial sums).
+
+        Takes them over: `other` is left empty (at its end position), since joins reuse the vectors."""
         if other.start != self.end:
             raise ValueError(
                 f"partial aggregates must arrive in client order: expected one starting at position "
                 f"{self.end}, got one starting at {other.start}"
             )
-        for node in other._stack:
+        nodes, other._stack = other._stack, []
+        other.start = other.end
+        for node in nodes:
             self._push(node)
         self.end = other.end
 

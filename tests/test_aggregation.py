@@ -203,3 +203,34 @@ def test_the_mean_keeps_each_reference_tensors_memory_layout():
 def _randn_like(seed: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return {k: torch.randn_like(v) for k, v in like.items()}
+
+
+def test_joins_in_place_leave_the_callers_tensors_and_a_read_mean_untouched():
+    """Joins reuse the stack's own vectors; nothing the caller still holds may change with them."""
+    values = inexact_columns(7, 64, seed=7)
+    updates = updates_from(values)
+    kept = [u.payload["w"].clone() for u in updates]
+    part = Aggregator(3)
+    for u in updates[3:]:
+        part.add(u)
+    server = Aggregator()
+    for u in updates[:3]:
+        server.add(u)
+    like = {"w": torch.zeros(64, dtype=torch.float64)}
+    early = server.mean(like)["w"].clone()
+    assert torch.equal(server.mean(like)["w"], early)  # reading the mean joins nothing on the stack
+    server.merge(part)
+    # merge takes the partial's subtrees over: it is left empty, at its end
+    assert (part.count, part.start, part.end) == (0, 7, 7)
+    assert torch.equal(server.mean(like)["w"], tree_mean(values))
+    assert all(torch.equal(u.payload["w"], k) for u, k in zip(updates, kept, strict=True))
+
+
+def test_a_payload_of_mixed_dtypes_is_summed_as_float64_per_tensor():
+    """One float64 vector per subtree: an int64 counter beyond float32's 24 bits keeps its value."""
+    big = 2**40 + 1
+    agg = Aggregator()
+    agg.add(ClientUpdate(0, {"w": torch.tensor([0.1], dtype=torch.float32), "n": torch.tensor(big)}, 1.0))
+    mean = agg.mean({"w": torch.zeros(1), "n": torch.tensor(0)})
+    assert int(mean["n"]) == big
+    assert mean["w"].item() == torch.tensor([0.1], dtype=torch.float32).item()
