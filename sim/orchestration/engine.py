@@ -209,7 +209,7 @@ class Simulation:
         picked = self.algorithm.select_clients(r, len(self.train_clients), self.run.clients_per_round)
         selected = self.train_clients[picked]
         message = server.broadcast.remote()
-        down_each = ray.get(server.message_nbytes.remote())
+        down_each_ref = server.message_nbytes.remote()  # read after the round: no wait before the tasks go out
         server.begin_round.remote()
         tasks = [
             Task(
@@ -235,7 +235,7 @@ class Simulation:
                 rows += [(cid, "train", name, float(value)) for name, value in info["metrics"].items()]
             bar.update(len(infos))
         bar.close()
-        ray.get(server.finish_round.remote())
+        down_each, _ = ray.get([down_each_ref, server.finish_round.remote()])
         rows.sort(key=lambda row: row[0])
         rows += [
             (RUN_LEVEL, "run", "bytes_up", float(bytes_up)),
