@@ -57,6 +57,7 @@ def public_look(ds, augment: str | None) -> np.ndarray | None:
 
 def main(argv: list[str] | None = None) -> int:
     from algorithms.warmfed.diffusion import (
+        DEFAULT_GUIDANCE_SCALE,
         SAMPLERS,
         TinyBackbone,
         TinyBackboneConfig,
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         help="LoRA on the client's images mapped onto the public look; auto as WarmFed's lora_pixel_map "
         "(on for a backbone pretrained with augment none)",
     )
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE, help="(default: as WarmFed)")
     ap.add_argument("--per-class", type=int, default=10, help="synthetic images per class and client")
     ap.add_argument(
         "--public-domain",

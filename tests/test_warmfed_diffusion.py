@@ -518,3 +518,24 @@ def test_a_model_source_is_a_local_folder_or_a_hub_id(source, local, tmp_path, m
     assert (local_model_path(source) is not None) is local
     (tmp_path / "sd-here").mkdir()
     assert local_model_path("sd-here") == Path("sd-here")  # an existing folder, even with one part
+
+
+def test_warmfed_samples_at_the_samplers_defaults():
+    """algorithm.py keeps copies of the sampling defaults (importing the diffusion package loads
+    diffusers, which the driver must not pay for): they must not drift apart."""
+    from algorithms.warmfed.algorithm import SAMPLERS as WARMFED_SAMPLERS
+    from algorithms.warmfed.algorithm import WarmFedParams
+    from algorithms.warmfed.diffusion import (
+        DEFAULT_GUIDANCE_SCALE,
+        DEFAULT_SAMPLER,
+        DEFAULT_SAMPLER_STEPS,
+        SAMPLERS,
+    )
+
+    params = WarmFedParams()
+    assert (params.sampler, params.sampler_steps, params.guidance_scale) == (
+        DEFAULT_SAMPLER,
+        DEFAULT_SAMPLER_STEPS,
+        DEFAULT_GUIDANCE_SCALE,
+    )
+    assert tuple(WARMFED_SAMPLERS) == tuple(SAMPLERS)

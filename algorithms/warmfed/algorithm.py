@@ -112,7 +112,7 @@ class WarmFedParams:
     synth_per_class: int = 20  # images per class the client holds (10 cost 5.7 points of validation global accuracy)
     sampler: str = "dpm++"  # ddim | dpm++ (DPM-Solver++ 2M) | unipc
     sampler_steps: int = 10  # 6 cost 1.3 points of validation personal accuracy (README, "The client budget")
-    guidance_scale: float = 2.0
+    guidance_scale: float = 3.0  # = diffusion.DEFAULT_GUIDANCE_SCALE (README, "Guidance")
     save_grids: int = 10  # sample grids written for the first k clients
     # server fine-tuning (the warm start)
     server_finetune: bool = True
