@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast lint bench bench-scale bench-startup bench-all mutation leaderboard clean
+.PHONY: setup run test test-fast lint bench bench-scale bench-startup bench-timeline bench-all mutation leaderboard clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -33,7 +33,10 @@ bench-scale: setup  # FedAvg at 100 / 1,000 / 10,000 clients: rounds/s, updates/
 bench-startup: setup  # seconds from `run_sim.py run` to the first client update
 	$(PY) benchmarks/startup.py $(ARGS)
 
-bench-all: bench bench-scale bench-startup
+bench-timeline: setup  # where a 10,000-client FedAvg round goes, from Ray's task timeline (per task kind, per actor)
+	$(PY) benchmarks/round_timeline.py $(ARGS)
+
+bench-all: bench bench-scale bench-startup bench-timeline
 
 MUTMUT ?= mutmut==3.8.1
 mutation: setup  # mutmut over the aggregation, baselines, DSD and checkpoints with the fast tests (by hand, not in CI; ARGS="--target aggregation")

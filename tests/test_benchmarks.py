@@ -61,3 +61,13 @@ def test_scale_prints_a_row_per_algorithm_and_scale():
     assert [r[0] for r in rows] == ["fedavg", "ditto"], out
     state_mib = {r[0]: float(r[-1]) for r in rows}
     assert state_mib["fedavg"] == 0.0 and state_mib["ditto"] > 0.0  # Ditto keeps personal models on disk
+
+
+@pytest.mark.slow
+def test_round_timeline_splits_the_training_tasks():
+    out = _run("round_timeline.py", "--clients", "50", "--per-round", "10", "--rounds", "2", "--copies", "1")
+    assert re.search(r"training phase: \d+ client updates/s", out), out
+    row = re.search(r"^\s+train_many\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert row and int(row.group(1)) >= 1 and float(row.group(3)) > 0, out  # tasks were seen and took time
+    assert re.search(r"train_many: [\d.]+ ms of execution per client", out), out
+    assert len(re.findall(r"^actor \w+: executing training tasks \d+% of the training phases$", out, re.M)) == 2, out
