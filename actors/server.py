@@ -66,13 +66,22 @@ class ServerWorker:
         return self.aggregator
 
     def fold(self, item: Aggregator | list[ClientUpdate]) -> None:
-        """One training task's result: a client actor's partial aggregate, or its updates one by one."""
+        """One training task's result: a client actor's partial aggregate, or its updates one by one.
+
+        Folds run while the client actors train, so on one thread: a multi-threaded addition's
+        workers wait for cores the clients hold (at 10,000 clients a fold took 1.4-2.6 ms on every
+        core against 0.4 ms on one). Element-wise sums, so the bits do not depend on it."""
         aggregator = self._open_aggregator()
-        if isinstance(item, Aggregator):
-            aggregator.merge(item)
-        else:
-            for update in item:
-                aggregator.add(update)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if isinstance(item, Aggregator):
+                aggregator.merge(item)
+            else:
+                for update in item:
+                    aggregator.add(update)
+        finally:
+            torch.set_num_threads(threads)
 
     def finish_round(self) -> dict[str, float]:
         self.state = self.algorithm.finish_round(self.state, self._open_aggregator())

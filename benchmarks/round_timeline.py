@@ -1,6 +1,6 @@
 """Where a round's time goes: FedAvg at one scale, read back from Ray's task timeline.
 
-    .venv/bin/python benchmarks/round_timeline.py [--clients 10000] [--per-round 100] [--rounds 5]
+    .venv/bin/python benchmarks/round_timeline.py [--clients 10000] [--per-round 100] [--rounds 5] [--set KEY=VALUE]
 
 Starts a local Ray itself (so that `ray.timeline()` can be read before shutdown), runs the
 comparison, and prints per round-1.. averages:
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--copies", type=int, default=7)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
 
     import os
@@ -114,6 +115,7 @@ def main() -> None:
                     f"out={out}",
                     f"cache_dir={out}/cache",
                     "run_id=timeline",
+                    *args.set,
                 ],
             )
             run_dir = run_comparison(cfg).run_dir

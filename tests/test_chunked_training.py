@@ -194,3 +194,25 @@ def test_a_new_client_gets_one_personalization_budget_not_two(tmp_path):
     fedavg_new = dict(((s, m), v) for _, s, m, v in fedavg_rows)
     fedavg_global = dict(((s, m), v) for _, s, m, v in fedavg_personal)
     assert any(fedavg_new[s, "new_client_acc"] != fedavg_global[s, "global_acc"] for s in ("val", "test"))
+
+
+def test_the_server_folds_on_one_thread_and_keeps_its_threads_for_the_rest(tmp_path, monkeypatch):
+    """Folds run while the client actors train: a multi-threaded addition would wait for their cores."""
+    before = torch.get_num_threads()
+    worker, run = _worker_and_run(tmp_path)
+    try:
+        server = ServerWorker(threads=2)
+        server.configure(worker.algorithm, run)
+        server.begin_round()
+        seen: list[int] = []
+        merge = Aggregator.merge
+        monkeypatch.setattr(
+            Aggregator, "merge", lambda self, other: (seen.append(torch.get_num_threads()), merge(self, other))[1]
+        )
+        torch.manual_seed(0)
+        partial, _ = worker.train_many([0, 1], 0, 1, Broadcast(model_weights(run.build_model())), [-1, -1])
+        server.fold(partial)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2  # restored for the server's own phases (fine-tuning, sampling)
+    finally:
+        torch.set_num_threads(before)  # a process-wide setting: leave it as the next test expects
