@@ -70,7 +70,7 @@ class ServerWorker:
 
         Folds run while the client actors train, so on one thread: a multi-threaded addition's
         workers wait for cores the clients hold (at 10,000 clients a fold took 1.4-2.6 ms on every
-        core against 0.4 ms on one). Element-wise sums, so the bits do not depend on it."""
+        core against 0.3-0.5 ms on one). Element-wise sums, so the bits do not depend on it."""
         aggregator = self._open_aggregator()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)

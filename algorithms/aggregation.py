@@ -73,8 +73,8 @@ class SubtreeSum:
         that side's sum (clients may send different parts).
 
         `in_place`: the parent takes over this node's vector (the caller owns both and drops them):
-        a fresh vector per join costs page faults that outweigh the addition (~1 ms a join at
-        10,000 clients, a third of a client update). The bits are those of a new tensor."""
+        first touching a fresh vector costs more than the addition (summing 100 `small_cnn` updates,
+        0.82-0.97 ms an update before, 0.57-0.65 after). The bits are those of a new tensor."""
         if self.layout == right.layout:
             layout, sums = self.layout, (self.sums.add_(right.sums) if in_place else self.sums + right.sums)
         else:
