@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from algorithms.warmfed.fidelity import FidelityJudges, JudgeConfig, format_table
     from algorithms.warmfed.lora import LORA_DEFAULTS, LoraConfig, apply_lora, train_client_lora
-    from algorithms.warmfed.pixel_map import PixelStats
+    from algorithms.warmfed.pixel_map import PixelStats, auto_pixel_map
     from algorithms.warmfed.synthesis import save_sample_grid, synthesize
     from sim.data import load_dataset
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pixel_map = args.pixel_map
     if pixel_map == "auto":
-        pixel_map = "moments" if bb.cfg.augment == "none" and ds.public is not None else "none"
+        pixel_map = auto_pixel_map(bb.cfg.augment == "none", ds.public is not None, private=False)
     cfg = LoraConfig(
         rank=args.rank,
         steps=args.lora_steps,

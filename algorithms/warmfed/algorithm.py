@@ -67,7 +67,7 @@ from algorithms.base import (
 from algorithms.registry import register
 from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
 from algorithms.warmfed.lora import LORA_DEFAULTS
-from algorithms.warmfed.pixel_map import PIXEL_MAPS, PixelStats
+from algorithms.warmfed.pixel_map import PIXEL_MAPS, PixelStats, auto_pixel_map
 from sim.devices import process_device
 from sim.models import Classifier
 from sim.training import cross_entropy, evaluate, local_sgd
@@ -587,16 +587,11 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         return ClientUploadBundle(upload, counts)
 
     def _pixel_map(self, public: Any) -> str:
-        """The pixel map the client LoRA trains with (`lora_pixel_map`, `auto` resolved).
-
-        `auto` maps only onto a backbone that knows one look: a photometrically augmented one
-        already draws every colour and polarity, and there a per-client map cost 5 points of
-        validation global accuracy on the default benchmark (clients whose colours have no clear
-        polarity got flipped)."""
+        """The pixel map the client LoRA trains with (`lora_pixel_map`, `auto` resolved: `auto_pixel_map`)."""
         kind = self.params.lora_pixel_map
         if kind == "auto":
             one_look = self.params.backbone == "tiny" and self._pretrain_augment() == "none"
-            return "moments" if one_look and public is not None and self.params.dp_clip == 0 else "none"
+            return auto_pixel_map(one_look, public is not None, private=self.params.dp_clip > 0)
         if kind == "moments" and public is None:
             raise ValueError(
                 "algo.warmfed.lora_pixel_map=moments needs the dataset's public split (its pixel statistics)"
