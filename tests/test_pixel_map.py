@@ -189,7 +189,8 @@ def test_lora_config_refuses_unknown_pixel_map():
 
 # --------------------------------------------------------------------------- WarmFed's setting
 def test_warmfed_resolves_auto_and_refuses_what_cannot_work():
-    from algorithms.warmfed.algorithm import WarmFed, WarmFedParams
+    from algorithms.warmfed.algorithm import WarmFed
+    from algorithms.warmfed.params import WarmFedParams
 
     with pytest.raises(ValueError, match="lora_pixel_map"):
         WarmFedParams(lora_pixel_map="histogram")

@@ -382,11 +382,12 @@ def test_check_synthetic_without_a_one_shot_personalization_is_refused(tmp_path)
 
 def test_every_warmfed_field_is_classed_as_shaping_the_lora_upload_or_not():
     """Reuse between variants keys a LoRA upload by the fields that can change it; a new field left
-    out of `_NOT_LORA` silently retrains every client's LoRA in each variant that sets it (as
+    out of `NOT_LORA` silently retrains every client's LoRA in each variant that sets it (as
     check_synthetic first did), one wrongly put in would reuse an upload it should not."""
     import dataclasses
 
-    from algorithms.warmfed.algorithm import _NOT_LORA, WarmFedParams
+    from algorithms.warmfed.params import WarmFedParams
+    from algorithms.warmfed.reuse import NOT_LORA
 
     shapes_the_upload = {
         "backbone", "sd_model", "prompt_template", "pretrain_steps", "pretrain_augment", "backbone_channels",
@@ -394,5 +395,5 @@ def test_every_warmfed_field_is_classed_as_shaping_the_lora_upload_or_not():
         "lora_embeddings", "lora_pixel_map", "dp_clip", "dp_noise",
     }  # fmt: skip
     fields = {f.name for f in dataclasses.fields(WarmFedParams)}
-    assert fields - _NOT_LORA == shapes_the_upload
-    assert fields >= _NOT_LORA  # no stale names
+    assert fields - NOT_LORA == shapes_the_upload
+    assert fields >= NOT_LORA  # no stale names

@@ -521,16 +521,16 @@ def test_a_model_source_is_a_local_folder_or_a_hub_id(source, local, tmp_path, m
 
 
 def test_warmfed_samples_at_the_samplers_defaults():
-    """algorithm.py keeps copies of the sampling defaults (importing the diffusion package loads
+    """params.py keeps copies of the sampling defaults (importing the diffusion package loads
     diffusers, which the driver must not pay for): they must not drift apart."""
-    from algorithms.warmfed.algorithm import SAMPLERS as WARMFED_SAMPLERS
-    from algorithms.warmfed.algorithm import WarmFedParams
     from algorithms.warmfed.diffusion import (
         DEFAULT_GUIDANCE_SCALE,
         DEFAULT_SAMPLER,
         DEFAULT_SAMPLER_STEPS,
         SAMPLERS,
     )
+    from algorithms.warmfed.params import SAMPLERS as WARMFED_SAMPLERS
+    from algorithms.warmfed.params import WarmFedParams
 
     params = WarmFedParams()
     assert (params.sampler, params.sampler_steps, params.guidance_scale) == (

@@ -22,8 +22,10 @@ from algorithms.base import (
     model_weights,
 )
 from algorithms.warmfed import algorithm as wf_module
-from algorithms.warmfed.algorithm import WarmFed, WarmFedParams, WarmFedServerState
+from algorithms.warmfed.algorithm import WarmFed
 from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
+from algorithms.warmfed.messages import WarmFedServerState
+from algorithms.warmfed.params import WarmFedParams
 from sim.config import TrainConfig
 from sim.models import ModelSpec
 from sim.training import local_sgd
@@ -312,7 +314,7 @@ def test_bad_protocol_params(kwargs, words):
 
 
 def test_content_key_changes_with_every_part():
-    from algorithms.warmfed.algorithm import content_key
+    from algorithms.warmfed.reuse import content_key
 
     base = content_key("lora", "fp", {"a": 1}, 0, 3, np.arange(4))
     assert base == content_key("lora", "fp", {"a": 1}, 0, 3, np.arange(4))
@@ -327,9 +329,9 @@ def test_content_key_changes_with_every_part():
 
 def test_synthesis_differs_per_client_lora_and_is_reused_by_content(tmp_path, monkeypatch):
     from algorithms.base import ServerContext
-    from algorithms.warmfed.algorithm import SynthesisJob
     from algorithms.warmfed.diffusion import TinyBackboneConfig, pretrain_tiny_backbone
     from algorithms.warmfed.lora import LoraConfig, train_client_lora
+    from algorithms.warmfed.messages import SynthesisJob
 
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (24, 3, 16, 16)).astype(np.float32)
@@ -363,3 +365,22 @@ def test_synthesis_differs_per_client_lora_and_is_reused_by_content(tmp_path, mo
         ctx, SynthesisJob(0, lora_a, want, 5, "key-a")
     )
     assert not other_steps.reused  # a synthesis field is part of the key
+
+
+def test_checkpoints_from_before_the_module_split_still_load(tmp_path):
+    """The server state and uploads moved from algorithm.py to messages.py; a checkpoint written
+    before names them by their old module, so that module must still resolve them."""
+    import pickle
+
+    from algorithms.warmfed.messages import ClientUploadBundle
+
+    state = WarmFedServerState(
+        weights={}, uploads=[ClientUploadBundle(None, np.arange(3, dtype=np.int32))], rounds_done=2
+    )
+    # a pre-split checkpoint: the same pickle with the classes under their old module
+    legacy = pickle.dumps(state, protocol=0).replace(b"algorithms.warmfed.messages", b"algorithms.warmfed.algorithm")
+    assert b"algorithms.warmfed.algorithm\nWarmFedServerState" in legacy
+    loaded = pickle.loads(legacy)
+    assert isinstance(loaded, WarmFedServerState) and loaded.rounds_done == 2
+    assert isinstance(loaded.uploads[0], ClientUploadBundle)
+    assert loaded.uploads[0].class_counts.tolist() == [0, 1, 2]

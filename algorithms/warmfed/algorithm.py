@@ -35,13 +35,8 @@ between variants of a run that provably share them (`reuse`, keyed by content).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import math
-import os
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +52,6 @@ from algorithms.base import (
     ClientUpdate,
     PersonalState,
     ServerContext,
-    ServerState,
     SetupPhase,
     Weights,
     load_weights,
@@ -65,383 +59,22 @@ from algorithms.base import (
     rng_seed,
 )
 from algorithms.registry import register
-from algorithms.warmfed.dsd import DSDConfig, DSDObjective, client_weight
-from algorithms.warmfed.lora import LORA_DEFAULTS
-from algorithms.warmfed.pixel_map import PIXEL_MAPS, PixelStats, auto_pixel_map
+from algorithms.warmfed.backbone import load_backbone
+from algorithms.warmfed.dsd import DSDObjective, client_weight
+from algorithms.warmfed.messages import (
+    ClientUploadBundle,
+    SampleVerdicts,
+    SynthesisJob,
+    SynthesisResult,
+    SyntheticCheck,
+    WarmFedServerState,
+)
+from algorithms.warmfed.params import WarmFedParams
+from algorithms.warmfed.pixel_map import PixelStats, auto_pixel_map
+from algorithms.warmfed.reuse import NOT_LORA, NOT_SYNTHESIS, content_key, write_cached
 from sim.devices import process_device
 from sim.models import Classifier
 from sim.training import cross_entropy, evaluate, local_sgd
-
-BACKBONES = ("tiny", "stable-diffusion")
-SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
-UPLOADS = ("ce", "dsd")
-TEACHERS = ("personal", "global")
-JUDGES = ("ce", "personal")
-# diffusion.AUGMENTATIONS (not imported: it loads diffusers)
-PRETRAIN_AUGMENTATIONS = ("none", "photometric", "polarity", "textures")
-
-
-@dataclass(frozen=True)
-class WarmFedParams:
-    # backbone
-    backbone: str = "tiny"
-    sd_model: str | None = None  # stable-diffusion: a local diffusers folder (or a hub id in the local cache)
-    prompt_template: str = "a photo of a {class_name}"
-    pretrain_steps: int | None = None  # None: the committed default backbone's config (no pretraining needed)
-    # None: the tiny backbone's default; "none" keeps the public data's one look, which a LoRA then recolours
-    pretrain_augment: str | None = None
-    # None: the committed default backbone's widths (32, 64); wider learns more looks, at a pretraining cost
-    backbone_channels: tuple[int, ...] | None = None
-    # client personalization (one shot)
-    personalize: bool = True
-    # the one LoRA default set is algorithms/warmfed/lora.py's LORA_DEFAULTS (see its docstring)
-    lora_rank: int = LORA_DEFAULTS.rank
-    lora_steps: int = LORA_DEFAULTS.steps
-    lora_lr: float = LORA_DEFAULTS.lr
-    lora_batch_size: int = LORA_DEFAULTS.batch_size
-    lora_resnet_convs: bool = LORA_DEFAULTS.include_resnet_convs
-    lora_embeddings: bool = LORA_DEFAULTS.include_embeddings  # class embedding (client token) + time_emb_proj
-    # none | moments: the LoRA trains on the client's images mapped onto the public look
-    # (pixel_map.py) | auto: moments for a tiny backbone pretrained on that look alone
-    # (pretrain_augment none), with a public split and no DP noise (chosen on validation: README,
-    # "The client pixel map")
-    lora_pixel_map: str = "auto"
-    dp_clip: float = 0.0  # > 0: clip the LoRA upload's L2 norm and add Gaussian noise (dp_noise × dp_clip)
-    dp_noise: float = 0.0
-    # server synthesis
-    synth_per_class: int = 20  # images per class the client holds (10 cost 5.7 points of validation global accuracy)
-    sampler: str = "dpm++"  # ddim | dpm++ (DPM-Solver++ 2M) | unipc
-    sampler_steps: int = 10  # 6 cost 1.3 points of validation personal accuracy (README, "The client budget")
-    guidance_scale: float = 3.0  # = diffusion.DEFAULT_GUIDANCE_SCALE (README, "Guidance")
-    save_grids: int = 10  # sample grids written for the first k clients
-    # server fine-tuning (the warm start)
-    server_finetune: bool = True
-    server_epochs: int = 15
-    server_lr: float = 0.05
-    server_batch_size: int = 64
-    augment_shift: int = 1  # random ±pixels translation of synthetic images during fine-tuning
-    # after every round's aggregation: epochs on the synthetic union (FGL's protocol), 0 = off
-    round_server_epochs: int = 1
-    round_server_lr: float = 0.01
-    # local rate in the rounds; None: train.lr, the baselines' rate (chosen on validation: README, "Round rates")
-    round_lr: float | None = None
-    upload: str = "ce"  # ce: trained from the global model by plain CE | dsd: the personalized student
-    # personalization: DSD for train.finetune_epochs (the budget every fine-tuning method gets)
-    oneshot_personal: bool = True  # round 0: DSD from the warm start, before any round
-    # each client checks its own synthetic samples with its one-shot personalized model (trained on
-    # its real data) and the rounds' server fine-tunes keep only those it labels as asked
-    # (chosen on validation: README, "Checking the synthetic set"); None: whenever there is a one-shot
-    # personalized model to check with; true insists on it
-    check_synthetic: bool | None = None
-    # who checks: personal = the one-shot personalized model; ce = a model fine-tuned from the warm
-    # start by plain CE on the client's real data (`WarmFed._judge` says why it differs; chosen on
-    # validation: README, "The judge; DSD's weighting and rate")
-    check_judge: str = "ce"
-    check_lr: float | None = 0.01  # the CE judge's rate; None: the personalization's rate
-    # DSD's rate; None: the rounds' rate. 0.02 chosen on validation with the CE judge, which keeps
-    # the global model independent of it (README, "The judge; DSD's weighting and rate")
-    personal_lr: float | None = 0.02
-    dsd: bool = True  # false: plain CE personalization from the global model
-    dsd_teacher: str = "personal"  # personal: the client's own previous personalized model | global
-    dsd_tau: float = 2.0
-    dsd_lambda0: float = 1.0
-    dsd_schedule: str = "linear"
-    dsd_selection: str = "credibility"
-    dsd_threshold: float = 0.5
-    dsd_client_weighting: str = "advantage"
-    dsd_margin: float = 0.1
-    dsd_teacher_mode: str = "batch"
-    # additive: CE + weight·KL | convex: the weights sum to 1 (dsd.py); convex lost on validation
-    dsd_combine: str = "additive"
-    reuse: bool = True  # share LoRA uploads and synthetic sets between variants with the same inputs
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.backbone == "stable-diffusion" and not self.sd_model:
-            raise ValueError("backbone 'stable-diffusion' needs sd_model: a local diffusers pipeline folder")
-        if self.lora_rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got lora_rank={self.lora_rank}")
-        if self.round_lr is not None and self.round_lr <= 0:
-            raise ValueError(f"round_lr must be > 0, got {self.round_lr}")
-        if self.pretrain_augment is not None and self.pretrain_augment not in PRETRAIN_AUGMENTATIONS:
-            raise ValueError(
-                f"pretrain_augment must be one of {', '.join(PRETRAIN_AUGMENTATIONS)}, got {self.pretrain_augment!r}"
-            )
-        if self.backbone_channels is not None and (
-            not self.backbone_channels or any(c < 8 or c % 8 for c in self.backbone_channels)
-        ):
-            raise ValueError(
-                f"backbone_channels must be multiples of 8 (one per UNet level), got {self.backbone_channels}"
-            )
-        if self.pretrain_steps is not None and self.pretrain_steps < 1:
-            raise ValueError(f"pretrain_steps must be >= 1, got {self.pretrain_steps}")
-        for name, value, allowed in (
-            ("sampler", self.sampler, SAMPLERS),
-            ("upload", self.upload, UPLOADS),
-            ("dsd_teacher", self.dsd_teacher, TEACHERS),
-            ("check_judge", self.check_judge, JUDGES),
-            ("lora_pixel_map", self.lora_pixel_map, ("auto", *PIXEL_MAPS)),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        for name in ("personal_lr", "round_server_lr", "check_lr"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("lora_steps", "synth_per_class", "sampler_steps", "server_epochs", "round_server_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.dp_clip < 0 or self.dp_noise < 0:
-            raise ValueError("dp_clip and dp_noise must be >= 0")
-        if self.lora_pixel_map == "moments" and self.dp_clip > 0:
-            raise ValueError(
-                "lora_pixel_map 'moments' uploads moments of the client's pixels, which DP does not noise: use none or auto"
-            )
-        if "{class_name}" not in self.prompt_template:
-            raise ValueError(f"prompt_template {self.prompt_template!r} has no {{class_name}} slot")
-        self.dsd_config()  # validates the DSD fields
-
-    def dsd_config(self) -> DSDConfig:
-        return DSDConfig(
-            self.dsd_tau,
-            self.dsd_lambda0,
-            self.dsd_schedule,
-            self.dsd_selection,
-            self.dsd_threshold,
-            self.dsd_client_weighting,
-            self.dsd_margin,
-            self.dsd_teacher_mode,
-            self.dsd_combine,
-        )
-
-    @property
-    def uses_synthetic(self) -> bool:
-        """Whether anything reads the synthetic set (else no LoRA is trained and nothing is sampled)."""
-        return self.server_finetune or self.round_server_epochs > 0
-
-
-# One backbone per process (actor), shared by every client that actor serves.
-_BACKBONES: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
-
-
-def _public_split(run) -> Any:
-    """The dataset's public split (loaded here: the server actor holds no dataset)."""
-    from sim.data import load_dataset
-
-    return load_dataset(run.dataset_name, run.dataset_params).public
-
-
-def load_backbone(params: WarmFedParams, run, public: Any = None, report=None) -> Any:
-    """The backbone for this run, cached per process; pretrains the tiny one only on a cache miss.
-
-    `public` is the dataset's public split when the caller has it (client actors do); the
-    server loads it itself.
-    """
-    from algorithms.warmfed.diffusion import (
-        DiffusionBackbone,
-        StableDiffusionBackbone,
-        StableDiffusionConfig,
-        TinyBackboneConfig,
-        get_or_pretrain_tiny_backbone,
-    )
-
-    c, size = run.model_spec.in_channels, run.model_spec.image_size
-    key = (
-        params.backbone,
-        params.sd_model,
-        params.prompt_template,
-        params.pretrain_steps,
-        params.pretrain_augment,
-        params.backbone_channels,
-        c,
-        size,
-        run.model_spec.num_classes,
-        run.cache_dir,
-        run.dataset_fingerprint,
-    )
-    with _LOCK:
-        if key in _BACKBONES:  # a warm actor's: reported as any cache hit, so metrics never depend on warmth
-            if report is not None:
-                report("pretrained_now", 0.0)
-                report("backbone_bytes", float(_BACKBONES[key].num_bytes()))
-            return _BACKBONES[key]
-        backbone: DiffusionBackbone
-        if params.backbone == "stable-diffusion":
-            assert params.sd_model, "WarmFedParams validates sd_model for stable-diffusion"
-            backbone = StableDiffusionBackbone(
-                StableDiffusionConfig(
-                    model=params.sd_model,
-                    class_names=tuple(run.class_names),
-                    prompt_template=params.prompt_template,
-                    image_size=size,
-                    in_channels=c,
-                )
-            )
-            trained_now = False
-        else:
-            public = public if public is not None else _public_split(run)
-            if public is None:
-                raise ValueError(
-                    f"dataset {run.dataset_name!r} has no public split to pretrain the tiny backbone on; set "
-                    "data.public_fraction (digits-domains) or data.public_domain, or use backbone=stable-diffusion"
-                )
-            steps: dict[str, Any] = {} if params.pretrain_steps is None else {"train_steps": params.pretrain_steps}
-            if params.pretrain_augment is not None:
-                steps["augment"] = params.pretrain_augment
-            if params.backbone_channels is not None:
-                steps["block_out_channels"] = params.backbone_channels
-            cfg = TinyBackboneConfig(image_size=size, in_channels=c, num_classes=run.model_spec.num_classes, **steps)
-            backbone, _, trained_now = get_or_pretrain_tiny_backbone(
-                Path(run.cache_dir), public.images, public.labels, cfg, public.fingerprint()
-            )
-        if report is not None:
-            report("pretrained_now", float(trained_now))
-            report("backbone_bytes", float(backbone.num_bytes()))
-        backbone.to(process_device())  # the GPU Ray gave this actor, or the CPU
-        _BACKBONES.clear()  # a process serves one run at a time
-        _BACKBONES[key] = backbone
-        return backbone
-
-
-@dataclass
-class ClientUploadBundle:
-    """What a client sends once: its LoRA (None in the no-personalization ablation) and class counts.
-
-    `key` names the upload's content (see `WarmFed._lora_key`) for reuse between variants; it is
-    simulator bookkeeping, not counted as sent."""
-
-    lora: Any
-    class_counts: np.ndarray
-    key: str = ""
-    reused: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return (self.lora.num_bytes if self.lora is not None else 0) + int(self.class_counts.nbytes)
-
-
-@dataclass(frozen=True)
-class SynthesisJob:
-    """One client's synthesis: the server's input to a pool actor (the upload it holds, a seed)."""
-
-    client_id: int
-    lora: Any
-    want: np.ndarray
-    seed: int
-    key: str
-
-
-@dataclass
-class SynthesisResult:
-    client_id: int
-    images: np.ndarray
-    labels: np.ndarray
-    seconds: float  # sampling time (0 when reused)
-    reused: bool
-
-
-@dataclass(frozen=True)
-class SyntheticCheck(Broadcast):
-    """The one-shot personalization's message when clients check the synthetic set: the warm
-    start, plus the samples the server drew from this client's own LoRA (no one else's)."""
-
-    images: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.float32))
-    labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
-
-
-@dataclass(frozen=True)
-class SampleVerdicts:
-    """A client's answer to a SyntheticCheck: which of its samples its personalized model labels as asked."""
-
-    client_id: int
-    keep: np.ndarray  # bool, in the order the samples came
-
-    @property
-    def nbytes(self) -> int:
-        return (len(self.keep) + 7) // 8  # one bit per sample on the wire
-
-
-@dataclass(frozen=True)
-class WarmFedServerState(ServerState):
-    """WarmFed's server state (checkpointed whole): the global weights; the clients' uploads, which
-    the lora phase hands to the synthesis phase; the synthetic union, which the synthesis phase
-    hands to the server fine-tuning and the rounds; and how many rounds were aggregated (each
-    round's fine-tune draws its own seed from it)."""
-
-    uploads: list[ClientUploadBundle] | None = None
-    synthetic_x: np.ndarray | None = None
-    synthetic_y: np.ndarray | None = None
-    synthetic_owner: np.ndarray | None = None  # the client whose LoRA drew each synthetic sample
-    rounds_done: int = 0
-
-    @property
-    def has_synthetic(self) -> bool:
-        return self.synthetic_y is not None and len(self.synthetic_y) > 0
-
-
-def content_key(*parts: Any) -> str:
-    """sha256 over JSON-able parts and arrays/tensors (dtype, shape, bytes): a cache key by content."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            part = part.detach().cpu().numpy()
-        if isinstance(part, np.ndarray):
-            a = np.ascontiguousarray(part)
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"|")
-    return h.hexdigest()[:32]
-
-
-# Fields that cannot change a client's LoRA upload; every other field (so any LoRA field added
-# later) is part of the upload's key.
-_NOT_LORA = frozenset(
-    {
-        "synth_per_class",
-        "sampler",
-        "sampler_steps",
-        "guidance_scale",
-        "save_grids",
-        "server_finetune",
-        "server_epochs",
-        "server_lr",
-        "server_batch_size",
-        "augment_shift",
-        "round_server_epochs",
-        "round_server_lr",
-        "round_lr",
-        "upload",
-        "oneshot_personal",
-        "check_synthetic",
-        "check_judge",
-        "check_lr",
-        "personal_lr",
-        "dsd",
-        "dsd_teacher",
-        "dsd_tau",
-        "dsd_lambda0",
-        "dsd_schedule",
-        "dsd_selection",
-        "dsd_threshold",
-        "dsd_client_weighting",
-        "dsd_margin",
-        "dsd_teacher_mode",
-        "dsd_combine",
-        "reuse",
-    }
-)
-# Fields that cannot change a client's synthetic set once its LoRA upload is fixed.
-_NOT_SYNTHESIS = _NOT_LORA - {"synth_per_class", "sampler", "sampler_steps", "guidance_scale"}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -605,7 +238,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
 
     def _lora_key(self, ctx: ClientContext, backbone: Any) -> str:
         """Everything that determines a client's upload: backbone, LoRA fields, seed, client, its data."""
-        fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _NOT_LORA}
+        fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in NOT_LORA}
         return content_key(
             "lora",
             backbone.fingerprint(),
@@ -632,7 +265,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
             return ClientUploadBundle(LoraUpload.from_bytes(path.read_bytes()), counts.astype(np.int32), key, True)
         bundle = self._client_lora(ctx)
         if bundle.lora is not None:
-            _write_atomic(path, bundle.lora.to_bytes())
+            write_cached(path, bundle.lora.to_bytes())
         return dataclasses.replace(bundle, key=key)
 
     def _server_collect(
@@ -669,7 +302,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         backbone = load_backbone(self.params, self.run, public=ctx.public)
         path = None
         if self.params.reuse and (job.lora is None or job.key):
-            fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _NOT_SYNTHESIS}
+            fields = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in NOT_SYNTHESIS}
             source = job.key if job.lora is not None else f"base:{backbone.fingerprint()}"
             if self.run.mixed_precision != "fp32":  # bf16 samples differ from fp32 ones (fp32 keys unchanged)
                 source = f"{source}:{self.run.mixed_precision}"
@@ -693,7 +326,7 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         if path is not None:
             buffer = io.BytesIO()
             np.savez(buffer, images=x, labels=y)
-            _write_atomic(path, buffer.getvalue())
+            write_cached(path, buffer.getvalue())
         return SynthesisResult(job.client_id, x, y, seconds, False)
 
     def _server_synthesis(
