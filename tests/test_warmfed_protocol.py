@@ -104,6 +104,35 @@ def test_round_two_teacher_is_the_clients_round_one_personal_model_not_the_globa
     assert any(not torch.equal(other.personal[k], state2.personal[k]) for k in names)
 
 
+def test_both_teachers_distil_the_mean_logits_of_the_own_past_and_the_new_global_model():
+    from algorithms.warmfed.dsd import LogitEnsemble
+
+    run = _run()
+    data = _data(1)
+    g1, g2 = _random_weights(1, run), _random_weights(2, run)
+    algo = WarmFed(WarmFedParams(dsd_teacher="both"), run)
+    _, state1 = algo.local_train(_ctx(run, 1, data), Broadcast(g1), None)
+    ctx2 = _ctx(run, 2, data)
+    _, state2 = algo.local_train(ctx2, Broadcast(g2), state1)
+    names = _param_names(run)
+    own, newest = model_weights(ctx2.scratch_model("teacher")), model_weights(ctx2.scratch_model("teacher_global"))
+    for k in names:
+        assert torch.equal(own[k], state1.personal[k]) and torch.equal(newest[k], g2[k]), k
+    x = data.x["train"][:8]
+    a, b = ctx2.scratch_model("teacher").eval(), ctx2.scratch_model("teacher_global").eval()
+    with torch.no_grad():
+        assert torch.allclose(LogitEnsemble(a, b)(x), (a(x) + b(x)) / 2)
+    others = {
+        t: WarmFed(WarmFedParams(dsd_teacher=t), run).local_train(_ctx(run, 2, data), Broadcast(g2), state1)[1]
+        for t in ("personal", "global")
+    }
+    for t, other in others.items():
+        assert any(not torch.equal(other.personal[k], state2.personal[k]) for k in names), t
+    # round 1 has no own past yet: the one teacher is the model received, as with `personal`
+    _, first = WarmFed(WarmFedParams(dsd_teacher="personal"), run).local_train(_ctx(run, 1, data), Broadcast(g1), None)
+    assert all(torch.equal(first.personal[k], state1.personal[k]) for k in names)
+
+
 def test_kl_is_zero_at_identical_weights_in_the_training_mode():
     run = _run()
     student = run.build_model()

@@ -27,7 +27,7 @@ for the one-shot personalization).
 Each part has a switch: `personalize=false` (no LoRA: plain backbone samples),
 `server_finetune=false` (rounds start from the random init), `round_server_epochs=0`,
 `oneshot_personal=false`, `check_synthetic=false`, `dsd=false` (plain CE personalization),
-`dsd_teacher=global`.
+`dsd_teacher=global` (or `both`: the two as one teacher).
 Phases whose output nothing reads are skipped, and LoRA uploads and synthetic sets are reused
 between variants of a run that provably share them (`reuse`, keyed by content).
 """
@@ -60,7 +60,7 @@ from algorithms.base import (
 )
 from algorithms.registry import register
 from algorithms.warmfed.backbone import load_backbone
-from algorithms.warmfed.dsd import DSDObjective, client_weight
+from algorithms.warmfed.dsd import DSDObjective, LogitEnsemble, client_weight
 from algorithms.warmfed.messages import (
     ClientUploadBundle,
     SampleVerdicts,
@@ -521,8 +521,12 @@ class WarmFed(Algorithm[WarmFedServerState, Broadcast, PersonalState]):
         if not p.dsd:
             metrics = self._fine_tune_ce(ctx, student, lr)
             return model_weights(student), {"personal_loss": metrics["train_loss"]}
-        teacher = ctx.scratch_model("teacher")
-        load_weights(teacher, previous if previous is not None and p.dsd_teacher == "personal" else global_weights)
+        teacher: torch.nn.Module = ctx.scratch_model("teacher")
+        load_weights(teacher, previous if previous is not None and p.dsd_teacher != "global" else global_weights)
+        if p.dsd_teacher == "both" and previous is not None:
+            newest = ctx.scratch_model("teacher_global")
+            load_weights(newest, global_weights)
+            teacher = LogitEnsemble(teacher, newest)
         cfg = p.dsd_config()
         weight = 1.0
         if cfg.client_weighting != "none":

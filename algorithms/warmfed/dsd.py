@@ -131,6 +131,25 @@ def dsd_loss(
     return ce + lam * distill
 
 
+class LogitEnsemble(nn.Module):
+    """Two teachers as one: the mean of their logits (FedDF's ensemble, Lin et al., "Ensemble
+    Distillation for Robust Model Fusion in Federated Learning", NeurIPS 2020).
+
+    ``dsd_teacher: both`` distils from the client's previous personalized model and the newest
+    global model together, the two-teacher reading of FedCKD that ../shared/WARMFED.md lists: the
+    client's own past where it was right, the federation's newer knowledge where it was not.
+    Averaging logits (not probabilities) keeps the target a softmax of logits at every τ, so the
+    selection masks and the KL read it as they read one teacher."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        self.first = first
+        self.second = second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.first(x) + self.second(x))
+
+
 class DSDObjective:
     """A loss callback for the shared training loop: steps the λ schedule and runs the frozen teacher.
 

@@ -16,7 +16,7 @@ from algorithms.warmfed.pixel_map import PIXEL_MAPS
 BACKBONES = ("tiny", "stable-diffusion")
 SAMPLERS = ("ddim", "dpm++", "unipc")  # algorithms.warmfed.diffusion.SAMPLERS (not imported: it loads diffusers)
 UPLOADS = ("ce", "dsd")
-TEACHERS = ("personal", "global")
+TEACHERS = ("personal", "global", "both")
 JUDGES = ("ce", "personal")
 # diffusion.AUGMENTATIONS (not imported: it loads diffusers)
 PRETRAIN_AUGMENTATIONS = ("none", "photometric", "polarity", "textures")
@@ -83,7 +83,8 @@ class WarmFedParams:
     # the global model independent of it (README, "The judge; DSD's weighting and rate")
     personal_lr: float | None = 0.02
     dsd: bool = True  # false: plain CE personalization from the global model
-    dsd_teacher: str = "personal"  # personal: the client's own previous personalized model | global
+    # personal: the client's own previous personalized model | global | both: their mean logits (dsd.LogitEnsemble)
+    dsd_teacher: str = "personal"
     dsd_tau: float = 2.0
     dsd_lambda0: float = 1.0
     dsd_schedule: str = "linear"
