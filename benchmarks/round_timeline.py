@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
 import sys
 import tempfile
@@ -85,8 +86,6 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=7)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
-
-    import os
 
     # Workers report task events every second by default, and the run kills its actors at the end:
     # a short interval loses (almost) none of the last tasks' events.
