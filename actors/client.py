@@ -41,9 +41,6 @@ class ClientWorker:
 
     def __init__(self, dataset: Any, threads: int = 1) -> None:
         torch.set_num_threads(threads)  # fixed thread count: identical numbers whatever the pool size
-        # torch imports its compiler stack (~1 s) the first time an optimizer is built; pay that
-        # while the actor starts up rather than inside the first client update of round 1.
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         install_tensor_serializer()
         self.dataset = dataset
         self.device = claim_device()

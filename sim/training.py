@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.sgd import sgd
 
 from sim.config import TrainConfig
 from sim.models import Classifier
@@ -34,10 +35,48 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(model(x), y)
 
 
-def make_optimizer(
-    params: Iterable[torch.Tensor], lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
+class SGD:
+    """torch's SGD arithmetic (its functional `torch.optim.sgd.sgd`) without the `torch.optim.SGD` object.
+
+    Building any `torch.optim.Optimizer` imports torch's compiler stack (`torch._dynamo`: about 1 s of
+    CPU and 70 MB in every process that trains), and each of its steps passes dynamo's graph-break
+    wrappers; a client actor running thousands of tiny local updates needs none of that. Calling
+    the same functional step as `torch.optim.SGD.step` gives the same bits (tests/test_training.py).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float, weight_decay: float) -> None:
+        self.params = list(params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self._momentum_buffers: dict[int, torch.Tensor] = {}  # by position in `params`, like torch's state
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step over the parameters that received a gradient (torch.optim.SGD skips the others too)."""
+        positions = [i for i, p in enumerate(self.params) if p.grad is not None]
+        buffers: list[torch.Tensor | None] = [self._momentum_buffers.get(i) for i in positions]
+        sgd(
+            [self.params[i] for i in positions],
+            [self.params[i].grad for i in positions],  # type: ignore[misc]  # filtered above
+            buffers,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            lr=self.lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+        )
+        if self.momentum != 0:
+            for i, buffer in zip(positions, buffers, strict=True):
+                if buffer is not None:
+                    self._momentum_buffers[i] = buffer
+
+
+def make_optimizer(params: Iterable[torch.Tensor], lr: float, momentum: float, weight_decay: float) -> SGD:
+    return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def local_sgd(
@@ -67,7 +106,7 @@ def local_sgd(
         for x, y in ctx.batches(split, purpose=purpose, epoch=epoch):
             if x.shape[0] < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                 continue  # BatchNorm cannot train on a single sample
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = loss_fn(model, x, y)
             loss.backward()
             opt.step()
