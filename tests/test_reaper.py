@@ -54,3 +54,28 @@ def test_a_bad_raylet_pid_is_refused_without_touching_anything():
         [sys.executable, "-m", "sim.orchestration.reaper", "not-a-pid"], input=b"", capture_output=True, timeout=30
     )
     assert reaper.returncode == 2
+
+
+def test_a_private_rays_shutdown_kills_the_autoscaler_monitor_before_ray_tears_down_the_rest():
+    """Ray stops its monitor after the GCS, and the monitor's SIGTERM handler then waits out a 1 s
+    grace period reporting to the dead GCS; `cluster.shutdown` kills it before Ray's own shutdown."""
+    code = """
+import ray
+from sim.config import load_config
+from sim.orchestration import cluster
+assert cluster.connect(load_config(None, []), "monitor-test")
+monitor = cluster._private_ray_process("monitor")
+raylet = cluster._private_ray_process("raylet")
+assert monitor is not None and monitor.poll() is None and raylet is not None
+seen = []
+real = ray.shutdown
+def spy(*args, **kwargs):
+    seen.append(monitor.poll())
+    return real(*args, **kwargs)
+ray.shutdown = spy
+cluster.shutdown()
+print(seen, raylet.poll() is not None, ray.is_initialized())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[-9] True False", out.stdout + out.stderr

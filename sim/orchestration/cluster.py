@@ -75,13 +75,34 @@ def _watch_private_ray() -> None:
 
     if _reaper is not None and _reaper.stdin is not None:
         _reaper.stdin.close()
-    try:
-        node = getattr(ray._private.worker, "_global_node", None)
-        raylet = getattr(node, "all_processes", {})["raylet"][0].process.pid
-    except (AttributeError, KeyError, IndexError):  # a Ray whose private layout differs: no reaper, Ray's own timeouts
+    raylet = _private_ray_process("raylet")
+    if raylet is None:  # a Ray whose private layout differs: no reaper, Ray's own timeouts
         log.debug("no raylet process handle; agents are left to Ray's own 60 s timeout")
         return
-    _reaper = start_reaper(raylet)
+    _reaper = start_reaper(raylet.pid)
+
+
+def _private_ray_process(kind: str) -> subprocess.Popen | None:
+    """The handle of one of the processes `ray.init` started here (Ray's private layout; None if it differs)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        return getattr(node, "all_processes", {})[kind][0].process
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
+def shutdown() -> None:
+    """`ray.shutdown()` for a Ray this process started, a second sooner.
+
+    Ray stops its autoscaler monitor after the GCS, with a SIGTERM whose handler reports to that
+    GCS, which is gone: the monitor waits out Ray's 1 s grace period and is then killed (1.0 of the
+    1.4 s a shutdown took). A local Ray has nothing to autoscale, so the monitor is killed first.
+    """
+    monitor = _private_ray_process("monitor")
+    if monitor is not None and monitor.poll() is None:
+        monitor.kill()
+        monitor.wait(timeout=5)
+    ray.shutdown()
 
 
 def connect(cfg: RunConfig, run_id: str) -> bool:

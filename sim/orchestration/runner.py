@@ -44,7 +44,7 @@ from sim.data import ArrayDataset, forget_dataset, load_dataset
 from sim.files import write_json, write_text
 from sim.models import ModelSpec
 from sim.orchestration import warm_actors
-from sim.orchestration.cluster import check_local_resources, connect, plan_pool
+from sim.orchestration.cluster import check_local_resources, connect, plan_pool, shutdown
 from sim.orchestration.engine import Simulation
 from sim.orchestration.interrupts import status as interrupt_status
 from sim.orchestration.partition_build import partition_for
@@ -337,7 +337,7 @@ def run_comparison(cfg: RunConfig, progress: Progress | None = None, keep_datase
                     ray.kill(actor)
         if started_ray:
             clock = time.perf_counter()
-            ray.shutdown()
+            shutdown()
             fixed["ray_shutdown"] = time.perf_counter() - clock
     from sim.orchestration.report import write_report
 

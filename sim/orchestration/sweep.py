@@ -318,9 +318,8 @@ def execute_sweep(
 ) -> SweepResult:
     """Run (or resume) every unfinished cell of a planned sweep on one Ray connection; `summary=False`
     skips summary.md (a tuning search writes its own, validation-only, tables)."""
-    import ray
 
-    from sim.orchestration.cluster import connect
+    from sim.orchestration.cluster import connect, shutdown
     from sim.orchestration.warm_actors import keeping_actors
 
     config = sweep.config
@@ -350,7 +349,7 @@ def execute_sweep(
                 ran = _run_cells(sweep, note)
         finally:
             if started:
-                ray.shutdown()
+                shutdown()
     else:
         note(f"sweep {sweep.name}: all {len(sweep.cells)} cells finished earlier")
     if not summary:

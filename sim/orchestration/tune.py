@@ -324,9 +324,7 @@ def final_metrics(sweep: Sweep) -> pd.DataFrame:
 
 
 def run_tune(plan: Plan, note: Callable[[str], None] = print, reference: str | None = None) -> TuneResult:
-    import ray
-
-    from sim.orchestration.cluster import connect
+    from sim.orchestration.cluster import connect, shutdown
     from sim.orchestration.warm_actors import keeping_actors
 
     started = connect(plan.base, f"tune-{plan.name}")  # one Ray connection for the search and the final runs
@@ -350,7 +348,7 @@ def run_tune(plan: Plan, note: Callable[[str], None] = print, reference: str | N
             final_s = time.perf_counter() - began
     finally:
         if started:
-            ray.shutdown()
+            shutdown()
     table, path = write_tune_report(plan, scores, chosen, final, reference, search_s, final_s)
     return TuneResult(plan, chosen, path, table, search_s, final_s)
 
