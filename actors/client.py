@@ -29,7 +29,7 @@ from algorithms.base import (
     load_weights,
     model_weights,
 )
-from sim.memory import peak_rss_mb, reset_peak
+from sim.memory import keep_freed_heap, peak_rss_mb, reset_peak
 from sim.models import Classifier
 from sim.training import evaluate, evaluate_segments, local_sgd
 
@@ -41,6 +41,7 @@ class ClientWorker:
 
     def __init__(self, dataset: Any, threads: int = 1) -> None:
         torch.set_num_threads(threads)  # fixed thread count: identical numbers whatever the pool size
+        keep_freed_heap()  # each client trained allocates the same megabytes again: no page faults for them
         install_tensor_serializer()
         self.dataset = dataset
         self.device = claim_device()

@@ -49,9 +49,39 @@ def release_free_heap() -> None:
         trim(0)
 
 
+# glibc's mallopt parameters, and the largest values its own dynamic thresholds reach on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 32 * 2**20
+_TRIM_THRESHOLD_BYTES = 2 * _MMAP_THRESHOLD_BYTES
+
+
+def keep_freed_heap() -> bool:
+    """Keep freed heap memory in the process for reuse instead of handing it back at every free
+    (glibc `mallopt`); returns False where that is not possible (no glibc).
+
+    A client actor allocates and frees the same megabytes for every client it trains (the
+    resident model's copies, the update's float64 vector, the client's data). glibc's dynamic
+    thresholds trim the heap as soon as more than twice the last freed block lies free at its top,
+    so each client faulted the same pages in again: 140-160 minor page faults and 0.25-0.39 ms of
+    kernel time per 10,000-client FedAvg update, against 0.04-0.08 ms with the thresholds fixed at
+    the largest values glibc's own rule reaches (32 MiB mmap, 64 MiB trim); resident memory was
+    the same (README, "Many clients")."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+    )
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc() -> ctypes.CDLL | None:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return getattr(_libc(), "malloc_trim", None)
