@@ -37,9 +37,10 @@ SCHEMA = pa.schema(
 Row = tuple[int, str, str, float]  # (client_id, split, metric, value)
 RUN_LEVEL = -1  # client_id of run-level rows (bytes, wall time, phase costs)
 
-# Metrics that measure the machine (seconds, rates, MiB) rather than the method: they differ
-# between identical runs, so reproducibility checks compare everything but these.
-MEASUREMENT_SUFFIXES = ("_s", "per_s", "_mb")
+# Metrics that measure the machine (seconds, rates, MiB, how many tasks the pool cut a round
+# into, which follows measured times) rather than the method: they differ between identical
+# runs, so reproducibility checks compare everything but these.
+MEASUREMENT_SUFFIXES = ("_s", "per_s", "_mb", "_tasks")
 
 
 def outcome_frame(run_dir: str | Path, ignore: Sequence[str] = ()) -> pd.DataFrame:

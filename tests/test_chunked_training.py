@@ -21,10 +21,10 @@ from algorithms.base import Aggregator, Broadcast, ClientUpdate, RunContext, mod
 from sim.config import algorithm_spec, load_config
 from sim.data import load_dataset
 from sim.models import ModelSpec
-from sim.orchestration.engine import train_chunks
+from sim.orchestration.engine import TASKS_PER_ACTOR, tasks_per_actor, train_chunks
 from sim.orchestration.partition_build import partition_for
 from sim.orchestration.runner import run_comparison
-from sim.results import outcome_frame
+from sim.results import outcome_frame, read_metrics
 from tests.conftest import small_overrides
 
 
@@ -216,3 +216,36 @@ def test_the_server_folds_on_one_thread_and_keeps_its_threads_for_the_rest(tmp_p
         assert torch.get_num_threads() == 2  # restored for the server's own phases (fine-tuning, sampling)
     finally:
         torch.set_num_threads(before)  # a process-wide setting: leave it as the next test expects
+
+
+def test_tasks_per_actor_shrinks_to_keep_a_task_worth_its_fixed_cost():
+    assert tasks_per_actor(None, 100, 2) == TASKS_PER_ACTOR  # nothing measured yet
+    assert tasks_per_actor(0.003, 100, 2) == 1  # 10,000-client updates: 0.15 s an actor, one task
+    assert tasks_per_actor(0.009, 100, 2) == 2  # 0.45 s an actor: two tasks of at least 0.2 s
+    assert tasks_per_actor(0.08, 100, 2) == TASKS_PER_ACTOR  # plenty of work: the most tasks
+    assert tasks_per_actor(0.003, 100, 0) == 1
+
+
+def test_the_engine_cuts_later_rounds_by_the_measured_client_time(ray_local, tmp_path):
+    """Round 1 goes out in the most tasks; once the clients' updates are measured (milliseconds
+    here), fewer, larger tasks follow, and the numbers equal those of a run cut otherwise."""
+    cfg = load_config(
+        None,
+        small_overrides(
+            tmp_path,
+            "algorithms=fedavg",
+            "model.width=8",
+            "num_clients=200",  # ~36 samples a client: a few milliseconds an update, far below a task's worth
+            "clients_per_round=8",
+            "eval.max_clients=8",
+            "rounds=3",
+            "ray.pool_size=1",
+            "run_id=measured",
+        ),
+    )
+    run_dir = run_comparison(cfg).run_dir
+    df = read_metrics(run_dir).to_pandas()
+    tasks = df[df.metric == "train_tasks"].set_index("round").value
+    assert tasks[1] == TASKS_PER_ACTOR
+    assert tasks[2] == tasks[3] == 1
+    assert "train_tasks" not in set(outcome_frame(run_dir).metric)  # a measurement, like the seconds

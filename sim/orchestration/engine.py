@@ -67,6 +67,7 @@ class Simulation:
         self.holdout = self._holdout_clients()
         self.train_clients = np.setdiff1d(np.arange(run.num_clients), self.holdout)
         self.eval_clients = self._eval_clients()
+        self.seconds_per_client: float | None = None  # the last round's mean client update (sets the task count)
 
     def _holdout_clients(self) -> np.ndarray:
         k = self.cfg.holdout_clients
@@ -220,11 +221,16 @@ class Simulation:
                 ),
                 label=f"round {r}, clients {', '.join(str(int(c)) for c in chunk)}",
             )
-            for start, chunk in train_chunks(selected, self.train_sizes[selected], TASKS_PER_ACTOR * self.pool.size)
+            for start, chunk in train_chunks(
+                selected,
+                self.train_sizes[selected],
+                tasks_per_actor(self.seconds_per_client, len(selected), self.pool.size) * self.pool.size,
+            )
         ]
         rows: list[Row] = []
         bytes_up = 0
         peak = 0.0
+        client_seconds = 0.0
         bar = self.progress.bar(len(selected), f"{self.name} · round {r}/{self.run.rounds}")
         for _, _, infos in self._in_client_order(tasks, lambda ref: server.fold.remote(ref)):
             for info in infos:
@@ -232,15 +238,19 @@ class Simulation:
                 versions[cid] = int(info["version"])
                 bytes_up += int(info["bytes_up"])
                 peak = max(peak, float(info["peak_rss_mb"]))
+                client_seconds += float(info["seconds"])
                 rows += [(cid, "train", name, float(value)) for name, value in info["metrics"].items()]
             bar.update(len(infos))
         bar.close()
         down_each, _ = ray.get([down_each_ref, server.finish_round.remote()])
+        if len(selected):
+            self.seconds_per_client = client_seconds / len(selected)
         rows.sort(key=lambda row: row[0])
         rows += [
             (RUN_LEVEL, "run", "bytes_up", float(bytes_up)),
             (RUN_LEVEL, "run", "bytes_down", float(down_each * len(selected))),
             (RUN_LEVEL, "run", "clients", float(len(selected))),
+            (RUN_LEVEL, "run", "train_tasks", float(len(tasks))),
             (RUN_LEVEL, "run", "client_peak_rss_mb", peak),
             (RUN_LEVEL, "run", "train_s", time.perf_counter() - start),
         ]
@@ -281,7 +291,23 @@ class Simulation:
         return rows
 
 
-TASKS_PER_ACTOR = 4  # training tasks per client actor and round: enough for size-aware dispatch to balance
+TASKS_PER_ACTOR = 4  # at most, per client actor and round: enough for size-aware dispatch to balance
+MIN_TASK_SECONDS = 0.2  # client work a task should carry: its fixed cost (~8 ms) then stays under ~4 %
+
+
+def tasks_per_actor(seconds_per_client: float | None, clients: int, actors: int) -> int:
+    """Training tasks per actor this round: TASKS_PER_ACTOR unless that would leave a task less than
+    MIN_TASK_SECONDS of client work (by the last round's mean update), down to one.
+
+    A task costs about 8 ms besides its clients (storing its partial sums, 2-4 float64 vectors,
+    and fetching its arguments; `make bench-timeline`): at 10,000 clients a task of 12.5 one-step
+    updates spent about 15 % of its time on that. More tasks balance uneven clients (and uneven
+    actors) better. The cut never changes the numbers (algorithms/aggregation.py), so it may
+    follow measured times."""
+    if seconds_per_client is None:  # nothing measured yet (the first round, or the first after a resume)
+        return TASKS_PER_ACTOR
+    work = seconds_per_client * clients / max(actors, 1)
+    return max(1, min(TASKS_PER_ACTOR, int(work / MIN_TASK_SECONDS)))
 
 
 def train_chunks(clients: np.ndarray, costs: np.ndarray, tasks: int) -> list[tuple[int, np.ndarray]]:
