@@ -228,7 +228,7 @@ def test_tasks_per_actor_shrinks_to_keep_a_task_worth_its_fixed_cost():
 
 def test_the_engine_cuts_later_rounds_by_the_measured_client_time(ray_local, tmp_path):
     """Round 1 goes out in the most tasks; once the clients' updates are measured (milliseconds
-    here), fewer, larger tasks follow, and the numbers equal those of a run cut otherwise."""
+    here), fewer, larger tasks follow (any cut gives the same bits: the test above)."""
     cfg = load_config(
         None,
         small_overrides(
