@@ -41,17 +41,13 @@ class Layout:
     def numels(self) -> list[int]:
         return [int(torch.Size(shape).numel()) for shape in self.shapes]
 
-    def flatten(self, payload: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-        """The payload's tensors in this layout's order, as one float64 vector (written into `out`
-        when it is given and of the right size)."""
+    def flatten(self, payload: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The payload's tensors in this layout's order, as one float64 vector."""
         parts = [payload[key].detach().reshape(-1) for key in self.keys]
         if not parts:  # a method whose clients send nothing (Local-only)
             return torch.zeros(0, dtype=torch.float64)
-        size = sum(p.numel() for p in parts)
-        if out is None or out.numel() != size:
-            out = torch.empty(size, dtype=torch.float64)
         # cat converts into the float64 vector as it copies: the values of a cast per tensor, one pass
-        return torch.cat(parts, out=out)
+        return torch.cat(parts, out=torch.empty(sum(p.numel() for p in parts), dtype=torch.float64))
 
     def split(self, flat: torch.Tensor) -> Weights:
         return {
@@ -105,12 +101,6 @@ class Aggregator:
         self.end = start  # the position of the next client
         self._stack: list[SubtreeSum] = []
         self._layout: Layout | None = None  # the last payload's, reused while the keys repeat
-        # A joined right subtree's vector, reused as the next leaf's: a fresh 1.2 MB vector per client
-        # costs its page faults on first touch, about as much as the sum itself. Never pickled.
-        self._spare: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_spare": None}
 
     @property
     def count(self) -> int:
@@ -133,16 +123,13 @@ class Aggregator:
             if left.level != right.level or left.index % 2 or right.index != left.index + 1:
                 break
             self._stack[-2:] = [left.joined(right, in_place=True)]  # both nodes are this stack's alone
-            if left.layout == right.layout:  # the join added `right` into `left`'s vector: `right`'s is free
-                self._spare = right.sums
 
     def add(self, update: ClientUpdate) -> None:
         w = float(update.weight)
         layout = self._layout if self._layout is not None and self._layout.keys == tuple(update.payload) else None
         layout = layout or Layout.of(update.payload)
         self._layout = layout
-        spare, self._spare = self._spare, None
-        self._push(SubtreeSum(0, self.end, layout.flatten(update.payload, out=spare).mul_(w), layout, w, 1))
+        self._push(SubtreeSum(0, self.end, layout.flatten(update.payload).mul_(w), layout, w, 1))
         self.end += 1
 
     def merge(self, other: Aggregator) -> None:

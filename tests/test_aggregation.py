@@ -234,27 +234,3 @@ def test_a_payload_of_mixed_dtypes_is_summed_as_float64_per_tensor():
     mean = agg.mean({"w": torch.zeros(1), "n": torch.tensor(0)})
     assert int(mean["n"]) == big
     assert mean["w"].item() == torch.tensor([0.1], dtype=torch.float32).item()
-
-
-def test_a_joined_right_subtrees_vector_becomes_the_next_leaf_and_never_travels():
-    """A fresh float64 vector per client costs its page faults; the one a join frees is reused instead."""
-    import pickle
-
-    values = inexact_columns(5, 64, seed=3)
-    updates = updates_from(values)
-    agg = Aggregator()
-    agg.add(updates[0])
-    agg.add(updates[1])  # joined into leaf 0's vector: leaf 1's is free
-    freed = agg._spare
-    assert freed is not None and len(agg._stack) == 1
-    assert agg._stack[0].sums.data_ptr() != freed.data_ptr()
-    agg.add(updates[2])
-    assert agg._stack[-1].sums.data_ptr() == freed.data_ptr()  # client 2's leaf lives in it
-    travelled = pickle.loads(pickle.dumps(agg))
-    assert agg._spare is None and travelled._spare is None
-    agg.add(updates[3])
-    assert agg._spare is not None
-    assert pickle.loads(pickle.dumps(agg))._spare is None  # a spare never pickles
-    for u in updates[4:]:
-        agg.add(u)
-    assert torch.equal(agg.mean({"w": torch.zeros(64, dtype=torch.float64)})["w"], tree_mean(values))
