@@ -62,7 +62,7 @@ def keep_freed_heap() -> bool:
     A client actor allocates and frees the same megabytes for every client it trains (the
     resident model's copies, the update's float64 vector, the client's data). glibc's dynamic
     thresholds trim the heap as soon as more than twice the last freed block lies free at its top,
-    so each client faulted the same pages in again: 140-160 minor page faults and 0.25-0.39 ms of
+    so each client faulted the same pages in again: 134-161 minor page faults and 0.25-0.39 ms of
     kernel time per 10,000-client FedAvg update, against 0.04-0.08 ms with the thresholds fixed at
     the largest values glibc's own rule reaches (32 MiB mmap, 64 MiB trim); resident memory was
     the same (README, "Many clients")."""
