@@ -75,10 +75,6 @@ class SGD:
                     self._momentum_buffers[i] = buffer
 
 
-def make_optimizer(params: Iterable[torch.Tensor], lr: float, momentum: float, weight_decay: float) -> SGD:
-    return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 def local_sgd(
     ctx: TrainingContext,
     model: Classifier,
@@ -96,7 +92,7 @@ def local_sgd(
     cfg = ctx.train_cfg
     model.train()
     trainable = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(trainable, lr if lr is not None else cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = SGD(trainable, lr=lr if lr is not None else cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # The loss is summed where it is computed and read once at the end: reading it every step
     # would wait for the GPU every step. float64 sums the float32 losses exactly as Python floats did.
     device = next(iter(trainable)).device if trainable else torch.device("cpu")
