@@ -539,3 +539,69 @@ def test_warmfed_samples_at_the_samplers_defaults():
         DEFAULT_GUIDANCE_SCALE,
     )
     assert tuple(WARMFED_SAMPLERS) == tuple(SAMPLERS)
+
+
+def test_weight_space_lora_matches_pefts_forward_and_gradients(tiny):
+    """The injected layers are the weight-space ones, and they compute peft's function: the same
+    diffusion loss and LoRA gradients as peft's ``base(x) + s B(A(x))`` for the same adapter."""
+    from peft.tuners.lora import layer as peft_lora
+
+    from algorithms.warmfed.lora import _inject, _preserved
+    from algorithms.warmfed.lora_layers import WeightSpaceConv2d, WeightSpaceLinear
+
+    x, y = _toy_data(8)
+    images, labels = torch.as_tensor(x), torch.as_tensor(y)
+
+    def loss_and_grads(peft_forward: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        unet = tiny.unet
+        with _preserved(unet):
+            _inject(unet, LoraConfig(rank=4, seed=3))
+            kinds = {type(m) for m in unet.modules() if isinstance(m, peft_lora.LoraLayer)}
+            assert kinds == {WeightSpaceConv2d, WeightSpaceLinear}
+            gen = torch.Generator().manual_seed(7)
+            for name, p in unet.named_parameters():
+                p.requires_grad_("lora_" in name)
+                p.grad = None
+                if "lora_B" in name:  # peft starts B at zero: make the update non-zero
+                    p.data.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            unet.train()
+            if peft_forward:
+                for m in unet.modules():
+                    if isinstance(m, (WeightSpaceConv2d, WeightSpaceLinear)):
+                        parent = peft_lora.Conv2d if isinstance(m, WeightSpaceConv2d) else peft_lora.Linear
+                        m.forward = parent.forward.__get__(m)  # type: ignore[method-assign]
+            loss = tiny.training_loss(images, labels, torch.Generator().manual_seed(0))
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+        return float(loss.detach()), grads
+
+    ours, ours_grads = loss_and_grads(peft_forward=False)
+    theirs, their_grads = loss_and_grads(peft_forward=True)
+    assert ours_grads.keys() == their_grads.keys() and len(ours_grads) > 10
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for name, g in their_grads.items():
+        torch.testing.assert_close(ours_grads[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+
+
+def test_weight_space_lora_falls_back_to_peft_with_dropout(tiny):
+    """LoRA dropout acts on the adapter's input only, which a weight update cannot express: peft's
+    forward runs then (train mode: two passes differ; eval mode: they agree)."""
+    from algorithms.warmfed.lora import _inject, _preserved
+
+    x, y = _toy_data(4)
+    images, t = torch.as_tensor(x), torch.zeros(4, dtype=torch.long)
+    unet = tiny.unet
+    with _preserved(unet), torch.no_grad():
+        _inject(unet, LoraConfig(rank=4, dropout=0.5))
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)
+        labels = torch.as_tensor(y)
+        unet.train()
+        a = unet(images, t, class_labels=labels).sample
+        b = unet(images, t, class_labels=labels).sample
+        assert not torch.allclose(a, b)
+        unet.eval()
+        torch.testing.assert_close(
+            unet(images, t, class_labels=labels).sample, unet(images, t, class_labels=labels).sample
+        )

@@ -128,13 +128,15 @@ class LoraConfig:
     def peft_config(self):
         from peft import LoraConfig as PeftLoraConfig
 
+        from algorithms.warmfed.lora_layers import WEIGHT_SPACE_LAYERS
+
         rank_pattern, alpha_pattern = {}, {}
         if self.include_io_convs and self.io_rank is not None and self.io_rank != self.rank:
             for name in IO_CONV_TARGETS:
                 rank_pattern[name] = int(self.io_rank)
                 # same scaling (alpha / r) as the other modules
                 alpha_pattern[name] = self.lora_alpha * self.io_rank / self.rank
-        return PeftLoraConfig(
+        config = PeftLoraConfig(
             r=int(self.rank),
             lora_alpha=self.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it scales by any float
             rank_pattern=rank_pattern,
@@ -144,6 +146,9 @@ class LoraConfig:
             bias="none",
             init_lora_weights=True,
         )
+        # one convolution / matrix product per adapted layer instead of three (lora_layers.py)
+        config._register_custom_module(WEIGHT_SPACE_LAYERS)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
