@@ -605,3 +605,43 @@ def test_weight_space_lora_falls_back_to_peft_with_dropout(tiny):
         torch.testing.assert_close(
             unet(images, t, class_labels=labels).sample, unet(images, t, class_labels=labels).sample
         )
+
+
+def test_weight_space_lora_leaves_wide_layers_to_pefts_low_rank_branch():
+    """A wide layer's dense update would cost 10-50x the low-rank branch's arithmetic (Stable
+    Diffusion's widths): it runs peft's forward; a narrow one runs the weight-space path. Both agree."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import layer as peft_lora
+
+    from algorithms.warmfed.lora_layers import MAX_DENSE_COST, WEIGHT_SPACE_LAYERS, dense_cost
+
+    assert dense_cost(320, 320 * 9, 8) > MAX_DENSE_COST >= dense_cost(32, 320 * 9, 8)
+    calls: list[int] = []
+    original = peft_lora.Conv2d.forward
+
+    def counting(self, x, *args, **kwargs):
+        calls.append(self.get_base_layer().out_channels)
+        return original(self, x, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(320, 320, 3, padding=1), torch.nn.Conv2d(320, 32, 3, padding=1))
+    cfg = PeftLoraConfig(r=8, lora_alpha=8, target_modules=["0", "1"])
+    cfg._register_custom_module(WEIGHT_SPACE_LAYERS)
+    inject_adapter_in_model(cfg, model, adapter_name="a")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    x = torch.randn(2, 320, 6, 6)
+    peft_lora.Conv2d.forward = counting  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            ours = model(x)
+            assert calls == [320]  # the 320 -> 320 layer (cost 12) fell back; the 320 -> 32 one (cost 1.3) did not
+            for m in model:
+                m.forward = counting.__get__(m)  # every layer through peft's low-rank branch
+            theirs = model(x)
+    finally:
+        peft_lora.Conv2d.forward = original  # type: ignore[method-assign]
+    assert calls == [320, 320, 32]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
