@@ -132,7 +132,7 @@ class ClientWorker:
         partial = self.algorithm.partial_aggregator(start)
         updates = []
         infos = []
-        reset_peak()  # once per task: the round reports the largest peak, which the task's peak is
+        reset_peak()  # once per task: each client reports the task's peak, and the round the largest
         for client_id, version in zip(client_ids, versions, strict=True):
             update, info = self.train(client_id, round, message, version)
             if partial is not None:

@@ -146,7 +146,7 @@ class LoraConfig:
             bias="none",
             init_lora_weights=True,
         )
-        # one convolution / matrix product per adapted layer instead of three (lora_layers.py)
+        # small layers: one convolution / matrix product per adapted layer instead of three (lora_layers.py)
         config._register_custom_module(WEIGHT_SPACE_LAYERS)
         return config
 
